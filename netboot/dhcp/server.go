@@ -1,0 +1,347 @@
+package dhcp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/insomniacslk/dhcp/dhcpv4"
+	"github.com/insomniacslk/dhcp/dhcpv4/server4"
+
+	"github.com/threes-dev/threes/netboot/ipam"
+)
+
+// Allocations is the part of the IPAM the server reads.
+type Allocations interface {
+	// ByMAC returns mac's allocation, or false when it has none.
+	ByMAC(mac net.HardwareAddr) (ipam.Allocation, bool)
+}
+
+// LeaseState is where a client stands with this server.
+type LeaseState int
+
+// The lease states.
+const (
+	// StateOffered means an OFFER went out and no REQUEST came yet.
+	StateOffered LeaseState = iota + 1
+	// StateBound means the client holds the lease until Expires.
+	StateBound
+	// StateReleased means the client gave the address back.
+	StateReleased
+	// StateDeclined means the client found the address in use on the wire.
+	StateDeclined
+)
+
+// String names the state.
+func (s LeaseState) String() string {
+	switch s {
+	case StateOffered:
+		return "offered"
+	case StateBound:
+		return "bound"
+	case StateReleased:
+		return "released"
+	case StateDeclined:
+		return "declined"
+	}
+	return "none"
+}
+
+// Lease is one client's state as the server saw it last.
+type Lease struct {
+	MAC     net.HardwareAddr
+	IP      netip.Addr
+	State   LeaseState
+	Expires time.Time
+}
+
+// RateLimit bounds how many packets one MAC gets answered: a token bucket
+// per MAC, never per source address, since a relay speaks for many clients.
+type RateLimit struct {
+	// Burst is how many packets a MAC may send at once; 0 disables limiting.
+	Burst int
+	// Every is the time to earn one more packet back.
+	Every time.Duration
+}
+
+// DefaultRateLimit lets a client through a full exchange and a few retries,
+// then one packet every 100 ms.
+var DefaultRateLimit = RateLimit{Burst: 16, Every: 100 * time.Millisecond}
+
+// ServerConfig configures a Server.
+type ServerConfig struct {
+	// Interface is the bridge to serve on; the socket is bound to it.
+	Interface string
+	// Conn replaces the socket Server opens itself, for tests and fuzzing.
+	Conn net.PacketConn
+	// Reply is what goes into replies.
+	Reply Config
+	// IPAM answers which MACs are known and their addresses.
+	IPAM Allocations
+	// RateLimit is per MAC; DefaultRateLimit when zero.
+	RateLimit RateLimit
+	// DeclineHold is how long a declined address is not offered; 1 min when zero.
+	DeclineHold time.Duration
+	// Workers is how many goroutines read the socket; GOMAXPROCS when zero.
+	Workers int
+	// Log receives one line per unusual event; slog.Default when nil.
+	Log *slog.Logger
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
+}
+
+// Server is the socket shell around Decide.
+type Server struct {
+	cfg  ServerConfig
+	conn net.PacketConn
+
+	mu     sync.Mutex
+	leases map[ipam.MACKey]*Lease
+	bucket map[ipam.MACKey]*bucket
+
+	stats [numReasons]atomic.Uint64
+}
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+// NewServer opens the DHCP socket on cfg.Interface, port 67, unless cfg.Conn
+// is given.
+func NewServer(cfg ServerConfig) (*Server, error) {
+	if cfg.IPAM == nil {
+		return nil, errors.New("new dhcp server: no ipam")
+	}
+	if !cfg.Reply.ServerIP.Is4() || !cfg.Reply.Prefix.IsValid() {
+		return nil, fmt.Errorf("new dhcp server: server ip %s or prefix %s invalid", cfg.Reply.ServerIP, cfg.Reply.Prefix)
+	}
+	if cfg.RateLimit == (RateLimit{}) {
+		cfg.RateLimit = DefaultRateLimit
+	}
+	if cfg.DeclineHold <= 0 {
+		cfg.DeclineHold = time.Minute
+	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = runtime.GOMAXPROCS(0)
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	s := &Server{
+		cfg:    cfg,
+		conn:   cfg.Conn,
+		leases: map[ipam.MACKey]*Lease{},
+		bucket: map[ipam.MACKey]*bucket{},
+	}
+	if s.conn == nil {
+		c, err := server4.NewIPv4UDPConn(cfg.Interface, &net.UDPAddr{Port: serverPort})
+		if err != nil {
+			return nil, fmt.Errorf("open dhcp socket on %s: %w", cfg.Interface, err)
+		}
+		// Bursts from a load generator must queue, not drop, while a
+		// worker is busy.
+		_ = c.SetReadBuffer(4 << 20)
+		_ = c.SetWriteBuffer(4 << 20)
+		s.conn = c
+	}
+	return s, nil
+}
+
+// Serve answers requests until ctx is done or the socket fails.
+func (s *Server) Serve(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { s.conn.Close() })
+	defer stop()
+	errc := make(chan error, s.cfg.Workers)
+	for range s.cfg.Workers {
+		go func() { errc <- s.loop() }()
+	}
+	var first error
+	for range s.cfg.Workers {
+		if err := <-errc; first == nil {
+			first = err
+			s.conn.Close()
+		}
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	return first
+}
+
+// Close closes the socket, ending Serve.
+func (s *Server) Close() error { return s.conn.Close() }
+
+func (s *Server) loop() error {
+	buf := make([]byte, 1500)
+	for {
+		n, _, err := s.conn.ReadFrom(buf)
+		if err != nil {
+			return fmt.Errorf("read dhcp socket: %w", err)
+		}
+		out, dest, _ := s.Handle(buf[:n])
+		if out == nil {
+			continue
+		}
+		if _, err := s.conn.WriteTo(out, net.UDPAddrFromAddrPort(dest)); err != nil {
+			s.cfg.Log.Warn("dhcp send failed", "dest", dest, "err", err)
+		}
+	}
+}
+
+// Handle runs one received packet through rate limit, Decide and the lease
+// table, returning the bytes to send (nil for none) and where.
+func (s *Server) Handle(pkt []byte) ([]byte, netip.AddrPort, Reason) {
+	now := s.cfg.Now()
+	req, err := dhcpv4.FromBytes(pkt)
+	if err != nil {
+		s.stats[ReasonUnparsable].Add(1)
+		return nil, netip.AddrPort{}, ReasonUnparsable
+	}
+	// Only known MACs get a bucket, so a flood of invented MACs cannot grow
+	// the table; they are dropped by Decide as unknown and counted.
+	if len(req.ClientHWAddr) == 6 {
+		if a, ok := s.cfg.IPAM.ByMAC(req.ClientHWAddr); ok && !a.Pending && !s.allow(ipam.MACKey(req.ClientHWAddr), now) {
+			s.stats[ReasonRateLimited].Add(1)
+			return nil, netip.AddrPort{}, ReasonRateLimited
+		}
+	}
+	d := Decide(req, bindings{s, now}, &s.cfg.Reply)
+	s.stats[d.Reason].Add(1)
+	s.apply(d, now)
+	if d.Reply == nil {
+		return nil, netip.AddrPort{}, d.Reason
+	}
+	return d.Reply.ToBytes(), d.Dest, d.Reason
+}
+
+func (s *Server) allow(k ipam.MACKey, now time.Time) bool {
+	rl := s.cfg.RateLimit
+	if rl.Burst <= 0 {
+		return true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b := s.bucket[k]
+	if b == nil {
+		b = &bucket{tokens: float64(rl.Burst), last: now}
+		s.bucket[k] = b
+	}
+	if rl.Every > 0 {
+		b.tokens += float64(now.Sub(b.last)) / float64(rl.Every)
+		if b.tokens > float64(rl.Burst) {
+			b.tokens = float64(rl.Burst)
+		}
+	}
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+func (s *Server) apply(d Decision, now time.Time) {
+	var st LeaseState
+	var exp time.Time
+	switch d.Action {
+	case ActionNone:
+		return
+	case ActionOffer:
+		st, exp = StateOffered, now.Add(time.Minute)
+	case ActionBind:
+		lt := s.cfg.Reply.LeaseTime
+		if lt <= 0 {
+			lt = time.Hour
+		}
+		st, exp = StateBound, now.Add(lt)
+	case ActionRelease:
+		st, exp = StateReleased, now
+	case ActionDecline:
+		st, exp = StateDeclined, now.Add(s.cfg.DeclineHold)
+		s.cfg.Log.Warn("dhcp client declined its address: another host uses it", "mac", d.MAC.String(), "ip", d.IP)
+	}
+	k := ipam.MACKey(d.MAC)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.leases[k]
+	if l == nil {
+		l = &Lease{MAC: append(net.HardwareAddr(nil), d.MAC...)}
+		s.leases[k] = l
+	}
+	l.IP, l.State, l.Expires = d.IP, st, exp
+}
+
+// bindings joins the IPAM with the lease table for Decide.
+type bindings struct {
+	s   *Server
+	now time.Time
+}
+
+func (b bindings) Binding(mac net.HardwareAddr) (Binding, bool) {
+	a, ok := b.s.cfg.IPAM.ByMAC(mac)
+	if !ok || a.Pending {
+		return Binding{}, false
+	}
+	bind := Binding{IP: a.IP, Hostname: a.Hostname}
+	b.s.mu.Lock()
+	if l := b.s.leases[ipam.MACKey(mac)]; l != nil && l.State == StateDeclined && b.now.Before(l.Expires) && l.IP == a.IP {
+		bind.Declined = true
+	}
+	b.s.mu.Unlock()
+	return bind, true
+}
+
+// Lease returns mac's lease as the server last saw it.
+func (s *Server) Lease(mac net.HardwareAddr) (Lease, bool) {
+	if len(mac) != 6 {
+		return Lease{}, false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.leases[ipam.MACKey(mac)]
+	if l == nil {
+		return Lease{}, false
+	}
+	return *l, true
+}
+
+// Forget drops mac's lease and rate limit state, as when its VM is purged.
+func (s *Server) Forget(mac net.HardwareAddr) {
+	if len(mac) != 6 {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.leases, ipam.MACKey(mac))
+	delete(s.bucket, ipam.MACKey(mac))
+}
+
+// Stats returns how many packets ended for each reason, by metric name.
+func (s *Server) Stats() map[string]uint64 {
+	m := make(map[string]uint64, numReasons)
+	for r := Reason(0); r < numReasons; r++ {
+		if v := s.stats[r].Load(); v > 0 {
+			m[r.String()] = v
+		}
+	}
+	return m
+}
+
+// Count returns how many packets ended for reason r.
+func (s *Server) Count(r Reason) uint64 {
+	if r < 0 || r >= numReasons {
+		return 0
+	}
+	return s.stats[r].Load()
+}

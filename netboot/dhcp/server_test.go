@@ -1,0 +1,162 @@
+package dhcp
+
+import (
+	"net"
+	"testing"
+	"time"
+
+	"github.com/insomniacslk/dhcp/dhcpv4"
+
+	"github.com/threes-dev/threes/netboot/ipam"
+)
+
+// fakeClock is an injected clock that only moves when told.
+type fakeClock struct{ t time.Time }
+
+func (c *fakeClock) now() time.Time { return c.t }
+
+func newTestServer(t testing.TB, rl RateLimit) (*Server, *ipam.IPAM, *fakeClock) {
+	t.Helper()
+	im, err := ipam.New(ipam.Config{}, []ipam.Allocation{
+		{MAC: knownMAC, Hostname: "toy0", IP: vmIP},
+		{MAC: declMAC, Hostname: "pending", IP: otherIP, Pending: true},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk := &fakeClock{t: time.Unix(1_000_000, 0)}
+	// Conn is a closed-over loopback socket: Handle never touches it.
+	conn, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	s, err := NewServer(ServerConfig{Conn: conn, Reply: testCfg, IPAM: im, RateLimit: rl, Now: clk.now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, im, clk
+}
+
+func TestServerLeaseStates(t *testing.T) {
+	s, _, clk := newTestServer(t, RateLimit{})
+	sid := dhcpv4.WithOption(dhcpv4.OptServerIdentifier(serverIP.AsSlice()))
+	req := dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(vmIP.AsSlice()))
+	steps := []struct {
+		pkt    *dhcpv4.DHCPv4
+		reason Reason
+		state  LeaseState
+	}{
+		{packet(t, knownMAC, dhcpv4.MessageTypeDiscover), ReasonOffer, StateOffered},
+		{packet(t, knownMAC, dhcpv4.MessageTypeRequest, sid, req), ReasonAckSelecting, StateBound},
+		{packet(t, knownMAC, dhcpv4.MessageTypeRelease, dhcpv4.WithClientIP(vmIP.AsSlice()), sid), ReasonRelease, StateReleased},
+		{packet(t, knownMAC, dhcpv4.MessageTypeDecline, req, sid), ReasonDecline, StateDeclined},
+		{packet(t, knownMAC, dhcpv4.MessageTypeDiscover), ReasonDeclined, StateDeclined},
+	}
+	for i, st := range steps {
+		out, _, reason := s.Handle(st.pkt.ToBytes())
+		if reason != st.reason {
+			t.Fatalf("step %d: reason %s, want %s", i, reason, st.reason)
+		}
+		if (out != nil) != (st.reason == ReasonOffer || st.reason == ReasonAckSelecting) {
+			t.Fatalf("step %d: reply %v", i, out != nil)
+		}
+		l, ok := s.Lease(knownMAC)
+		if !ok || l.State != st.state || l.IP != vmIP {
+			t.Fatalf("step %d: lease %+v, want %s", i, l, st.state)
+		}
+	}
+	// After the hold the address is offered again.
+	clk.t = clk.t.Add(2 * time.Minute)
+	if _, _, reason := s.Handle(steps[0].pkt.ToBytes()); reason != ReasonOffer {
+		t.Fatalf("after decline hold: %s", reason)
+	}
+}
+
+func TestServerIgnoresUnknownAndPending(t *testing.T) {
+	s, im, _ := newTestServer(t, RateLimit{})
+	for _, mac := range []net.HardwareAddr{unknownMAC, declMAC} {
+		out, _, reason := s.Handle(packet(t, mac, dhcpv4.MessageTypeDiscover).ToBytes())
+		if out != nil || reason != ReasonUnknownMAC {
+			t.Fatalf("%s: reason %s, reply %v", mac, reason, out != nil)
+		}
+	}
+	if got := s.Count(ReasonUnknownMAC); got != 2 {
+		t.Fatalf("unknown counted %d, want 2", got)
+	}
+	// Once committed, the pending VM is served.
+	if err := im.Commit(declMAC); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, reason := s.Handle(packet(t, declMAC, dhcpv4.MessageTypeDiscover).ToBytes()); reason != ReasonOffer {
+		t.Fatalf("committed: %s", reason)
+	}
+	if _, _, reason := s.Handle([]byte{1, 2, 3}); reason != ReasonUnparsable {
+		t.Fatalf("garbage: %s", reason)
+	}
+}
+
+func TestServerRateLimitPerMAC(t *testing.T) {
+	s, im, clk := newTestServer(t, RateLimit{Burst: 3, Every: time.Second})
+	second := net.HardwareAddr{0x52, 0x54, 0, 0, 0, 3}
+	if _, err := im.Reserve(second, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Commit(second); err != nil {
+		t.Fatal(err)
+	}
+	// Both come through the same relay, i.e. the same source address.
+	relay := dhcpv4.WithRelay(relayIP.AsSlice())
+	flood := packet(t, knownMAC, dhcpv4.MessageTypeDiscover, relay).ToBytes()
+	for i := range 3 {
+		if _, _, r := s.Handle(flood); r != ReasonOffer {
+			t.Fatalf("packet %d within burst: %s", i, r)
+		}
+	}
+	if _, _, r := s.Handle(flood); r != ReasonRateLimited {
+		t.Fatalf("packet past burst: %s", r)
+	}
+	if _, _, r := s.Handle(packet(t, second, dhcpv4.MessageTypeDiscover, relay).ToBytes()); r != ReasonOffer {
+		t.Fatalf("another mac behind the same relay: %s", r)
+	}
+	clk.t = clk.t.Add(time.Second)
+	if _, _, r := s.Handle(flood); r != ReasonOffer {
+		t.Fatalf("after refill: %s", r)
+	}
+	if _, _, r := s.Handle(flood); r != ReasonRateLimited {
+		t.Fatalf("one token earned, second packet: %s", r)
+	}
+}
+
+// BenchmarkHandle measures a DISCOVER and a REQUEST through the whole shell
+// without the socket: parse, decide, lease table, marshal.
+func BenchmarkHandle(b *testing.B) {
+	s, im, _ := newTestServer(b, RateLimit{Burst: -1})
+	const n = 10000
+	pkts := make([][2][]byte, n)
+	for i := range n {
+		mac := net.HardwareAddr{0x02, 0, 0, byte(i >> 16), byte(i >> 8), byte(i)}
+		a, err := im.Reserve(mac, "")
+		if err != nil {
+			b.Fatal(err)
+		}
+		im.Commit(mac)
+		d, _ := dhcpv4.NewDiscovery(mac, dhcpv4.WithRelay(relayIP.AsSlice()))
+		r, _ := dhcpv4.New(dhcpv4.WithHwAddr(mac), dhcpv4.WithMessageType(dhcpv4.MessageTypeRequest),
+			dhcpv4.WithRelay(relayIP.AsSlice()),
+			dhcpv4.WithOption(dhcpv4.OptServerIdentifier(serverIP.AsSlice())),
+			dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(a.IP.AsSlice())))
+		pkts[i] = [2][]byte{d.ToBytes(), r.ToBytes()}
+	}
+	i := 0
+	for b.Loop() {
+		p := pkts[i%n]
+		i++
+		if _, _, r := s.Handle(p[0]); r != ReasonOffer {
+			b.Fatal(r)
+		}
+		if _, _, r := s.Handle(p[1]); r != ReasonAckSelecting {
+			b.Fatal(r)
+		}
+	}
+}

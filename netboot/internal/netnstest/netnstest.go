@@ -1,0 +1,162 @@
+// Package netnstest builds throwaway network namespaces, bridges and veth
+// pairs for netboot's tests and benchmarks, and removes them when the test
+// ends. It owns nothing outside the namespaces it creates.
+package netnstest
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+)
+
+// Require skips t when it cannot create network namespaces (not root, no
+// ip(8)), or fails it loudly when CI=true, where that must not happen.
+func Require(t testing.TB, tools ...string) {
+	t.Helper()
+	miss := func(why string) {
+		t.Helper()
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("CI=true but %s", why)
+		}
+		t.Skip(why)
+	}
+	if os.Geteuid() != 0 {
+		miss("needs root for network namespaces")
+	}
+	for _, tool := range append([]string{"ip"}, tools...) {
+		if _, err := exec.LookPath(tool); err != nil {
+			miss(fmt.Sprintf("needs %s in PATH", tool))
+		}
+	}
+}
+
+// NS is a named network namespace that lives until the test ends.
+type NS struct {
+	Name   string
+	Handle netns.NsHandle
+}
+
+func suffix() string {
+	var b [3]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// Run runs a command on the host, failing t with its output on error.
+func Run(t testing.TB, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// NewNS creates a namespace whose name starts with prefix, with loopback up.
+func NewNS(t testing.TB, prefix string) *NS {
+	t.Helper()
+	name := "threes-" + prefix + "-" + suffix()
+	Run(t, "ip", "netns", "add", name)
+	t.Cleanup(func() {
+		// Deleting the namespace removes its links, and the veth peers in
+		// other namespaces with them.
+		exec.Command("ip", "netns", "del", name).Run()
+	})
+	h, err := netns.GetFromName(name)
+	if err != nil {
+		t.Fatalf("open netns %s: %v", name, err)
+	}
+	t.Cleanup(func() { h.Close() })
+	ns := &NS{Name: name, Handle: h}
+	ns.Run(t, "ip", "link", "set", "lo", "up")
+	return ns
+}
+
+// Run runs a command inside the namespace, failing t with its output on error.
+func (n *NS) Run(t testing.TB, args ...string) string {
+	t.Helper()
+	return Run(t, append([]string{"ip", "netns", "exec", n.Name}, args...)...)
+}
+
+// Command returns an unstarted command that runs inside the namespace.
+func (n *NS) Command(args ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", n.Name}, args...)...)
+}
+
+// Do runs fn on a thread switched into the namespace; sockets fn opens stay
+// in the namespace after it returns.
+func (n *NS) Do(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- fmt.Errorf("get current netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(n.Handle); err != nil {
+			errc <- fmt.Errorf("enter netns %s: %w", n.Name, err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(orig); err != nil {
+			// The thread stays locked and dies with this goroutine rather
+			// than run other goroutines in the wrong namespace.
+			errc <- fmt.Errorf("leave netns %s: %w", n.Name, err)
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// Bridge creates a bridge in ns with addr (CIDR form) on it, up.
+func (n *NS) Bridge(t testing.TB, name, addr string) {
+	t.Helper()
+	n.Run(t, "ip", "link", "add", name, "type", "bridge")
+	n.Run(t, "ip", "addr", "add", addr, "dev", name)
+	n.Run(t, "ip", "link", "set", name, "up")
+}
+
+// Plug creates a namespace holding one interface eth0 with mac, whose veth
+// peer is a port of bridge in n, and returns it. addr (CIDR form) is put on
+// eth0 unless empty.
+func (n *NS) Plug(t testing.TB, bridge, prefix string, mac net.HardwareAddr, addr string) *NS {
+	t.Helper()
+	c := NewNS(t, prefix)
+	port := "v" + suffix()
+	n.Run(t, "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", c.Name)
+	n.Run(t, "ip", "link", "set", port, "master", bridge)
+	n.Run(t, "ip", "link", "set", port, "up")
+	if mac != nil {
+		c.Run(t, "ip", "link", "set", "eth0", "address", mac.String())
+	}
+	if addr != "" {
+		c.Run(t, "ip", "addr", "add", addr, "dev", "eth0")
+	}
+	c.Run(t, "ip", "link", "set", "eth0", "up")
+	return c
+}
+
+// Eventually polls cond until it holds or the deadline passes, then fails t.
+func Eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", within, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
