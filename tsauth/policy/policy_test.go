@@ -1,0 +1,395 @@
+package policy
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/tailscale/hujson"
+)
+
+var opts = Options{OwnerTag: "tag:threes"}
+
+// Policies shaped like ones people run: Tailscale's default file grown by hand,
+// a mix of grants and acls in strict JSON style, a headscale file, one line.
+var policies = map[string]string{
+	"tailscale-default": `// Example/default ACLs for unrestricted connections.
+{
+	// Declare static groups of users. Use autogroups for all users or users with a specific role.
+	"groups": {
+		"group:ops": ["alice@example.com", "bob@example.com"],
+	},
+
+	// Define the tags which can be applied to devices and by which users.
+	"tagOwners": {
+		"tag:threes": ["autogroup:admin"],
+		"tag:prod":   ["group:ops"], // production boxes
+	},
+
+	// Define access control lists for users, groups, autogroups, tags,
+	// Tailscale IP addresses, and subnet ranges.
+	"acls": [
+		// Allow all connections.
+		// Comment this section out if you want to define specific restrictions.
+		{"action": "accept", "src": ["*"], "dst": ["*:*"]},
+	],
+
+	// Define users and devices that can use Tailscale SSH.
+	"ssh": [
+		// Allow all users to SSH into their own devices in check mode.
+		// Comment this section out if you want to define specific restrictions.
+		{
+			"action": "check",
+			"src":    ["autogroup:member"],
+			"dst":    ["autogroup:self"],
+			"users":  ["autogroup:nonroot", "root"],
+		},
+	],
+
+	// Test access rules every time they're saved.
+	// "tests": [
+	//   {
+	//       "src": "alice@example.com",
+	//       "accept": ["tag:example"],
+	//       "deny": ["100.101.102.103:443"],
+	//   },
+	// ],
+}
+`,
+	"grants-and-acls-strict": `{
+  "tagOwners": {
+    "tag:ci": ["group:dev"],
+    "tag:threes": ["group:dev"]
+  },
+  "groups": {"group:dev": ["carol@example.com"]},
+  "grants": [
+    {
+      "src": ["group:dev"],
+      "dst": ["tag:ci"],
+      "ip": ["22", "443"]
+    },
+    /* the appliance's own role grant */
+    {
+      "src": ["group:dev"],
+      "dst": ["tag:threes"],
+      "app": {"threes.dev/cap/threes": [{"role": "admin"}]}
+    } // keep me on this line
+  ],
+  "acls": [
+    {"action": "accept", "src": ["tag:ci"], "dst": ["tag:ci:*"]}
+  ],
+  "ssh": [
+    {"action": "accept", "src": ["group:dev"], "dst": ["tag:ci"], "users": ["root"]} /* after */ , // trailing
+  ]
+}`,
+	"headscale-acls-only": `{
+    "groups": {
+        "group:admins": ["admin@"],
+    },
+    "tagOwners": {
+        "tag:threes": ["group:admins"],
+    },
+    "acls": [
+        { "action": "accept", "src": ["group:admins"], "dst": ["*:*"] },
+    ],
+}
+`,
+	"one-line": `{"tagOwners":{"tag:threes":["autogroup:admin"]},"acls":[{"action":"accept","src":["*"],"dst":["*:*"]}]}`,
+	"empty-grants": "{\r\n\t\"tagOwners\": {\"tag:threes\": []},\r\n\t\"grants\": [],\r\n\t\"ssh\": [\r\n\t],\r\n}\r\n",
+}
+
+func mustAdd(t *testing.T, p []byte, name string, o Options) []byte {
+	t.Helper()
+	out, err := AddNetwork(p, name, o)
+	if err != nil {
+		t.Fatalf("AddNetwork(%s): %v", name, err)
+	}
+	return out
+}
+
+func mustRemove(t *testing.T, p []byte, name string, o Options) []byte {
+	t.Helper()
+	out, err := RemoveNetwork(p, name, o)
+	if err != nil {
+		t.Fatalf("RemoveNetwork(%s): %v", name, err)
+	}
+	return out
+}
+
+// parsed is the policy as a control server reads it.
+type parsed struct {
+	TagOwners map[string][]string `json:"tagOwners"`
+	Grants    []map[string]any    `json:"grants"`
+	ACLs      []map[string]any    `json:"acls"`
+	SSH       []map[string]any    `json:"ssh"`
+}
+
+func parsePolicy(t *testing.T, p []byte) parsed {
+	t.Helper()
+	std, err := hujson.Standardize(bytes.Clone(p))
+	if err != nil {
+		t.Fatalf("standardize:\n%s\n%v", p, err)
+	}
+	var out parsed
+	if err := json.Unmarshal(std, &out); err != nil {
+		t.Fatalf("unmarshal: %v", err)
+	}
+	return out
+}
+
+// ownerEntries returns the exact text of every entry (with name, for objects) in
+// every section of p.
+func ownerEntries(t *testing.T, p []byte) []string {
+	t.Helper()
+	v, err := hujson.Parse(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, m := range v.Value.(*hujson.Object).Members {
+		switch sec := m.Value.Value.(type) {
+		case *hujson.Array:
+			for _, e := range sec.Elements {
+				out = append(out, string(p[e.StartOffset:e.EndOffset]))
+			}
+		case *hujson.Object:
+			for _, e := range sec.Members {
+				out = append(out, string(p[e.Name.StartOffset:e.Value.EndOffset]))
+			}
+		default:
+			out = append(out, string(p[m.Name.StartOffset:m.Value.EndOffset]))
+		}
+	}
+	return out
+}
+
+// isSubsequence reports whether every byte of a appears in b in order: the merge
+// only inserted.
+func isSubsequence(a, b []byte) bool {
+	i := 0
+	for j := 0; i < len(a) && j < len(b); j++ {
+		if a[i] == b[j] {
+			i++
+		}
+	}
+	return i == len(a)
+}
+
+func TestAddKeepsOwnerBytes(t *testing.T) {
+	for name, p := range policies {
+		t.Run(name, func(t *testing.T) {
+			orig := []byte(p)
+			out := mustAdd(t, orig, "cool-network", opts)
+			// Only insertions (the one byte that may be new in the owner's text is a comma).
+			if !isSubsequence(orig, out) {
+				t.Errorf("output is not the input plus insertions:\n%s", out)
+			}
+			// Each owner entry is still there, verbatim, in order.
+			rest := string(out)
+			for _, e := range ownerEntries(t, orig) {
+				i := strings.Index(rest, e)
+				if i < 0 {
+					t.Fatalf("owner entry changed or lost: %s\noutput:\n%s", e, out)
+				}
+				rest = rest[i+len(e):]
+			}
+			// The control server sees the network.
+			got := parsePolicy(t, out)
+			if o := got.TagOwners["tag:threes-cool-network"]; !slices.Equal(o, []string{"tag:threes"}) {
+				t.Errorf("tagOwners[tag:threes-cool-network] = %v", o)
+			}
+			before := parsePolicy(t, orig)
+			if len(got.Grants) != len(before.Grants)+3 || len(got.SSH) != len(before.SSH)+1 || len(got.ACLs) != len(before.ACLs) {
+				t.Errorf("grants %d->%d, ssh %d->%d, acls %d->%d", len(before.Grants), len(got.Grants), len(before.SSH), len(got.SSH), len(before.ACLs), len(got.ACLs))
+			}
+		})
+	}
+}
+
+func TestRemoveRestoresExactly(t *testing.T) {
+	for name, p := range policies {
+		t.Run(name, func(t *testing.T) {
+			orig := []byte(p)
+			withA := mustAdd(t, orig, "a", opts)
+			if again := mustAdd(t, withA, "a", opts); !bytes.Equal(again, withA) {
+				t.Errorf("adding twice changed the policy:\n%s\nvs\n%s", withA, again)
+			}
+			if back := mustRemove(t, withA, "a", opts); !bytes.Equal(back, orig) {
+				t.Errorf("remove(add(p)) != p:\n%q\nvs\n%q", back, orig)
+			}
+			// Interleaved networks, whose tags share a prefix.
+			withAB := mustAdd(t, withA, "a-b", opts)
+			onlyB := mustAdd(t, orig, "a-b", opts)
+			if got := mustRemove(t, withAB, "a", opts); !bytes.Equal(got, onlyB) {
+				t.Errorf("remove a from {a, a-b} != add a-b:\n%s\nvs\n%s", got, onlyB)
+			}
+			if got := mustRemove(t, mustRemove(t, withAB, "a-b", opts), "a", opts); !bytes.Equal(got, orig) {
+				t.Errorf("remove a-b then a != p:\n%q", got)
+			}
+			if got := mustRemove(t, orig, "a", opts); !bytes.Equal(got, orig) {
+				t.Errorf("removing an absent network changed the policy")
+			}
+		})
+	}
+}
+
+func TestAddOwnerEditsAfterwards(t *testing.T) {
+	// The owner appends a rule of their own after threes' entries; removing the
+	// network leaves the owner's new rule in place.
+	orig := []byte(policies["grants-and-acls-strict"])
+	with := mustAdd(t, orig, "web", opts)
+	v, err := hujson.Parse(with)
+	if err != nil {
+		t.Fatal(err)
+	}
+	patch := `[{"op": "add", "path": "/grants/-", "value": {"src": ["group:dev"], "dst": ["tag:ci"], "ip": ["80"]}}]`
+	if err := v.Patch([]byte(patch)); err != nil {
+		t.Fatal(err)
+	}
+	edited := v.Pack()
+	got := parsePolicy(t, mustRemove(t, edited, "web", opts))
+	if want := parsePolicy(t, orig); len(got.Grants) != len(want.Grants)+1 || got.Grants[len(got.Grants)-1]["ip"].([]any)[0] != "80" {
+		t.Errorf("owner's new grant lost: %v", got.Grants)
+	}
+	if _, ok := got.TagOwners["tag:threes-web"]; ok {
+		t.Error("network tag survived removal")
+	}
+}
+
+func TestAddRewritesChangedOptions(t *testing.T) {
+	orig := []byte(policies["headscale-acls-only"])
+	hs := Options{OwnerTag: "tag:threes", Admins: []string{"group:admins"}}
+	first := mustAdd(t, orig, "db", opts)
+	second := mustAdd(t, first, "db", hs)
+	if want := mustAdd(t, orig, "db", hs); !bytes.Equal(second, want) {
+		t.Errorf("re-adding with other options:\n%s\nwant\n%s", second, want)
+	}
+}
+
+func TestAddGolden(t *testing.T) {
+	got := mustAdd(t, []byte(policies["headscale-acls-only"]), "cool-network", Options{OwnerTag: "tag:threes", Admins: []string{"group:admins"}})
+	want := `{
+    "groups": {
+        "group:admins": ["admin@"],
+    },
+    "tagOwners": {
+        "tag:threes": ["group:admins"],
+        // threes:managed tag:threes-cool-network
+        "tag:threes-cool-network": ["tag:threes"],
+    },
+    "acls": [
+        { "action": "accept", "src": ["group:admins"], "dst": ["*:*"] },
+    ],
+    // threes:managed section
+    "grants": [
+        // threes:managed tag:threes-cool-network
+        {"src": ["tag:threes-cool-network"], "dst": ["tag:threes-cool-network"], "ip": ["*"]},
+        // threes:managed tag:threes-cool-network
+        {"src": ["*"], "dst": ["tag:threes-cool-network"], "ip": ["443"]},
+        // threes:managed tag:threes-cool-network
+        {"src": ["group:admins"], "dst": ["tag:threes-cool-network"], "ip": ["tcp:22"]},
+    ],
+    // threes:managed section
+    "ssh": [
+        // threes:managed tag:threes-cool-network
+        {"action": "accept", "src": ["group:admins"], "dst": ["tag:threes-cool-network"], "users": ["autogroup:nonroot", "root"]},
+    ],
+}
+`
+	if string(got) != want {
+		t.Errorf("got:\n%s\nwant:\n%s", got, want)
+	}
+}
+
+func TestSameLineCommentStays(t *testing.T) {
+	got := string(mustAdd(t, []byte(policies["grants-and-acls-strict"]), "web", opts))
+	for _, line := range []string{
+		`    }, // keep me on this line`,
+		`    {"action": "accept", "src": ["group:dev"], "dst": ["tag:ci"], "users": ["root"]} /* after */ , // trailing`,
+	} {
+		if !strings.Contains(got, line+"\n") {
+			t.Errorf("line %q not kept whole:\n%s", line, got)
+		}
+	}
+}
+
+func TestHasNetwork(t *testing.T) {
+	orig := []byte(policies["tailscale-default"])
+	for _, tc := range []struct {
+		policy []byte
+		want   bool
+	}{{orig, false}, {mustAdd(t, orig, "web", opts), true}, {mustAdd(t, orig, "web-2", opts), false}} {
+		got, err := HasNetwork(tc.policy, "web", opts)
+		if err != nil || got != tc.want {
+			t.Errorf("HasNetwork = %v, %v; want %v", got, err, tc.want)
+		}
+	}
+}
+
+func TestErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		policy string
+		net    string
+		opts   Options
+		want   error
+	}{
+		{"allow-all", `{"tagOwners": {"tag:threes": []}}`, "web", opts, ErrAllowAll},
+		{"no-owner-tag", `{"tagOwners": {"tag:other": []}, "grants": []}`, "web", opts, ErrOwnerTagUndefined},
+		{"no-tagowners", `{"grants": []}`, "web", opts, ErrOwnerTagUndefined},
+		{"tag-taken", `{"tagOwners": {"tag:threes": [], "tag:threes-web": ["alice@"]}, "grants": []}`, "web", opts, ErrTagTaken},
+		{"bad-name", `{"tagOwners": {"tag:threes": []}, "grants": []}`, "Web!", opts, ErrInvalidName},
+		{"name-leading-dash", `{"tagOwners": {"tag:threes": []}, "grants": []}`, "-web", opts, ErrInvalidName},
+		{"bad-owner-tag", `{"tagOwners": {"tag:threes": []}, "grants": []}`, "web", Options{OwnerTag: "threes"}, ErrInvalidName},
+		{"not-hujson", `{"grants": [}`, "web", opts, ErrInvalidPolicy},
+		{"not-object", `[]`, "web", opts, ErrInvalidPolicy},
+		{"grants-not-array", `{"tagOwners": {"tag:threes": []}, "grants": {}}`, "web", opts, ErrInvalidPolicy},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := AddNetwork([]byte(tc.policy), tc.net, tc.opts)
+			if !errors.Is(err, tc.want) {
+				t.Errorf("AddNetwork error = %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestNetworkTag(t *testing.T) {
+	got, err := NetworkTag("tag:threes", "cool-network")
+	if err != nil || got != "tag:threes-cool-network" {
+		t.Errorf("NetworkTag = %q, %v", got, err)
+	}
+}
+
+// FuzzMerge checks, on any policy AddNetwork accepts, that the result parses,
+// adding again changes nothing, and removing gives back the input byte for byte.
+func FuzzMerge(f *testing.F) {
+	for _, p := range policies {
+		f.Add([]byte(p), "web")
+	}
+	f.Fuzz(func(t *testing.T, p []byte, name string) {
+		if had, err := HasNetwork(p, name, opts); had || err != nil {
+			return // add is a no-op there, so remove(add(p)) is rightly not p
+		}
+		out, err := AddNetwork(p, name, opts)
+		if err != nil {
+			return
+		}
+		if _, err := hujson.Standardize(bytes.Clone(out)); err != nil {
+			t.Fatalf("output does not parse: %v\n%s", err, out)
+		}
+		if ok, err := HasNetwork(out, name, opts); !ok || err != nil {
+			t.Fatalf("HasNetwork after add = %v, %v", ok, err)
+		}
+		if again, err := AddNetwork(out, name, opts); err != nil || !bytes.Equal(again, out) {
+			t.Fatalf("second add: %v\n%s\nvs\n%s", err, again, out)
+		}
+		back, err := RemoveNetwork(out, name, opts)
+		if err != nil || !bytes.Equal(back, p) {
+			t.Fatalf("remove(add(p)) != p: %v\n%q\nvs\n%q", err, back, p)
+		}
+	})
+}
