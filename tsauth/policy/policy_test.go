@@ -97,7 +97,7 @@ var policies = map[string]string{
     ],
 }
 `,
-	"one-line": `{"tagOwners":{"tag:threes":["autogroup:admin"]},"acls":[{"action":"accept","src":["*"],"dst":["*:*"]}]}`,
+	"one-line":     `{"tagOwners":{"tag:threes":["autogroup:admin"]},"acls":[{"action":"accept","src":["*"],"dst":["*:*"]}]}`,
 	"empty-grants": "{\r\n\t\"tagOwners\": {\"tag:threes\": []},\r\n\t\"grants\": [],\r\n\t\"ssh\": [\r\n\t],\r\n}\r\n",
 }
 
