@@ -1,0 +1,85 @@
+// Package control drives a tailnet's control plane for threes: it adds and removes
+// networks in the tailnet policy, mints and revokes the auth keys VMs join with, and
+// removes VMs' devices. Two backends implement Plane: Tailscale's hosted API
+// (NewTailscale) and a self-hosted headscale's REST API (NewHeadscale).
+//
+// It owns the API calls, their retries and keeping credentials out of errors. It
+// does not own the policy text (tsauth/policy edits that), nor which VMs use which
+// network (the appliance knows that), nor where keys are stored.
+package control
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// Plane is a tailnet control plane that holds threes' networks, keys and devices.
+type Plane interface {
+	// EnsureNetwork adds network name's tag and rules to the tailnet policy; when
+	// they are already there it changes nothing.
+	EnsureNetwork(ctx context.Context, name string) error
+	// RemoveNetwork takes out exactly what EnsureNetwork added. It returns
+	// ErrNetworkInUse while a device still carries the network's tag.
+	RemoveNetwork(ctx context.Context, name string) error
+	// MintAuthKey creates a pre-authorised, single-use key that joins one device
+	// tagged with the network's tag.
+	MintAuthKey(ctx context.Context, req KeyRequest) (AuthKey, error)
+	// RevokeAuthKey makes key id unusable; an unknown id is not an error.
+	RevokeAuthKey(ctx context.Context, id string) error
+	// RemoveDevice deletes the devices named hostname that carry a threes network
+	// tag; devices of the tailnet's owner with the same name are left alone, and
+	// no device at all is not an error.
+	RemoveDevice(ctx context.Context, hostname string) error
+	// Devices lists the devices that carry a threes network tag.
+	Devices(ctx context.Context) ([]Device, error)
+}
+
+// KeyRequest asks for an auth key for one VM.
+type KeyRequest struct {
+	// Network is the network whose tag the device gets.
+	Network string
+	// VMID names the VM, for the key's description.
+	VMID string
+	// Expiry is how long the key stays usable (default DefaultKeyExpiry).
+	Expiry time.Duration
+}
+
+// DefaultKeyExpiry is how long a minted key stays usable when KeyRequest.Expiry is
+// zero: long enough for a VM to boot under emulation, short enough that a leaked key
+// is soon worthless.
+const DefaultKeyExpiry = 30 * time.Minute
+
+// AuthKey is a minted auth key.
+type AuthKey struct {
+	// ID identifies the key to the control plane (for RevokeAuthKey).
+	ID string
+	// Key is what the VM joins with.
+	Key Secret
+	// Tag is the network tag the key applies.
+	Tag string
+	// Expires is when the key stops working.
+	Expires time.Time
+}
+
+// Device is a node on the tailnet that carries a threes network tag.
+type Device struct {
+	// ID identifies the device to the control plane.
+	ID string
+	// Hostname is the name the device reported (the VM's hostname).
+	Hostname string
+	// Tags are the device's ACL tags.
+	Tags []string
+	// Addresses are its tailnet IPs.
+	Addresses []string
+}
+
+// ErrNetworkInUse means a device still carries the network's tag.
+var ErrNetworkInUse = errors.New("network in use")
+
+// ErrPolicyConflict means the policy kept changing under a read-modify-write until
+// the attempts ran out.
+var ErrPolicyConflict = errors.New("policy changed concurrently")
+
+// ErrConfig means a backend was configured wrongly.
+var ErrConfig = errors.New("invalid control plane configuration")
