@@ -1,0 +1,392 @@
+// Package neigh tells which MAC address stands behind an IPv4 address on the
+// bridge, from the kernel's neighbour table over netlink and, when the entry
+// is not freshly confirmed, from an ARP probe of its own.
+//
+// It answers "who is this on the wire"; it does not know who should be
+// (the IPAM does) nor decide what to serve (the metadata server does).
+package neigh
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// ErrNoEntry means no confirmed MAC is known for the address.
+var ErrNoEntry = errors.New("no confirmed neighbour entry")
+
+// ErrMismatch means the address is answered by another MAC than expected.
+var ErrMismatch = errors.New("neighbour mac mismatch")
+
+// MismatchError says which MAC was seen where another was expected.
+type MismatchError struct {
+	IP        netip.Addr
+	Want, Got net.HardwareAddr
+	// Probed is true when the MAC came from an ARP reply, not the table.
+	Probed bool
+}
+
+// Error describes the mismatch.
+func (e *MismatchError) Error() string {
+	src := "neighbour table"
+	if e.Probed {
+		src = "arp reply"
+	}
+	return fmt.Sprintf("%s is at %s by %s, want %s", e.IP, e.Got, src, e.Want)
+}
+
+// Unwrap makes errors.Is(err, ErrMismatch) hold.
+func (e *MismatchError) Unwrap() error { return ErrMismatch }
+
+// Probe says when Verify sends an ARP probe of its own.
+type Probe int
+
+// The probe modes.
+const (
+	// ProbeUnsure probes when the table's entry is not confirmed (stale,
+	// delay, probe, incomplete, failed or missing). The default.
+	ProbeUnsure Probe = iota
+	// ProbeNever trusts only confirmed entries and refuses the rest.
+	ProbeNever
+	// ProbeAlways probes on every check, even over a confirmed entry.
+	ProbeAlways
+)
+
+// Config configures a Checker.
+type Config struct {
+	// Interface is the bridge the VMs are on.
+	Interface string
+	// Probe says when to send ARP probes.
+	Probe Probe
+	// ProbeTimeout bounds one ARP probe; 200 ms when zero.
+	ProbeTimeout time.Duration
+}
+
+// Checker looks addresses up. It is safe for concurrent use.
+type Checker struct {
+	cfg     Config
+	ifindex int
+	links   *netlink.Handle // bound to the bridge's namespace
+
+	socks chan *nl.NetlinkSocket // pooled, one request in flight each
+
+	arp     *os.File
+	arpRaw  syscall.RawConn
+	mu      sync.Mutex
+	waiters map[netip.Addr][]chan net.HardwareAddr
+	done    chan struct{}
+}
+
+// confirmed are the states whose MAC the kernel has verified recently.
+const confirmed = netlink.NUD_REACHABLE | netlink.NUD_PERMANENT | netlink.NUD_NOARP
+
+// New opens the netlink and packet sockets in the calling thread's network
+// namespace (which must hold cfg.Interface).
+func New(cfg Config) (*Checker, error) {
+	if cfg.ProbeTimeout <= 0 {
+		cfg.ProbeTimeout = 200 * time.Millisecond
+	}
+	links, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("open netlink handle: %w", err)
+	}
+	link, err := links.LinkByName(cfg.Interface)
+	if err != nil {
+		links.Close()
+		return nil, fmt.Errorf("find interface %s: %w", cfg.Interface, err)
+	}
+	c := &Checker{
+		cfg:     cfg,
+		ifindex: link.Attrs().Index,
+		links:   links,
+		socks:   make(chan *nl.NetlinkSocket, 8),
+		waiters: map[netip.Addr][]chan net.HardwareAddr{},
+		done:    make(chan struct{}),
+	}
+	for range cap(c.socks) {
+		s, err := nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_ROUTE)
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("open netlink socket: %w", err)
+		}
+		c.socks <- s
+	}
+	if cfg.Probe != ProbeNever {
+		if err := c.openARP(); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// Close releases the sockets.
+func (c *Checker) Close() error {
+	select {
+	case <-c.done:
+		return nil
+	default:
+	}
+	close(c.done)
+drain:
+	for {
+		select {
+		case s := <-c.socks:
+			s.Close()
+		default:
+			break drain
+		}
+	}
+	if c.arp != nil {
+		c.arp.Close()
+	}
+	c.links.Close()
+	return nil
+}
+
+// Entry is one row of the neighbour table.
+type Entry struct {
+	MAC   net.HardwareAddr
+	State int // netlink.NUD_*
+}
+
+// Confirmed reports whether the kernel verified the MAC recently.
+func (e Entry) Confirmed() bool { return e.State&confirmed != 0 }
+
+// Entry returns ip's neighbour table entry on the bridge, asking the kernel
+// for that one entry (RTM_GETNEIGH without dump), not the whole table.
+func (c *Checker) Entry(ip netip.Addr) (Entry, bool, error) {
+	if !ip.Is4() {
+		return Entry{}, false, nil
+	}
+	var s *nl.NetlinkSocket
+	select {
+	case s = <-c.socks:
+	case <-c.done:
+		return Entry{}, false, errors.New("neighbour checker closed")
+	}
+	defer func() { c.socks <- s }()
+	req := nl.NewNetlinkRequest(unix.RTM_GETNEIGH, 0)
+	req.AddData(&netlink.Ndmsg{Family: unix.AF_INET, Index: uint32(c.ifindex)})
+	a4 := ip.As4()
+	req.AddData(nl.NewRtAttr(netlink.NDA_DST, a4[:]))
+	if err := s.Send(req); err != nil {
+		return Entry{}, false, fmt.Errorf("ask neighbour %s: %w", ip, err)
+	}
+	for {
+		msgs, _, err := s.Receive()
+		if err != nil {
+			return Entry{}, false, fmt.Errorf("read neighbour %s: %w", ip, err)
+		}
+		for _, m := range msgs {
+			if m.Header.Seq != req.Seq {
+				continue // a late answer to an earlier, failed request
+			}
+			switch m.Header.Type {
+			case unix.NLMSG_ERROR:
+				if len(m.Data) < 4 {
+					return Entry{}, false, fmt.Errorf("read neighbour %s: short error", ip)
+				}
+				errno := -int32(binary.NativeEndian.Uint32(m.Data[:4]))
+				if errno == int32(unix.ENOENT) {
+					return Entry{}, false, nil
+				}
+				return Entry{}, false, fmt.Errorf("read neighbour %s: %w", ip, syscall.Errno(errno))
+			case unix.RTM_NEWNEIGH:
+				n, err := netlink.NeighDeserialize(m.Data)
+				if err != nil {
+					return Entry{}, false, fmt.Errorf("parse neighbour %s: %w", ip, err)
+				}
+				if n.LinkIndex != c.ifindex {
+					return Entry{}, false, nil
+				}
+				return Entry{MAC: n.HardwareAddr, State: n.State}, true, nil
+			}
+		}
+	}
+}
+
+// Verify returns nil when ip is at want on the bridge: the table's entry
+// must name want, and when it is not confirmed (or always, with
+// ProbeAlways) an ARP probe must be answered by want first. A stale entry
+// naming another MAC is a mismatch, not a reason to probe: whoever made the
+// kernel learn it was speaking as ip.
+func (c *Checker) Verify(ctx context.Context, ip netip.Addr, want net.HardwareAddr) error {
+	e, ok, err := c.Entry(ip)
+	if err != nil {
+		return err
+	}
+	if ok && len(e.MAC) == 6 && e.MAC.String() != want.String() {
+		return &MismatchError{IP: ip, Want: want, Got: e.MAC}
+	}
+	if ok && len(e.MAC) == 6 && e.Confirmed() && c.cfg.Probe != ProbeAlways {
+		return nil
+	}
+	if c.cfg.Probe == ProbeNever {
+		return fmt.Errorf("%s: state %s: %w", ip, stateName(e.State), ErrNoEntry)
+	}
+	got, err := c.ProbeARP(ctx, ip)
+	if err != nil {
+		return err
+	}
+	if got.String() != want.String() {
+		return &MismatchError{IP: ip, Want: want, Got: got, Probed: true}
+	}
+	return nil
+}
+
+func (c *Checker) openARP() error {
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, int(htons(unix.ETH_P_ARP)))
+	if err != nil {
+		return fmt.Errorf("open arp socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: c.ifindex}); err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("bind arp socket to %s: %w", c.cfg.Interface, err)
+	}
+	c.arp = os.NewFile(uintptr(fd), "arp")
+	c.arpRaw, err = c.arp.SyscallConn()
+	if err != nil {
+		c.arp.Close()
+		return fmt.Errorf("arp socket: %w", err)
+	}
+	go c.readARP()
+	return nil
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// readARP hands each ARP reply's sender MAC to whoever probes its address.
+func (c *Checker) readARP() {
+	buf := make([]byte, 128)
+	for {
+		n, err := c.arp.Read(buf)
+		if err != nil {
+			return
+		}
+		p := buf[:n]
+		// htype 1, ptype IPv4, hlen 6, plen 4, op reply.
+		if n < 28 || p[0] != 0 || p[1] != 1 || p[2] != 8 || p[3] != 0 || p[4] != 6 || p[5] != 4 || p[6] != 0 || p[7] != 2 {
+			continue
+		}
+		sha := append(net.HardwareAddr(nil), p[8:14]...)
+		spa := netip.AddrFrom4([4]byte(p[14:18]))
+		c.mu.Lock()
+		ws := c.waiters[spa]
+		delete(c.waiters, spa)
+		c.mu.Unlock()
+		for _, w := range ws {
+			w <- sha
+		}
+	}
+}
+
+// ProbeARP asks the bridge who has ip and returns the first MAC answering.
+func (c *Checker) ProbeARP(ctx context.Context, ip netip.Addr) (net.HardwareAddr, error) {
+	if c.arp == nil {
+		return nil, fmt.Errorf("probe %s: arp probing off: %w", ip, ErrNoEntry)
+	}
+	// Read the bridge's MAC and address now, not at New: a bridge takes a
+	// port's MAC when ports come and go, and a probe from a stale one is
+	// answered to nobody.
+	link, err := c.links.LinkByIndex(c.ifindex)
+	if err != nil {
+		return nil, fmt.Errorf("probe %s: read %s: %w", ip, c.cfg.Interface, err)
+	}
+	ifmac := link.Attrs().HardwareAddr
+	addrs, err := c.links.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, fmt.Errorf("probe %s: addresses of %s: %w", ip, c.cfg.Interface, err)
+	}
+	var srcIP netip.Addr
+	for _, a := range addrs {
+		if s, ok := netip.AddrFromSlice(a.IP.To4()); ok && a.IPNet != nil {
+			ones, _ := a.IPNet.Mask.Size()
+			if p, err := s.Prefix(ones); err == nil && p.Contains(ip) {
+				srcIP = s
+				break
+			}
+		}
+	}
+	if !ip.Is4() || !srcIP.IsValid() || len(ifmac) != 6 {
+		return nil, fmt.Errorf("probe %s: no address on %s in its network: %w", ip, c.cfg.Interface, ErrNoEntry)
+	}
+	ch := make(chan net.HardwareAddr, 1)
+	c.mu.Lock()
+	c.waiters[ip] = append(c.waiters[ip], ch)
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		ws := c.waiters[ip]
+		for i, w := range ws {
+			if w == ch {
+				ws = append(ws[:i], ws[i+1:]...)
+				break
+			}
+		}
+		if len(ws) == 0 {
+			delete(c.waiters, ip)
+		} else {
+			c.waiters[ip] = ws
+		}
+		c.mu.Unlock()
+	}()
+
+	pkt := make([]byte, 28)
+	copy(pkt, []byte{0, 1, 8, 0, 6, 4, 0, 1})
+	copy(pkt[8:14], ifmac)
+	src, dst := srcIP.As4(), ip.As4()
+	copy(pkt[14:18], src[:])
+	copy(pkt[24:28], dst[:])
+	to := &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ARP), Ifindex: c.ifindex, Halen: 6, Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
+	var serr error
+	if err := c.arpRaw.Write(func(fd uintptr) bool {
+		serr = unix.Sendto(int(fd), pkt, 0, to)
+		return serr != unix.EAGAIN
+	}); err != nil {
+		return nil, fmt.Errorf("send arp probe for %s: %w", ip, err)
+	}
+	if serr != nil {
+		return nil, fmt.Errorf("send arp probe for %s: %w", ip, serr)
+	}
+	t := time.NewTimer(c.cfg.ProbeTimeout)
+	defer t.Stop()
+	select {
+	case mac := <-ch:
+		return mac, nil
+	case <-t.C:
+		return nil, fmt.Errorf("arp probe for %s: no answer in %s: %w", ip, c.cfg.ProbeTimeout, ErrNoEntry)
+	case <-ctx.Done():
+		return nil, fmt.Errorf("arp probe for %s: %w", ip, ctx.Err())
+	}
+}
+
+// stateName names a NUD_* state as ip-neighbour(8) does.
+func stateName(s int) string {
+	names := []struct {
+		bit  int
+		name string
+	}{
+		{netlink.NUD_INCOMPLETE, "incomplete"}, {netlink.NUD_REACHABLE, "reachable"},
+		{netlink.NUD_STALE, "stale"}, {netlink.NUD_DELAY, "delay"}, {netlink.NUD_PROBE, "probe"},
+		{netlink.NUD_FAILED, "failed"}, {netlink.NUD_NOARP, "noarp"}, {netlink.NUD_PERMANENT, "permanent"},
+	}
+	for _, n := range names {
+		if s&n.bit != 0 {
+			return n.name
+		}
+	}
+	return "none"
+}

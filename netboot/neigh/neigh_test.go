@@ -1,0 +1,193 @@
+package neigh
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/threes-dev/threes/netboot/internal/netnstest"
+)
+
+const bridge = "br-threes"
+
+var (
+	macA = net.HardwareAddr{0x52, 0x54, 0x00, 0x00, 0x0a, 0x01}
+	macB = net.HardwareAddr{0x52, 0x54, 0x00, 0x00, 0x0b, 0x01}
+	macS = net.HardwareAddr{0x52, 0x54, 0x00, 0x00, 0x5b, 0x01} // a spoofer's
+	ipA  = netip.MustParseAddr("10.10.0.5")
+	ipB  = netip.MustParseAddr("10.10.0.6")
+)
+
+type lab struct {
+	srv  *netnstest.NS
+	addr string // a TCP listener on the gateway
+}
+
+func newLab(t *testing.T) *lab {
+	t.Helper()
+	netnstest.Require(t)
+	srv := netnstest.NewNS(t, "neigh")
+	srv.Bridge(t, bridge, "10.10.0.1/16")
+	var ln net.Listener
+	if err := srv.Do(func() (err error) {
+		ln, err = net.Listen("tcp4", "10.10.0.1:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	return &lab{srv: srv, addr: ln.Addr().String()}
+}
+
+func (l *lab) checker(t *testing.T, p Probe) *Checker {
+	t.Helper()
+	var c *Checker
+	if err := l.srv.Do(func() (err error) {
+		c, err = New(Config{Interface: bridge, Probe: p})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// connect opens and closes a TCP connection from ns to the gateway, as a VM
+// fetching metadata does, so the gateway's kernel learns ns's MAC.
+func (l *lab) connect(t *testing.T, ns *netnstest.NS) {
+	t.Helper()
+	if err := ns.Do(func() error {
+		c, err := net.Dial("tcp4", l.addr)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	}); err != nil {
+		t.Fatalf("connect from %s: %v", ns.Name, err)
+	}
+}
+
+func TestVerify(t *testing.T) {
+	l := newLab(t)
+	never, unsure, always := l.checker(t, ProbeNever), l.checker(t, ProbeUnsure), l.checker(t, ProbeAlways)
+	ctx := context.Background()
+
+	a := l.srv.Plug(t, bridge, "a", macA, ipA.String()+"/16")
+	l.connect(t, a)
+	// The gateway learnt a's MAC from a's ARP request, which leaves the
+	// entry unconfirmed (stale, then delay) while the connection is served.
+	if e, ok, err := never.Entry(ipA); err != nil || !ok || e.Confirmed() || e.MAC.String() != macA.String() {
+		t.Fatalf("entry after connect: %+v %v %v", e, ok, err)
+	}
+	if err := never.Verify(ctx, ipA, macA); !errors.Is(err, ErrNoEntry) {
+		t.Fatalf("never: unconfirmed entry accepted: %v", err)
+	}
+	// A probe answered by a confirms it, for the kernel too.
+	for _, c := range []*Checker{unsure, never, always} {
+		if err := c.Verify(ctx, ipA, macA); err != nil {
+			t.Errorf("mode %d: right mac and ip: %v", c.cfg.Probe, err)
+		}
+		var me *MismatchError
+		if err := c.Verify(ctx, ipA, macB); !errors.As(err, &me) || me.Got.String() != macA.String() {
+			t.Errorf("mode %d: wrong expected mac: %v", c.cfg.Probe, err)
+		}
+	}
+
+	t.Run("stale entry", func(t *testing.T) {
+		l.srv.Run(t, "ip", "neigh", "change", ipA.String(), "lladdr", macA.String(), "nud", "stale", "dev", bridge)
+		if err := never.Verify(ctx, ipA, macA); !errors.Is(err, ErrNoEntry) {
+			t.Fatalf("never: stale entry accepted: %v", err)
+		}
+		// The probe is answered by a's kernel, confirming the entry.
+		if err := unsure.Verify(ctx, ipA, macA); err != nil {
+			t.Fatalf("unsure: stale entry, real owner: %v", err)
+		}
+	})
+
+	t.Run("stale entry naming another mac", func(t *testing.T) {
+		l.srv.Run(t, "ip", "neigh", "replace", ipA.String(), "lladdr", macS.String(), "nud", "stale", "dev", bridge)
+		// Even though a would answer a probe, whoever taught the kernel
+		// macS spoke as ipA.
+		if err := unsure.Verify(ctx, ipA, macA); !errors.Is(err, ErrMismatch) {
+			t.Fatalf("stale entry with another mac: %v", err)
+		}
+		l.srv.Run(t, "ip", "neigh", "del", ipA.String(), "dev", bridge)
+	})
+
+	t.Run("no entry", func(t *testing.T) {
+		nobody := netip.MustParseAddr("10.10.9.9")
+		if err := never.Verify(ctx, nobody, macA); !errors.Is(err, ErrNoEntry) {
+			t.Fatalf("never: %v", err)
+		}
+		if err := unsure.Verify(ctx, nobody, macA); !errors.Is(err, ErrNoEntry) {
+			t.Fatalf("unsure: probe of nobody: %v", err)
+		}
+		// A probe finds a, whose entry was just deleted.
+		if got, err := unsure.ProbeARP(ctx, ipA); err != nil || got.String() != macA.String() {
+			t.Fatalf("probe a: %s, %v", got, err)
+		}
+	})
+
+	t.Run("spoofed mac", func(t *testing.T) {
+		// Another interface holding b's IP with a MAC of its own: the IPAM
+		// says ipB is macB.
+		s := l.srv.Plug(t, bridge, "smac", macS, ipB.String()+"/16")
+		l.connect(t, s)
+		for name, c := range map[string]*Checker{"never": never, "unsure": unsure, "always": always} {
+			var me *MismatchError
+			if err := c.Verify(ctx, ipB, macB); !errors.As(err, &me) || me.Got.String() != macS.String() {
+				t.Errorf("%s: spoofed mac accepted: %v", name, err)
+			}
+		}
+	})
+
+	t.Run("spoofed ip", func(t *testing.T) {
+		// b (known as macB at ipB) claims a's address.
+		l.srv.Run(t, "ip", "neigh", "flush", "dev", bridge)
+		b := l.srv.Plug(t, bridge, "sip", macB, ipA.String()+"/16")
+		l.connect(t, b)
+		for name, c := range map[string]*Checker{"never": never, "unsure": unsure, "always": always} {
+			var me *MismatchError
+			if err := c.Verify(ctx, ipA, macA); !errors.As(err, &me) || me.Got.String() != macB.String() {
+				t.Errorf("%s: spoofed ip accepted: %v", name, err)
+			}
+		}
+	})
+}
+
+// BenchmarkVerify measures the per-request cost of a table lookup over a
+// confirmed entry, what the metadata server pays on each request.
+func BenchmarkVerify(b *testing.B) {
+	netnstest.Require(b)
+	srv := netnstest.NewNS(b, "neighb")
+	srv.Bridge(b, bridge, "10.10.0.1/16")
+	srv.Run(b, "ip", "neigh", "add", ipA.String(), "lladdr", macA.String(), "nud", "permanent", "dev", bridge)
+	var c *Checker
+	if err := srv.Do(func() (err error) {
+		c, err = New(Config{Interface: bridge, Probe: ProbeNever})
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	ctx := context.Background()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := c.Verify(ctx, ipA, macA); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
