@@ -1,0 +1,458 @@
+// Package metadata serves each VM its own configuration over HTTP on the
+// bridge's gateway address: the original threes endpoints, a cloud-init
+// NoCloud datasource, and the Tailscale auth key, once.
+//
+// Every request is tied to a VM by its source address, and only after the
+// neighbour check agrees that the address is at the MAC the IPAM holds for
+// it. The data comes from a Source the appliance implements over its
+// database; this package stores nothing and does not talk to the database.
+// Routes are listed in netboot/README.md.
+package metadata
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/threes-dev/threes/netboot/ipam"
+	"github.com/threes-dev/threes/netboot/neigh"
+)
+
+// ErrNotFound means the Source has no VM at the address.
+var ErrNotFound = errors.New("instance not found")
+
+// ErrAuthKeyTaken means the VM's auth key was handed out already.
+var ErrAuthKeyTaken = errors.New("auth key already taken")
+
+// KV is one of a VM's key/values.
+type KV struct {
+	Key   string
+	Value string
+	// Secret values are served only with the Metadata-Flavor header.
+	Secret bool
+}
+
+// Instance is what the server knows about one VM.
+type Instance struct {
+	ID        string
+	Hostname  string
+	Script    string
+	PublicKey string
+	KVs       []KV
+}
+
+// Source is the appliance's database as the metadata server sees it.
+type Source interface {
+	// ByIP returns the VM holding ip, or ErrNotFound.
+	ByIP(ctx context.Context, ip netip.Addr) (Instance, error)
+	// TakeAuthKey returns the VM's Tailscale auth key the first time and
+	// ErrAuthKeyTaken after.
+	TakeAuthKey(ctx context.Context, vmID string) (string, error)
+}
+
+// Owners says which MAC holds an address; *ipam.IPAM implements it.
+type Owners interface {
+	// ByIP returns the allocation holding ip.
+	ByIP(ip netip.Addr) (ipam.Allocation, bool)
+}
+
+// Verifier checks that ip is at mac on the wire; *neigh.Checker implements it.
+type Verifier interface {
+	// Verify returns nil when ip is at mac.
+	Verify(ctx context.Context, ip netip.Addr, mac net.HardwareAddr) error
+}
+
+// Header names and values of the protocol.
+const (
+	// FlavorHeader must be sent, with FlavorValue, to read secrets: a
+	// browser cannot add it without a CORS preflight this server never
+	// approves, and URL-fetching SSRF cannot add it at all.
+	FlavorHeader = "Metadata-Flavor"
+	// FlavorValue is FlavorHeader's required value.
+	FlavorValue = "threes"
+	// SessionHeader carries a token from PUT /v1/session.
+	SessionHeader = "X-Threes-Session"
+	// SessionTTLHeader asks PUT /v1/session for a lifetime in seconds.
+	SessionTTLHeader = "X-Threes-Session-TTL-Seconds"
+	// MaxSessionTTL bounds a session token's lifetime.
+	MaxSessionTTL = 6 * time.Hour
+)
+
+// Config configures a Server.
+type Config struct {
+	// Source provides the VMs' data.
+	Source Source
+	// IPAM says which MAC holds each address.
+	IPAM Owners
+	// Neighbours checks the requester's MAC; nil turns the check off,
+	// which only benchmarks should do.
+	Neighbours Verifier
+	// RequireSession makes every /v1 request carry a session token, as
+	// EC2's IMDSv2 does. The cloud-init routes stay open: cloud-init's
+	// NoCloud datasource cannot fetch a token, and they hold no secrets.
+	RequireSession bool
+	// Log receives refusals; slog.Default when nil. Secrets never reach it.
+	Log *slog.Logger
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
+}
+
+// Server is the metadata HTTP handler.
+type Server struct {
+	cfg Config
+	key [32]byte // signs session tokens; new at each start
+	mux *http.ServeMux
+}
+
+// New returns a Server for cfg.
+func New(cfg Config) (*Server, error) {
+	if cfg.Source == nil || cfg.IPAM == nil {
+		return nil, errors.New("new metadata server: source and ipam are required")
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	s := &Server{cfg: cfg, mux: http.NewServeMux()}
+	if _, err := rand.Read(s.key[:]); err != nil {
+		return nil, fmt.Errorf("new metadata server: session key: %w", err)
+	}
+	s.routes()
+	return s, nil
+}
+
+type ctxKey int
+
+const connKey ctxKey = iota
+
+// Serve serves HTTP on ln until ctx is done.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	hs := &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		// The connection is kept so the session PUT can set its TTL.
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, connKey, c)
+		},
+		ErrorLog: slog.NewLogLogger(s.cfg.Log.Handler(), slog.LevelDebug),
+	}
+	stop := context.AfterFunc(ctx, func() { hs.Close() })
+	defer stop()
+	if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve metadata on %s: %w", ln.Addr(), err)
+	}
+	return nil
+}
+
+// caller is a request that passed the checks, with its VM.
+type caller struct {
+	ip       netip.Addr
+	inst     Instance
+	flavored bool
+}
+
+type handler func(w http.ResponseWriter, r *http.Request, c *caller)
+
+func (s *Server) routes() {
+	// Secret routes need the flavor header; the rest do not. The config
+	// is open but carries the token only with the header.
+	s.handle("GET /v1/config", false, s.config)
+	s.handle("GET /v1/hostname", false, text(func(i Instance) string { return i.Hostname }))
+	s.handle("GET /v1/script", false, text(func(i Instance) string { return i.Script }))
+	s.handle("GET /v1/public_key", false, text(func(i Instance) string { return i.PublicKey }))
+	s.handle("GET /v1/token", true, s.token)
+	s.handle("GET /v1/kv", false, s.kvs)
+	s.handle("GET /v1/kv/{key}", false, s.kv)
+	s.handle("GET /cloud-init/meta-data", false, s.metaData)
+	s.handle("GET /cloud-init/user-data", false, s.userData)
+	s.handle("GET /cloud-init/vendor-data", false, s.vendorData)
+	s.mux.HandleFunc("PUT /v1/session", s.session)
+	s.handle("GET /{$}", false, func(w http.ResponseWriter, r *http.Request, c *caller) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprint(w, "v1/\ncloud-init/\n")
+	})
+}
+
+// ServeHTTP refuses forwarded requests and then routes.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// A proxy inside the VM (or anywhere) is not the VM: the source address
+	// would not be the caller's, so refuse rather than trust either.
+	if r.Header.Get("X-Forwarded-For") != "" || r.Header.Get("Forwarded") != "" {
+		s.refuse(w, r, netip.Addr{}, nil, "forwarded request")
+		return
+	}
+	s.mux.ServeHTTP(w, r)
+}
+
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, ip netip.Addr, err error, why string) {
+	args := []any{"from", r.RemoteAddr, "method", r.Method, "path", r.URL.Path, "reason", why}
+	if ip.IsValid() {
+		args[1] = ip.String()
+	}
+	var me *neigh.MismatchError
+	if errors.As(err, &me) {
+		args = append(args, "want_mac", me.Want.String(), "seen_mac", me.Got.String(), "by_arp", me.Probed)
+	} else if err != nil {
+		args = append(args, "err", err.Error())
+	}
+	s.cfg.Log.Warn("metadata request refused", args...)
+	http.Error(w, "forbidden", http.StatusForbidden)
+}
+
+func (s *Server) handle(pattern string, secret bool, h handler) {
+	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		c, ok := s.check(w, r)
+		if !ok {
+			return
+		}
+		if secret && !c.flavored {
+			s.refuse(w, r, c.ip, nil, "secret route without "+FlavorHeader+" header")
+			return
+		}
+		if s.cfg.RequireSession && strings.HasPrefix(r.URL.Path, "/v1/") {
+			if err := s.checkSession(r.Header.Get(SessionHeader), c.ip); err != nil {
+				s.cfg.Log.Warn("metadata request refused", "from", c.ip.String(), "path", r.URL.Path, "reason", err.Error())
+				http.Error(w, "session token required", http.StatusUnauthorized)
+				return
+			}
+		}
+		w.Header().Set("Cache-Control", "no-store")
+		h(w, r, c)
+	})
+}
+
+// check ties the request to a VM: source address known to the IPAM, at
+// the IPAM's MAC on the wire, and known to the Source.
+func (s *Server) check(w http.ResponseWriter, r *http.Request) (*caller, bool) {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		s.refuse(w, r, netip.Addr{}, err, "unparsable source address")
+		return nil, false
+	}
+	ip := ap.Addr().Unmap()
+	a, ok := s.cfg.IPAM.ByIP(ip)
+	if !ok || a.Pending {
+		s.refuse(w, r, ip, nil, "address not allocated")
+		return nil, false
+	}
+	if s.cfg.Neighbours != nil {
+		if err := s.cfg.Neighbours.Verify(r.Context(), ip, a.MAC); err != nil {
+			s.refuse(w, r, ip, err, "neighbour check failed")
+			return nil, false
+		}
+	}
+	inst, err := s.cfg.Source.ByIP(r.Context(), ip)
+	if errors.Is(err, ErrNotFound) {
+		http.Error(w, "not found", http.StatusNotFound)
+		return nil, false
+	}
+	if err != nil {
+		s.cfg.Log.Error("metadata source failed", "from", ip.String(), "err", err.Error())
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return nil, false
+	}
+	return &caller{ip: ip, inst: inst, flavored: r.Header.Get(FlavorHeader) == FlavorValue}, true
+}
+
+func text(f func(Instance) string) handler {
+	return func(w http.ResponseWriter, r *http.Request, c *caller) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprint(w, f(c.inst))
+	}
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(v)
+}
+
+// takeKey returns the auth key, "" when taken, or false after writing an error.
+func (s *Server) takeKey(w http.ResponseWriter, r *http.Request, c *caller) (string, bool) {
+	k, err := s.cfg.Source.TakeAuthKey(r.Context(), c.inst.ID)
+	if errors.Is(err, ErrAuthKeyTaken) {
+		return "", true
+	}
+	if err != nil {
+		s.cfg.Log.Error("metadata take auth key failed", "vm", c.inst.ID, "err", err.Error())
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return "", false
+	}
+	s.cfg.Log.Info("metadata auth key handed out", "vm", c.inst.ID, "to", c.ip.String())
+	return k, true
+}
+
+// config is the original's JSON, field names kept; the token is there the
+// first time only, and only for a request with the flavor header.
+func (s *Server) config(w http.ResponseWriter, r *http.Request, c *caller) {
+	var k string
+	if c.flavored {
+		var ok bool
+		if k, ok = s.takeKey(w, r, c); !ok {
+			return
+		}
+	}
+	writeJSON(w, struct {
+		Hostname  string `json:"hostname"`
+		Token     string `json:"token"`
+		Script    string `json:"script"`
+		PublicKey string `json:"public_key"`
+	}{c.inst.Hostname, k, c.inst.Script, c.inst.PublicKey})
+}
+
+func (s *Server) token(w http.ResponseWriter, r *http.Request, c *caller) {
+	k, ok := s.takeKey(w, r, c)
+	if !ok {
+		return
+	}
+	if k == "" {
+		http.Error(w, "auth key already handed out", http.StatusGone)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	fmt.Fprint(w, k)
+}
+
+// kvs returns every key/value the caller may see: secret ones only with
+// the flavor header.
+func (s *Server) kvs(w http.ResponseWriter, r *http.Request, c *caller) {
+	m := map[string]string{}
+	for _, kv := range c.inst.KVs {
+		if !kv.Secret || c.flavored {
+			m[kv.Key] = kv.Value
+		}
+	}
+	writeJSON(w, m)
+}
+
+func (s *Server) kv(w http.ResponseWriter, r *http.Request, c *caller) {
+	key := r.PathValue("key")
+	for _, kv := range c.inst.KVs {
+		if kv.Key != key {
+			continue
+		}
+		if kv.Secret && !c.flavored {
+			s.refuse(w, r, c.ip, nil, "secret key/value without "+FlavorHeader+" header")
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprint(w, kv.Value)
+		return
+	}
+	http.Error(w, "no such key", http.StatusNotFound)
+}
+
+// yamlString quotes s for YAML as JSON does: a JSON string is valid YAML.
+func yamlString(s string) string {
+	b, _ := json.Marshal(s)
+	return string(b)
+}
+
+func (s *Server) metaData(w http.ResponseWriter, r *http.Request, c *caller) {
+	w.Header().Set("Content-Type", "text/yaml; charset=utf-8")
+	fmt.Fprintf(w, "instance-id: %s\nlocal-hostname: %s\n", yamlString(c.inst.ID), yamlString(c.inst.Hostname))
+	if c.inst.PublicKey != "" {
+		fmt.Fprintf(w, "public-keys:\n  - %s\n", yamlString(c.inst.PublicKey))
+	}
+}
+
+// userData is the VM's startup script. cloud-init runs a script starting
+// with #! and reads #cloud-config (and its other formats) as such; anything
+// else would be ignored, so it is wrapped to run under /bin/sh.
+func (s *Server) userData(w http.ResponseWriter, r *http.Request, c *caller) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	sc := c.inst.Script
+	switch {
+	case sc == "":
+		fmt.Fprint(w, "#cloud-config\n{}\n")
+	case strings.HasPrefix(sc, "#"):
+		fmt.Fprint(w, sc)
+	default:
+		fmt.Fprint(w, "#!/bin/sh\n"+sc)
+	}
+}
+
+func (s *Server) vendorData(w http.ResponseWriter, r *http.Request, c *caller) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	fmt.Fprintf(w, "#cloud-config\npreserve_hostname: false\nhostname: %s\n", yamlString(c.inst.Hostname))
+}
+
+// session hands out a token bound to the caller's address, as IMDSv2's PUT
+// does; the reply leaves with IP TTL 1 so it cannot be routed beyond the VM.
+func (s *Server) session(w http.ResponseWriter, r *http.Request) {
+	c, ok := s.check(w, r)
+	if !ok {
+		return
+	}
+	ttl, err := strconv.Atoi(r.Header.Get(SessionTTLHeader))
+	if err != nil || ttl < 1 || time.Duration(ttl)*time.Second > MaxSessionTTL {
+		http.Error(w, fmt.Sprintf("%s must be 1 to %d", SessionTTLHeader, int(MaxSessionTTL.Seconds())), http.StatusBadRequest)
+		return
+	}
+	if conn, ok := r.Context().Value(connKey).(net.Conn); ok {
+		if sc, ok := conn.(syscall.Conn); ok {
+			if raw, err := sc.SyscallConn(); err == nil {
+				raw.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_TTL, 1) })
+			}
+		}
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	fmt.Fprint(w, s.newSession(c.ip, s.cfg.Now().Add(time.Duration(ttl)*time.Second)))
+}
+
+func (s *Server) sign(ip netip.Addr, exp int64) []byte {
+	m := hmac.New(sha256.New, s.key[:])
+	var b [12]byte
+	binary.BigEndian.PutUint64(b[:8], uint64(exp))
+	a := ip.As4()
+	copy(b[8:], a[:])
+	m.Write(b[:])
+	return m.Sum(nil)[:16]
+}
+
+func (s *Server) newSession(ip netip.Addr, exp time.Time) string {
+	var b [24]byte
+	binary.BigEndian.PutUint64(b[:8], uint64(exp.Unix()))
+	copy(b[8:], s.sign(ip, exp.Unix()))
+	return base64.RawURLEncoding.EncodeToString(b[:])
+}
+
+func (s *Server) checkSession(tok string, ip netip.Addr) error {
+	if tok == "" {
+		return errors.New("no session token")
+	}
+	b, err := base64.RawURLEncoding.DecodeString(tok)
+	if err != nil || len(b) != 24 {
+		return errors.New("malformed session token")
+	}
+	exp := int64(binary.BigEndian.Uint64(b[:8]))
+	if !hmac.Equal(b[8:], s.sign(ip, exp)) {
+		return errors.New("session token not issued to this address")
+	}
+	if s.cfg.Now().Unix() >= exp {
+		return errors.New("session token expired")
+	}
+	return nil
+}
