@@ -1,0 +1,267 @@
+package appliance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"time"
+
+	"google.golang.org/grpc"
+	"tailscale.com/ipn"
+	"tailscale.com/net/memnet"
+	"tailscale.com/tsnet"
+
+	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/hv"
+	"github.com/threes-dev/threes/netboot/ipam"
+	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
+	"github.com/threes-dev/threes/tsauth"
+)
+
+// Options configure an appliance. Zero values mean the defaults below.
+type Options struct {
+	StateDir   string // durable state: tailnet node, database; default /var/lib/threes
+	Hostname   string // tailnet hostname; default "threes"
+	AuthKey    string // tailnet auth key; without one the node logs a login URL and waits
+	ControlURL string // control server (headscale, or a test's); default Tailscale's
+	Tags       []string
+	Listen     string // tailnet listen address for the API; default ":9999"
+	Socket     string // host-local admin socket; default /run/threes/threes.sock, "none" for none
+	CIDR       string // management range on the bridge; default 10.10.0.0/16
+	Bridge     string // bridge VMs attach to; default threes0
+	LibvirtURI string // default qemu:///system
+	Images     []string
+
+	// Hypervisor replaces the one opened from LibvirtURI (tests pass one that cleans up).
+	Hypervisor hv.Hypervisor
+	// Store replaces the tailnet node's state file (tests keep it in memory).
+	Store     ipn.StateStore
+	Logger    *slog.Logger
+	Now       func() time.Time
+	TSLogf    func(format string, args ...any) // tailscale's own chatter; default discarded
+	Ephemeral bool                             // the node leaves the tailnet when closed (tests)
+}
+
+// DefaultImages are the original's base images, until the image store lands.
+var DefaultImages = []string{"base", "arch"}
+
+func (o *Options) defaults() {
+	set := func(p *string, v string) {
+		if *p == "" {
+			*p = v
+		}
+	}
+	set(&o.StateDir, "/var/lib/threes")
+	set(&o.Hostname, "threes")
+	set(&o.Listen, ":9999")
+	set(&o.Socket, "/run/threes/threes.sock")
+	set(&o.CIDR, "10.10.0.0/16")
+	set(&o.Bridge, "threes0")
+	set(&o.LibvirtURI, "qemu:///system")
+	if o.Images == nil {
+		o.Images = DefaultImages
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.TSLogf == nil {
+		o.TSLogf = func(string, ...any) {}
+	}
+}
+
+// Appliance is a running threes server.
+type Appliance struct {
+	log     *slog.Logger
+	ts      *tsnet.Server
+	db      *embeddb.DB
+	hv      hv.Hypervisor
+	hvClose func() error
+	life    *Lifecycle
+	servers []*grpc.Server
+	cancel  context.CancelFunc
+	done    chan struct{}
+}
+
+// Start brings an appliance up, step by step, and returns once the API is being
+// served. The tailnet may still be joining: calls arrive when it is up.
+func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
+	o.defaults()
+	a := &Appliance{log: o.Logger, done: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			a.Close()
+		}
+	}()
+
+	// 1. The state dir holds the node key and the database: only root reads it.
+	if err := os.MkdirAll(o.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+
+	// 2. The embedded database. One node talks to nobody, so Raft gets an in-memory
+	// listener and no port is opened; clustering swaps in a tailnet listener.
+	ln := memnet.Listen("threes-raft:4002")
+	a.db, err = embeddb.Open(ctx, embeddb.Config{
+		Dir:      filepath.Join(o.StateDir, "db"),
+		NodeID:   o.Hostname,
+		Listener: ln,
+		Logf:     func(f string, args ...any) { o.Logger.Debug(fmt.Sprintf(f, args...), "component", "rqlite") },
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open database: %w", err)
+	}
+
+	// 3. The hypervisor.
+	a.hv = o.Hypervisor
+	if a.hv == nil {
+		lv, err := hv.Open(ctx, hv.Config{URI: o.LibvirtURI, Owner: "threes/" + o.Hostname})
+		if err != nil {
+			return nil, fmt.Errorf("open hypervisor %s: %w", o.LibvirtURI, err)
+		}
+		a.hv, a.hvClose = lv, lv.Close
+	}
+
+	// 4. The IPAM, from the addresses the database holds.
+	prefix, err := netip.ParsePrefix(o.CIDR)
+	if err != nil {
+		return nil, fmt.Errorf("cidr %q: %w", o.CIDR, err)
+	}
+	pool, err := loadIPAM(ctx, a.db, prefix)
+	if err != nil {
+		return nil, err
+	}
+
+	// 5. The lifecycle, and recovery from whatever the last run left behind.
+	a.life = &Lifecycle{db: a.db, hv: a.hv, ipam: pool, images: o.Images, bridge: o.Bridge, now: o.Now, log: o.Logger}
+	if err := a.life.Recover(ctx); err != nil {
+		return nil, err
+	}
+
+	// 6. The tailnet node. The API listens on its tailnet addresses only.
+	a.ts = &tsnet.Server{
+		Dir:           filepath.Join(o.StateDir, "tailnet"),
+		Hostname:      o.Hostname,
+		AuthKey:       o.AuthKey,
+		ControlURL:    o.ControlURL,
+		AdvertiseTags: o.Tags,
+		Ephemeral:     o.Ephemeral,
+		Logf:          o.TSLogf,
+		UserLogf:      func(f string, args ...any) { o.Logger.Info(fmt.Sprintf(f, args...), "component", "tailnet") },
+	}
+	if o.Store != nil {
+		a.ts.Store = o.Store
+	}
+	tsLn, err := a.ts.Listen("tcp", o.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen on tailnet %s: %w", o.Listen, err)
+	}
+	lc, err := a.ts.LocalClient()
+	if err != nil {
+		return nil, fmt.Errorf("tailnet local client: %w", err)
+	}
+	ident := tsauth.NewIdentifier(lc)
+	runCtx, cancel := context.WithCancel(context.Background())
+	a.cancel = cancel
+	go func() {
+		if err := ident.Watch(runCtx, lc); err != nil && runCtx.Err() == nil {
+			o.Logger.Error("watch tailnet for identity changes", "err", err)
+		}
+	}()
+
+	// 7. The API, on the tailnet and on the host-local socket, behind one gate.
+	svc := &service{life: a.life, db: a.db}
+	g := &gate{identify: ident.Identify, log: o.Logger}
+	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, tsLn)
+	if o.Socket != "none" {
+		sockLn, err := listenSocket(o.Socket)
+		if err != nil {
+			return nil, err
+		}
+		a.serve(grpc.NewServer(grpc.Creds(peerCreds{}), grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, sockLn)
+	}
+	o.Logger.Info("serving", "tailnet", o.Hostname+o.Listen, "socket", o.Socket, "state", o.StateDir)
+	return a, nil
+}
+
+func (a *Appliance) serve(s *grpc.Server, svc threesv1.ThreesServer, ln net.Listener) {
+	threesv1.RegisterThreesServer(s, svc)
+	a.servers = append(a.servers, s)
+	go func() {
+		if err := s.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			a.log.Error("serve", "addr", ln.Addr(), "err", err)
+		}
+	}()
+}
+
+// listenSocket makes the admin socket: mode 0660 so root (and a group the admin
+// chooses by chgrp) can reach it; peer credentials decide who is admin.
+func listenSocket(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("socket dir: %w", err)
+	}
+	// A socket left by a previous run that died blocks the bind.
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		os.Remove(path)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+func loadIPAM(ctx context.Context, db *embeddb.DB, prefix netip.Prefix) (*ipam.IPAM, error) {
+	addrs, err := db.ListAddresses(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("load addresses: %w", err)
+	}
+	existing := make([]ipam.Allocation, 0, len(addrs))
+	for _, ad := range addrs {
+		hw, err := net.ParseMAC(ad.MAC)
+		if err != nil {
+			return nil, fmt.Errorf("address %s: mac %q: %w", ad.IP, ad.MAC, err)
+		}
+		existing = append(existing, ipam.Allocation{MAC: hw, Hostname: ad.Hostname, IP: ad.IP})
+	}
+	pool, err := ipam.New(ipam.Config{Prefix: prefix}, existing)
+	if err != nil {
+		return nil, fmt.Errorf("ipam %s: %w", prefix, err)
+	}
+	return pool, nil
+}
+
+// Tailnet returns the appliance's tailnet node.
+func (a *Appliance) Tailnet() *tsnet.Server { return a.ts }
+
+// Close stops serving and releases everything Start opened, last first.
+func (a *Appliance) Close() error {
+	for _, s := range a.servers {
+		s.Stop()
+	}
+	if a.cancel != nil {
+		a.cancel()
+	}
+	var errs []error
+	if a.ts != nil {
+		errs = append(errs, a.ts.Close())
+	}
+	if a.hvClose != nil {
+		errs = append(errs, a.hvClose())
+	}
+	if a.db != nil {
+		errs = append(errs, a.db.Close())
+	}
+	return errors.Join(errs...)
+}

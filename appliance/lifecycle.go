@@ -1,0 +1,373 @@
+package appliance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/hv"
+	"github.com/threes-dev/threes/netboot/ipam"
+)
+
+// VM states as the database records them. A deleted VM keeps its last state and is
+// told apart by its DeletedAt.
+const (
+	StateCreating = "creating"
+	StateRunning  = "running"
+	StateStopped  = "stopped"
+	StateCrashed  = "crashed"
+)
+
+// CreateSpec is a validated request for a new VM.
+type CreateSpec struct {
+	Name, Description, Network, Image, Type string
+	PublicKey, Script                       string
+	KVs                                     []embeddb.KV
+}
+
+// Lifecycle owns VM state changes: each one touches the database, the hypervisor and
+// the IPAM in an order that leaves nothing behind when a step fails.
+type Lifecycle struct {
+	db     *embeddb.DB
+	hv     hv.Hypervisor
+	ipam   *ipam.IPAM
+	images []string
+	bridge string
+	now    func() time.Time
+	log    *slog.Logger
+	locks  keyedMutex
+}
+
+// validate checks a create request field by field, naming the first bad one.
+func (l *Lifecycle) validate(s CreateSpec) (Size, error) {
+	if err := ValidateName("name", s.Name); err != nil {
+		return Size{}, err
+	}
+	if err := ValidateDescription(s.Description); err != nil {
+		return Size{}, err
+	}
+	if err := ValidateName("network", s.Network); err != nil {
+		return Size{}, err
+	}
+	if !slices.Contains(l.images, s.Image) {
+		return Size{}, fieldErr("image", "unknown image %q: have %v", s.Image, l.images)
+	}
+	size, err := SizeOf(s.Type)
+	if err != nil {
+		return Size{}, err
+	}
+	if err := ValidatePublicKey(s.PublicKey); err != nil {
+		return Size{}, err
+	}
+	if len(s.Script) > maxValueLen {
+		return Size{}, fieldErr("script", "must be at most %d bytes, has %d", maxValueLen, len(s.Script))
+	}
+	if err := validateKVs(s.KVs); err != nil {
+		return Size{}, err
+	}
+	return size, nil
+}
+
+func validateKVs(kvs []embeddb.KV) error {
+	seen := map[string]bool{}
+	for _, kv := range kvs {
+		if err := ValidateKey(kv.Key); err != nil {
+			return err
+		}
+		if seen[kv.Key] {
+			return fieldErr("key", "%q given twice", kv.Key)
+		}
+		seen[kv.Key] = true
+		if len(kv.Value) > maxValueLen {
+			return fieldErr("value", "of %q must be at most %d bytes, has %d", kv.Key, maxValueLen, len(kv.Value))
+		}
+	}
+	return nil
+}
+
+// Create records the VM's intent, reserves its address, defines and starts its domain,
+// and undoes every step already done if a later one fails.
+func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, err error) {
+	size, err := l.validate(s)
+	if err != nil {
+		return vm, err
+	}
+	if _, err := l.db.GetNetwork(ctx, s.Network); err != nil {
+		return vm, fmt.Errorf("network %q: %w", s.Network, err)
+	}
+	if _, err := l.db.VMByName(ctx, s.Name); err == nil {
+		return vm, fmt.Errorf("vm name %q: %w", s.Name, embeddb.ErrExists)
+	} else if !errors.Is(err, embeddb.ErrNotFound) {
+		return vm, err
+	}
+
+	var undo reverter
+	defer func() {
+		if err != nil {
+			undo.run(l.log)
+		}
+	}()
+
+	now := l.now()
+	mac := NewMAC()
+	hw, _ := net.ParseMAC(mac)
+	alloc, err := l.ipam.Reserve(hw, s.Name)
+	if err != nil {
+		return vm, fmt.Errorf("reserve address for %s: %w", s.Name, err)
+	}
+	undo.add("release address", func() error { return l.ipam.Release(hw) })
+
+	vm = embeddb.VM{
+		ID: NewID(now), Name: s.Name, Description: s.Description, Network: s.Network,
+		Image: s.Image, Type: s.Type, MAC: mac, IP: alloc.IP.String(), State: StateCreating,
+		CreatedAt: now, UpdatedAt: now,
+	}
+	cfg := embeddb.VMConfig{VMID: vm.ID, Hostname: s.Name, Script: s.Script, PublicKey: s.PublicKey}
+	addr := embeddb.Address{IP: alloc.IP, MAC: mac, Hostname: s.Name, VMID: vm.ID, LeasedAt: now}
+	if err := l.db.CreateVM(ctx, vm, cfg, addr); err != nil {
+		return vm, err
+	}
+	// The record goes last on the way out: if the process dies before this undo runs,
+	// the creating state tells the next start what to clean up.
+	undo.add("remove record", func() error { return l.db.PurgeVM(context.WithoutCancel(ctx), vm.ID) })
+	if len(s.KVs) > 0 {
+		if err := l.db.UpsertKVs(ctx, vm.ID, s.KVs); err != nil {
+			return vm, err
+		}
+	}
+
+	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: mac, Bridge: l.bridge}
+	if err := l.hv.Create(ctx, spec); err != nil {
+		return vm, fmt.Errorf("create vm %s: %w", vm.Name, err)
+	}
+	undo.add("remove domain", func() error { return l.hv.Remove(context.WithoutCancel(ctx), vm.ID) })
+
+	if err := l.ipam.Commit(hw); err != nil {
+		return vm, err
+	}
+	if err := l.setState(ctx, &vm, StateRunning); err != nil {
+		return vm, err
+	}
+	return vm, nil
+}
+
+// Get returns a VM by ID, live or deleted.
+func (l *Lifecycle) Get(ctx context.Context, id string) (embeddb.VM, error) {
+	if err := ValidateID(id); err != nil {
+		return embeddb.VM{}, err
+	}
+	vm, err := l.db.GetVM(ctx, id)
+	if err != nil {
+		return vm, fmt.Errorf("vm %s: %w", id, err)
+	}
+	return vm, nil
+}
+
+// live returns a VM that is not deleted, for calls that change it.
+func (l *Lifecycle) live(ctx context.Context, id string) (embeddb.VM, error) {
+	vm, err := l.Get(ctx, id)
+	if err != nil {
+		return vm, err
+	}
+	if !vm.DeletedAt.IsZero() {
+		return vm, fmt.Errorf("vm %s (%s) is deleted: %w", vm.Name, id, ErrState)
+	}
+	return vm, nil
+}
+
+// Start boots a VM's domain.
+func (l *Lifecycle) Start(ctx context.Context, id string) (embeddb.VM, error) {
+	return l.transition(ctx, id, StateRunning, l.hv.Start)
+}
+
+// Stop shuts a VM's domain down, gracefully first.
+func (l *Lifecycle) Stop(ctx context.Context, id string) (embeddb.VM, error) {
+	return l.transition(ctx, id, StateStopped, l.hv.Stop)
+}
+
+// Restart stops and starts a VM's domain.
+func (l *Lifecycle) Restart(ctx context.Context, id string) (embeddb.VM, error) {
+	return l.transition(ctx, id, StateRunning, l.hv.Restart)
+}
+
+func (l *Lifecycle) transition(ctx context.Context, id, to string, do func(context.Context, string) error) (embeddb.VM, error) {
+	defer l.locks.lock(id)()
+	vm, err := l.live(ctx, id)
+	if err != nil {
+		return vm, err
+	}
+	if vm.State == StateCreating {
+		return vm, fmt.Errorf("vm %s is still being created: %w", vm.Name, ErrState)
+	}
+	if err := do(ctx, id); err != nil {
+		return vm, fmt.Errorf("vm %s: %w", vm.Name, err)
+	}
+	return vm, l.setState(ctx, &vm, to)
+}
+
+// Delete stops a VM and marks it deleted. Its domain, disk and address stay until Purge,
+// so a mistaken delete can still be looked into.
+func (l *Lifecycle) Delete(ctx context.Context, id string) (embeddb.VM, error) {
+	defer l.locks.lock(id)()
+	vm, err := l.live(ctx, id)
+	if err != nil {
+		return vm, err
+	}
+	if err := l.hv.Stop(ctx, id); err != nil && !errors.Is(err, hv.ErrNotFound) {
+		return vm, fmt.Errorf("delete vm %s: %w", vm.Name, err)
+	}
+	now := l.now()
+	if err := l.db.SetVMState(ctx, id, StateStopped, now); err != nil {
+		return vm, err
+	}
+	if err := l.db.MarkVMDeleted(ctx, id, now); err != nil {
+		return vm, fmt.Errorf("delete vm %s: %w", vm.Name, err)
+	}
+	return l.db.GetVM(ctx, id)
+}
+
+// Purge removes deleted VMs for good: domain, record, key/values and address. With no
+// IDs it purges every deleted VM. Naming a live VM is an error and purges nothing.
+func (l *Lifecycle) Purge(ctx context.Context, ids []string) ([]string, error) {
+	var targets []embeddb.VM
+	if len(ids) == 0 {
+		all, err := l.db.ListVMs(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, vm := range all {
+			if !vm.DeletedAt.IsZero() {
+				targets = append(targets, vm)
+			}
+		}
+	}
+	for _, id := range ids {
+		vm, err := l.Get(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if vm.DeletedAt.IsZero() {
+			return nil, fmt.Errorf("vm %s (%s) is not deleted; delete it first: %w", vm.Name, id, ErrState)
+		}
+		targets = append(targets, vm)
+	}
+	var purged []string
+	for _, vm := range targets {
+		if err := l.purge(ctx, vm); err != nil {
+			return purged, err
+		}
+		purged = append(purged, vm.ID)
+	}
+	return purged, nil
+}
+
+func (l *Lifecycle) purge(ctx context.Context, vm embeddb.VM) error {
+	defer l.locks.lock(vm.ID)()
+	if err := l.hv.Remove(ctx, vm.ID); err != nil && !errors.Is(err, hv.ErrNotFound) {
+		return fmt.Errorf("purge vm %s: %w", vm.Name, err)
+	}
+	if err := l.db.PurgeVM(ctx, vm.ID); err != nil {
+		return fmt.Errorf("purge vm %s: %w", vm.Name, err)
+	}
+	if hw, err := net.ParseMAC(vm.MAC); err == nil {
+		if err := l.ipam.Release(hw); err != nil && !errors.Is(err, ipam.ErrNotFound) {
+			l.log.Warn("release address", "vm", vm.ID, "err", err)
+		}
+	}
+	return nil
+}
+
+// Recover runs at start: a VM left half-created by a crash is removed whole, and a VM
+// that should be running is started again, as the original did when its server restarted.
+func (l *Lifecycle) Recover(ctx context.Context) error {
+	vms, err := l.db.ListVMs(ctx)
+	if err != nil {
+		return fmt.Errorf("recover: %w", err)
+	}
+	for _, vm := range vms {
+		switch {
+		case !vm.DeletedAt.IsZero():
+		case vm.State == StateCreating:
+			l.log.Info("removing half-created vm", "vm", vm.ID, "name", vm.Name)
+			if err := l.purge(ctx, vm); err != nil {
+				l.log.Error("remove half-created vm", "vm", vm.ID, "err", err)
+			}
+		case vm.State == StateRunning:
+			if err := l.hv.Start(ctx, vm.ID); err != nil {
+				l.log.Error("restart vm", "vm", vm.ID, "name", vm.Name, "err", err)
+			}
+		}
+	}
+	return nil
+}
+
+func (l *Lifecycle) setState(ctx context.Context, vm *embeddb.VM, state string) error {
+	now := l.now()
+	if err := l.db.SetVMState(ctx, vm.ID, state, now); err != nil {
+		return fmt.Errorf("vm %s: record state %s: %w", vm.Name, state, err)
+	}
+	vm.State, vm.UpdatedAt = state, now
+	return nil
+}
+
+// reverter undoes the steps of a half-done operation, last first.
+type reverter struct {
+	steps []revertStep
+}
+
+type revertStep struct {
+	name string
+	fn   func() error
+}
+
+func (r *reverter) add(name string, fn func() error) {
+	r.steps = append(r.steps, revertStep{name, fn})
+}
+
+func (r *reverter) run(log *slog.Logger) {
+	for i := len(r.steps) - 1; i >= 0; i-- {
+		if err := r.steps[i].fn(); err != nil {
+			log.Error("undo", "step", r.steps[i].name, "err", err)
+		}
+	}
+}
+
+// keyedMutex serialises changes to one VM on this host without blocking others.
+type keyedMutex struct {
+	mu sync.Mutex
+	m  map[string]*keyedEntry
+}
+
+type keyedEntry struct {
+	mu   sync.Mutex
+	refs int
+}
+
+func (k *keyedMutex) lock(key string) (unlock func()) {
+	k.mu.Lock()
+	if k.m == nil {
+		k.m = map[string]*keyedEntry{}
+	}
+	e := k.m[key]
+	if e == nil {
+		e = &keyedEntry{}
+		k.m[key] = e
+	}
+	e.refs++
+	k.mu.Unlock()
+	e.mu.Lock()
+	return func() {
+		e.mu.Unlock()
+		k.mu.Lock()
+		if e.refs--; e.refs == 0 {
+			delete(k.m, key)
+		}
+		k.mu.Unlock()
+	}
+}

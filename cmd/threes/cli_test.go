@@ -1,0 +1,166 @@
+package main_test
+
+import (
+	"bytes"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/threes-dev/threes/appliance/threestest"
+)
+
+// threesBin returns the threes binary: $THREES_BIN (make test builds it), or one
+// built here.
+func threesBin(t *testing.T) string {
+	if b := os.Getenv("THREES_BIN"); b != "" {
+		return b
+	}
+	bin := filepath.Join(t.TempDir(), "threes")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("build threes: %v\n%s", err, out)
+	}
+	return bin
+}
+
+type cli struct {
+	t      *testing.T
+	bin    string
+	global []string
+}
+
+// run runs the binary and returns stdout, stderr and the exit code.
+func (c cli) run(args ...string) (string, string, int) {
+	c.t.Helper()
+	cmd := exec.Command(c.bin, append(append([]string{}, c.global...), args...)...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		c.t.Fatalf("run threes %v: %v", args, err)
+	}
+	return out.String(), errb.String(), code
+}
+
+// ok runs a command that must succeed and returns its stdout.
+func (c cli) ok(args ...string) string {
+	c.t.Helper()
+	out, errOut, code := c.run(args...)
+	if code != 0 {
+		c.t.Fatalf("threes %s: exit %d: %s", strings.Join(args, " "), code, errOut)
+	}
+	return out
+}
+
+// fail runs a command that must fail with one clear line naming what was wrong.
+func (c cli) fail(wantCode int, mention string, args ...string) {
+	c.t.Helper()
+	out, errOut, code := c.run(args...)
+	if code != wantCode {
+		c.t.Fatalf("threes %s: exit %d, want %d (stdout %q, stderr %q)", strings.Join(args, " "), code, wantCode, out, errOut)
+	}
+	if lines := strings.Count(strings.TrimSpace(errOut), "\n") + 1; lines != 1 || !strings.Contains(errOut, mention) {
+		c.t.Fatalf("threes %s: stderr %q, want one line mentioning %q", strings.Join(args, " "), errOut, mention)
+	}
+}
+
+// TestCLI runs the built threes binary end to end against an appliance, through the
+// host-local socket (as the host's root).
+func TestCLI(t *testing.T) {
+	env := threestest.Start(t)
+	c := cli{t: t, bin: threesBin(t), global: []string{"--socket", env.Options.Socket}}
+
+	if out := c.ok("whoami"); !strings.Contains(out, "root (local socket)") || !strings.Contains(out, "Role: admin") {
+		t.Errorf("whoami = %q", out)
+	}
+	if out := c.ok("network", "create", "cool-network"); !strings.Contains(out, "tag:threes-cool-network") {
+		t.Errorf("network create = %q", out)
+	}
+	c.fail(1, "already exists", "network", "create", "cool-network")
+	if out := c.ok("network", "list"); !strings.Contains(out, "cool-network") {
+		t.Errorf("network list = %q", out)
+	}
+
+	script := filepath.Join(t.TempDir(), "startup")
+	os.WriteFile(script, []byte("#!/bin/sh\necho hello\n"), 0o644)
+	out := c.ok("vm", "create", "-i", "base", "--network", "cool-network", "-t", "middy",
+		"-k", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHx me@laptop", "-c", script,
+		"--kv", "role=web", "--secret-kv", "password=hunter2", "toy0")
+	for _, want := range []string{"toy0", "ID:", "Management Address:", "middy (2 vCPU, 2048 MiB)", "running"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("vm create output lacks %q:\n%s", want, out)
+		}
+	}
+
+	var vm map[string]any
+	if err := json.Unmarshal([]byte(c.ok("-o", "json", "vm", "get", "toy0")), &vm); err != nil {
+		t.Fatalf("vm get -o json: %v", err)
+	}
+	id, _ := vm["id"].(string)
+	if len(id) != 20 || vm["name"] != "toy0" || vm["network"] != "cool-network" || vm["state"] != "VM_STATE_RUNNING" {
+		t.Fatalf("vm get json = %v", vm)
+	}
+	if got := strings.TrimSpace(c.ok("vm", "get-id", "toy0")); got != id {
+		t.Errorf("get-id = %q, want %q", got, id)
+	}
+	if out := c.ok("vm", "all"); !strings.Contains(out, id) || !strings.Contains(out, "running") {
+		t.Errorf("vm all = %q", out)
+	}
+	var list []map[string]any
+	if err := json.Unmarshal([]byte(c.ok("-o", "json", "vm", "all")), &list); err != nil || len(list) != 1 || list[0]["id"] != id {
+		t.Fatalf("vm all -o json = %v, %v", list, err)
+	}
+
+	if out := c.ok("vm", "stop", "toy0"); !strings.Contains(out, "stopped") {
+		t.Errorf("vm stop = %q", out)
+	}
+	if out := c.ok("vm", "start", id); !strings.Contains(out, "running") {
+		t.Errorf("vm start = %q", out)
+	}
+	c.ok("vm", "restart", "toy0")
+
+	if out := c.ok("vm", "kv", "get", "toy0"); !strings.Contains(out, "hunter2") || !strings.Contains(out, "web") {
+		t.Errorf("kv get as admin = %q", out)
+	}
+	c.ok("vm", "kv", "set", "--secret", "toy0", "token=abc", "zone=attic")
+	if out := c.ok("vm", "kv", "delete", "toy0", "zone"); strings.Contains(out, "attic") || !strings.Contains(out, "token") {
+		t.Errorf("kv delete = %q", out)
+	}
+	c.fail(2, "KEY=VALUE", "vm", "kv", "set", "toy0", "novalue")
+
+	// Errors: one line, and the exit status says whether it was usage or the call.
+	c.fail(1, "not found", "vm", "get", "nosuch")
+	c.fail(1, "type", "vm", "create", "-i", "base", "--network", "cool-network", "-t", "huge", "vm2")
+	c.fail(1, "image", "vm", "create", "-i", "windows", "--network", "cool-network", "vm2")
+	c.fail(1, "name", "vm", "create", "-i", "base", "--network", "cool-network", "Bad_Name")
+	c.fail(2, "missing NAME", "vm", "create", "-i", "base", "--network", "cool-network")
+	c.fail(1, "in use", "network", "delete", "cool-network")
+
+	if out := c.ok("vm", "delete", "toy0"); !strings.Contains(out, "deleted") {
+		t.Errorf("vm delete = %q", out)
+	}
+	if out := c.ok("vm", "all"); strings.Contains(out, id) {
+		t.Errorf("vm all still lists deleted vm: %q", out)
+	}
+	if out := c.ok("vm", "all", "--deleted"); !strings.Contains(out, id) {
+		t.Errorf("vm all --deleted = %q", out)
+	}
+	if out := c.ok("vm", "purge"); !strings.Contains(out, "purged "+id) {
+		t.Errorf("vm purge = %q", out)
+	}
+	c.fail(1, "not found", "vm", "get", id)
+	c.ok("network", "delete", "cool-network")
+
+	if out := c.ok("version"); !strings.HasPrefix(out, "threes ") {
+		t.Errorf("version = %q", out)
+	}
+	if out := c.ok("completion", "bash"); !strings.Contains(out, "threes") {
+		t.Errorf("completion bash printed %d bytes", len(out))
+	}
+}
