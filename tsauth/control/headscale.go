@@ -199,7 +199,12 @@ func (h *Headscale) editPolicy(ctx context.Context, edit func([]byte) ([]byte, e
 	defer h.mu.Unlock()
 	var cur hsPolicy
 	if err := h.call(ctx, http.MethodGet, "/policy", nil, &cur); err != nil {
-		return fmt.Errorf("read policy: %w", err)
+		var he *HeadscaleError
+		if !errors.As(err, &he) || !strings.Contains(he.Message, "policy not found") {
+			return fmt.Errorf("read policy: %w", err)
+		}
+		// No policy stored yet: headscale allows everything, as "{}" would.
+		cur.Policy = "{}"
 	}
 	out, err := edit([]byte(cur.Policy))
 	if err != nil {

@@ -1,0 +1,332 @@
+package control_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"tailscale.com/tsnet"
+
+	"github.com/threes-dev/threes/tsauth/control"
+	"github.com/threes-dev/threes/tsauth/control/headscaletest"
+	"github.com/threes-dev/threes/tsauth/policy"
+)
+
+// hsBasePolicy is the operator's own policy: their tag for the appliance, a rule
+// of theirs and comments, all of which must survive threes' edits.
+const hsBasePolicy = `// The operator's policy.
+{
+	"tagOwners": {
+		// The appliance joins with this tag.
+		"tag:threes": ["threes@"],
+	},
+	"grants": [
+		// The operator reaches the appliance.
+		{"src": ["threes@"], "dst": ["tag:threes"], "ip": ["*"]},
+	],
+}
+`
+
+func hsAPI(t *testing.T, hs *headscaletest.Server, method, path, body string, out any) {
+	t.Helper()
+	req, err := http.NewRequest(method, hs.URL+"/api/v1"+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+hs.APIKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s %s: %d %s", method, path, resp.StatusCode, b)
+	}
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			t.Fatalf("%s %s: decode: %v", method, path, err)
+		}
+	}
+}
+
+func hsPolicy(t *testing.T, hs *headscaletest.Server) string {
+	t.Helper()
+	var p struct{ Policy string }
+	hsAPI(t, hs, http.MethodGet, "/policy", "", &p)
+	return p.Policy
+}
+
+// node is one tsnet node joined to headscale.
+type node struct {
+	name string
+	s    *tsnet.Server
+	ip   netip.Addr
+}
+
+func joinNodes(t *testing.T, hs *headscaletest.Server, keys map[string]control.AuthKey) map[string]*node {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var mu sync.Mutex
+	nodes := map[string]*node{}
+	var wg sync.WaitGroup
+	errs := make(chan error, len(keys))
+	for name, key := range keys {
+		s := &tsnet.Server{
+			Dir:        t.TempDir(),
+			Hostname:   name,
+			ControlURL: hs.URL,
+			AuthKey:    key.Key.Reveal(),
+			Logf:       func(string, ...any) {},
+			UserLogf:   func(string, ...any) {},
+		}
+		t.Cleanup(func() { s.Close() })
+		wg.Go(func() {
+			st, err := s.Up(ctx)
+			if err != nil {
+				errs <- fmt.Errorf("%s up: %w", name, err)
+				return
+			}
+			mu.Lock()
+			nodes[name] = &node{name: name, s: s, ip: st.TailscaleIPs[0]}
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	return nodes
+}
+
+// serve answers every connection on port with the node's name.
+func (n *node) serve(t *testing.T, port int) {
+	t.Helper()
+	ln, err := n.s.Listen("tcp", fmt.Sprintf(":%d", port))
+	if err != nil {
+		t.Fatalf("%s listen %d: %v", n.name, port, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "%s\n", n.name)
+			c.Close()
+		}
+	}()
+}
+
+// errNotRouted means the dialer would not carry the address over the tailnet;
+// such an address is never dialed (tsnet would fall back to the host network).
+var errNotRouted = errors.New("not routed over the tailnet")
+
+// greet connects from n to dst:port over the tailnet and reads the greeting.
+func (n *node) greet(ctx context.Context, dst *node, port uint16) (string, error) {
+	addr := netip.AddrPortFrom(dst.ip, port).String()
+	_, via, err := n.s.Sys().Dialer.Get().UserDialPlan(ctx, "tcp", addr)
+	if err != nil {
+		return "", err
+	}
+	if !via {
+		return "", errNotRouted
+	}
+	c, err := n.s.Dial(ctx, "tcp", addr)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	if d, ok := ctx.Deadline(); ok {
+		c.SetDeadline(d)
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+// eventuallyGreets polls until n reaches dst:port, as the netmap with the new
+// peers and filters reaches the nodes a moment after they come up.
+func eventuallyGreets(t *testing.T, n, dst *node, port uint16) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		got, err := n.greet(ctx, dst, port)
+		cancel()
+		if err == nil && got == dst.name {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s -> %s:%d: got %q, %v", n.name, dst.name, port, got, err)
+		}
+	}
+}
+
+func TestHeadscaleNetworks(t *testing.T) {
+	hs := headscaletest.Start(t)
+	for k, v := range headscaletest.ClientEnv {
+		t.Setenv(k, v)
+	}
+	t.Setenv("TS_DISABLE_PORTMAPPER", "1")
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+
+	body, _ := json.Marshal(map[string]string{"policy": hsBasePolicy})
+	hsAPI(t, hs, http.MethodPut, "/policy", string(body), nil)
+
+	plane, err := control.NewHeadscale(control.HeadscaleConfig{
+		URL:    hs.URL,
+		APIKey: control.NewSecret(hs.APIKey),
+		Policy: policy.Options{OwnerTag: "tag:threes", Admins: []string{"threes@"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, nw := range []string{"cool-network", "other"} {
+		if err := plane.EnsureNetwork(ctx, nw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	withNets := hsPolicy(t, hs)
+	if err := plane.EnsureNetwork(ctx, "cool-network"); err != nil {
+		t.Fatal(err)
+	}
+	if again := hsPolicy(t, hs); again != withNets {
+		t.Fatalf("second EnsureNetwork changed the policy:\n%s\nvs\n%s", again, withNets)
+	}
+	// Every line of the operator's stays, in order: threes only inserted lines.
+	rest := strings.Split(withNets, "\n")
+	for _, line := range strings.Split(hsBasePolicy, "\n") {
+		i := slices.Index(rest, line)
+		if i < 0 {
+			t.Fatalf("operator's line %q changed or moved:\n%s", line, withNets)
+		}
+		rest = rest[i+1:]
+	}
+
+	keys := map[string]control.AuthKey{}
+	for name, nw := range map[string]string{"vm-a1": "cool-network", "vm-a2": "cool-network", "vm-o1": "other"} {
+		k, err := plane.MintAuthKey(ctx, control.KeyRequest{Network: nw, VMID: name, Expiry: 10 * time.Minute})
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys[name] = k
+	}
+	nodes := joinNodes(t, hs, keys)
+	a1, a2, o1 := nodes["vm-a1"], nodes["vm-a2"], nodes["vm-o1"]
+	for _, n := range nodes {
+		n.serve(t, 8080)
+		n.serve(t, 443)
+	}
+
+	// WhoIs on a member shows the network's tag and no user's ownership.
+	lc, err := a2.s.LocalClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	who, err := lc.WhoIs(ctx, a1.ip.String())
+	if err != nil {
+		t.Fatalf("whois vm-a1: %v", err)
+	}
+	if !slices.Equal(who.Node.Tags, []string{"tag:threes-cool-network"}) {
+		t.Errorf("WhoIs(vm-a1).Node.Tags = %v", who.Node.Tags)
+	}
+
+	// Members reach each other on any port; the tailnet reaches 443.
+	eventuallyGreets(t, a1, a2, 8080)
+	eventuallyGreets(t, a2, a1, 8080)
+	eventuallyGreets(t, o1, a2, 443)
+
+	// A node outside the network is routed to the member (443 is open to it) but
+	// its connection to another port is dropped by the member's filter.
+	refused, cancelRefused := context.WithTimeout(ctx, 5*time.Second)
+	got, err := o1.greet(refused, a2, 8080)
+	cancelRefused()
+	if err == nil || errors.Is(err, errNotRouted) {
+		t.Errorf("vm-o1 -> vm-a2:8080 = %q, %v; want a dropped connection", got, err)
+	}
+
+	if err := plane.RemoveNetwork(ctx, "cool-network"); !errors.Is(err, control.ErrNetworkInUse) {
+		t.Errorf("RemoveNetwork while members exist = %v, want ErrNetworkInUse", err)
+	}
+
+	// Deleting the VM removes its device and nothing else.
+	if err := plane.RemoveDevice(ctx, "vm-a1"); err != nil {
+		t.Fatal(err)
+	}
+	devs, err := plane.Devices(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, d := range devs {
+		names = append(names, d.Hostname)
+	}
+	slices.Sort(names)
+	if !slices.Equal(names, []string{"vm-a2", "vm-o1"}) {
+		t.Errorf("devices after removing vm-a1: %v", names)
+	}
+	if err := plane.RemoveDevice(ctx, "vm-a1"); err != nil {
+		t.Errorf("removing a removed device: %v", err)
+	}
+
+	// A key never used is revoked.
+	unused, err := plane.MintAuthKey(ctx, control.KeyRequest{Network: "other", VMID: "vm-never"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := plane.RevokeAuthKey(ctx, unused.ID); err != nil {
+		t.Fatal(err)
+	}
+	var list struct {
+		PreAuthKeys []struct {
+			ID         string    `json:"id"`
+			Expiration time.Time `json:"expiration"`
+			Used       bool      `json:"used"`
+			Reusable   bool      `json:"reusable"`
+			ACLTags    []string  `json:"aclTags"`
+		} `json:"preAuthKeys"`
+	}
+	hsAPI(t, hs, http.MethodGet, "/preauthkey", "", &list)
+	for _, k := range list.PreAuthKeys {
+		if k.Reusable {
+			t.Errorf("key %s is reusable", k.ID)
+		}
+		if k.ID == unused.ID && k.Expiration.After(time.Now()) {
+			t.Errorf("revoked key %s still expires at %v", k.ID, k.Expiration)
+		}
+		if k.ID == keys["vm-a1"].ID && !k.Used {
+			t.Errorf("vm-a1's key %s not marked used", k.ID)
+		}
+	}
+
+	// With every device gone, removing both networks gives back the operator's
+	// policy byte for byte.
+	for _, n := range []*node{a2, o1} {
+		n.s.Close()
+		if err := plane.RemoveDevice(ctx, n.name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, nw := range []string{"cool-network", "other"} {
+		if err := plane.RemoveNetwork(ctx, nw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := hsPolicy(t, hs); got != hsBasePolicy {
+		t.Errorf("policy after removing the networks:\n%s\nwant\n%s", got, hsBasePolicy)
+	}
+}
