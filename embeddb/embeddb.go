@@ -1,0 +1,335 @@
+// Package embeddb owns threes' state: it embeds an rqlite node (Raft-replicated
+// SQLite) in the server process, owns the schema and its migrations, and
+// provides every typed query the rest of threes uses.
+//
+// It does not decide policy (names, images, who may do what), allocate
+// addresses (netboot's IPAM builds on the address queries here) or talk to
+// the hypervisor or the tailnet; callers pass the network it replicates over
+// and the times it records.
+//
+// Every statement is parameterised and goes through rqlite's SQL processor;
+// writes that belong together travel as one transaction in one Raft entry.
+// Reads are linearizable (see readLevel). On a node that is not the leader,
+// reads and writes fail with ErrNotLeader until forwarding is added.
+//
+// The durable state is raft.db and the snapshots in Config.Dir; db.sqlite is
+// rebuilt from them at every Open.
+package embeddb
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rqlite/rqlite/v8/cluster"
+	"github.com/rqlite/rqlite/v8/store"
+	"github.com/rqlite/rqlite/v8/tcp"
+)
+
+// ErrNotFound is returned when the object asked for does not exist.
+var ErrNotFound = errors.New("not found")
+
+// ErrExists is returned when a write would break a uniqueness rule (live VM
+// name, MAC, IP, network name or tag, VM ID).
+var ErrExists = errors.New("already exists")
+
+// ErrInUse is returned when an object cannot be removed because something
+// live still refers to it (a network used by a live VM).
+var ErrInUse = errors.New("in use")
+
+// ErrAlreadyServed is returned by TakeAuthKey when the VM's auth key was
+// already handed out once.
+var ErrAlreadyServed = errors.New("auth key already served")
+
+// ErrInvalid is returned when an argument is malformed or missing.
+var ErrInvalid = errors.New("invalid argument")
+
+// ErrNotLeader is returned when this node is not the Raft leader and the
+// request needs the leader; forwarding to the leader is not implemented yet.
+var ErrNotLeader = errors.New("not the raft leader")
+
+// FieldError says which field of which object a sentinel error is about, so
+// that an API can point at the offending field. Its Err is one of the
+// sentinels above; errors.Is sees through it.
+type FieldError struct {
+	Field string // e.g. "vm name", "mac", "ip", "network name"
+	Value string // the value at fault; never a secret
+	Err   error
+}
+
+// Error reports the field, its value and what is wrong with it.
+func (e *FieldError) Error() string { return fmt.Sprintf("%s %q: %v", e.Field, e.Value, e.Err) }
+
+// Unwrap returns the sentinel error.
+func (e *FieldError) Unwrap() error { return e.Err }
+
+// Field names used in FieldError.
+const (
+	FieldVMID        = "vm id"
+	FieldVMName      = "vm name"
+	FieldMAC         = "mac"
+	FieldIP          = "ip"
+	FieldNetworkName = "network name"
+	FieldNetworkTag  = "network tag"
+	FieldKVKey       = "kv key"
+)
+
+func fieldErr(field, value string, err error) error {
+	return &FieldError{Field: field, Value: value, Err: err}
+}
+
+// Config says where the node keeps its state and how it reaches its peers.
+// The caller supplies the network so that Raft can later travel over the
+// tailnet; a single node opens no port of its own.
+type Config struct {
+	// Dir is the Raft directory (durable state), created if missing.
+	Dir string
+	// NodeID is the stable ID of this node.
+	NodeID string
+	// Listener carries Raft and rqlite cluster traffic. Open takes
+	// ownership: Close closes it, and so does Open when it fails.
+	Listener net.Listener
+	// Advertise is the host:port peers use to reach Listener (keep it
+	// stable across restarts: it is this node's Raft address); empty means
+	// Listener.Addr().
+	Advertise string
+	// Dial reaches peers; unused on one node.
+	Dial func(ctx context.Context, addr string) (net.Conn, error)
+	// Logf receives embeddb's and rqlite's store and mux logs; nil discards
+	// them. rqlite's snapshot store logs to stderr regardless, and Raft's
+	// own errors too (it is set to log only errors).
+	Logf func(format string, args ...any)
+}
+
+// Raft and snapshot settings: rqlited's defaults, so the node behaves like a
+// stock rqlite node (snapshots bound raft.db and the SQLite WAL).
+const (
+	snapshotThreshold        = 8192
+	snapshotThresholdWALSize = 4 << 20
+	snapshotInterval         = 10 * time.Second
+	heartbeatTimeout         = time.Second
+	electionTimeout          = time.Second
+	applyTimeout             = 10 * time.Second
+	autoOptimizeInterval     = 24 * time.Hour
+	// raftLogLevel quiets hashicorp/raft, whose logger rqlite hard-wires to
+	// os.Stderr (it cannot be routed to Logf): only errors get through.
+	raftLogLevel = "ERROR"
+)
+
+// storeOpenMu serialises store.Open: rqlite's raftConfig writes to the
+// package-global hclog.DefaultOptions, which races when two stores open at
+// once in one process (restart and multi-node tests do).
+var storeOpenMu sync.Mutex
+
+// DB is an open embedded rqlite node with threes' schema.
+type DB struct {
+	str     *store.Store
+	ln      net.Listener
+	muxDone chan struct{}
+	be      backend
+	logf    func(format string, args ...any)
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Open opens the store in cfg.Dir, bootstraps a one-node cluster if the node
+// is new, waits for a leader (bounded only by ctx) and applies pending schema
+// migrations.
+func Open(ctx context.Context, cfg Config) (*DB, error) {
+	db, err := open(ctx, cfg, nil)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := db.migrate(ctx, migrationFS); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("migrate %s: %w", cfg.Dir, err)
+	}
+	return db, nil
+}
+
+// open starts the node without migrating. A new node bootstraps a cluster of
+// peers, or of itself alone when peers is empty.
+func open(ctx context.Context, cfg Config, peers []*store.Server) (_ *DB, retErr error) {
+	if cfg.Listener == nil {
+		return nil, fmt.Errorf("open embeddb: no listener: %w", ErrInvalid)
+	}
+	var muxDone chan struct{}
+	defer func() {
+		if retErr != nil {
+			cfg.Listener.Close()
+			if muxDone != nil {
+				<-muxDone
+			}
+		}
+	}()
+	if cfg.Dir == "" || cfg.NodeID == "" {
+		return nil, fmt.Errorf("open embeddb: dir and node id are required: %w", ErrInvalid)
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("open embeddb: %w", err)
+	}
+	logf := cfg.Logf
+	if logf == nil {
+		logf = func(string, ...any) {}
+	}
+	adv := cfg.Advertise
+	if adv == "" {
+		adv = cfg.Listener.Addr().String()
+	}
+
+	// One listener, demultiplexed by the first byte of each connection, as
+	// rqlited does; the cluster header is left for forwarding and joining.
+	mux, err := tcp.NewMux(cfg.Listener, advAddr(adv))
+	if err != nil {
+		return nil, fmt.Errorf("open embeddb: mux: %w", err)
+	}
+	mux.Logger = newLogger(cfg.Logf, "[mux] ")
+	raftLn := mux.Listen(cluster.MuxRaftHeader)
+	muxDone = make(chan struct{})
+	go func() {
+		defer close(muxDone)
+		mux.Serve()
+	}()
+
+	dbConf := store.NewDBConfig()
+	dbConf.FKConstraints = true // ON DELETE CASCADE; same on every node since it is set here
+	str := store.New(&raftLayer{Listener: raftLn, dial: cfg.Dial}, &store.Config{
+		DBConf: dbConf,
+		Dir:    cfg.Dir,
+		ID:     cfg.NodeID,
+		Logger: newLogger(cfg.Logf, "[store] "),
+	})
+	str.RaftLogLevel = raftLogLevel
+	str.SnapshotThreshold = snapshotThreshold
+	str.SnapshotThresholdWALSize = snapshotThresholdWALSize
+	str.SnapshotInterval = snapshotInterval
+	str.HeartbeatTimeout = heartbeatTimeout
+	str.ElectionTimeout = electionTimeout
+	str.ApplyTimeout = applyTimeout
+	str.AutoOptimizeInterval = autoOptimizeInterval
+
+	storeOpenMu.Lock()
+	err = str.Open()
+	storeOpenMu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("open store %s: %w", cfg.Dir, err)
+	}
+	defer func() {
+		if retErr != nil {
+			str.Close(true)
+		}
+	}()
+
+	// Bootstrap only when the Raft configuration is empty (as rqlited does),
+	// so a node that crashed before bootstrapping still bootstraps.
+	nodes, err := str.Nodes()
+	if err != nil {
+		return nil, fmt.Errorf("read raft configuration in %s: %w", cfg.Dir, err)
+	}
+	if len(nodes) == 0 {
+		if len(peers) == 0 {
+			peers = []*store.Server{store.NewServer(cfg.NodeID, adv, true)}
+		}
+		logf("embeddb: bootstrapping new cluster of %d node(s) in %s", len(peers), cfg.Dir)
+		if err := str.Bootstrap(peers...); err != nil {
+			return nil, fmt.Errorf("bootstrap %s: %w", cfg.Dir, err)
+		}
+	}
+	for {
+		if _, err := str.WaitForLeader(250 * time.Millisecond); err == nil {
+			break
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("wait for raft leader: %w", err)
+		}
+	}
+
+	return &DB{
+		str:     str,
+		ln:      cfg.Listener,
+		muxDone: muxDone,
+		be:      localBackend{str: str},
+		logf:    logf,
+	}, nil
+}
+
+// Close shuts the node down and closes the listener. The durable state stays
+// in Dir for the next Open.
+func (db *DB) Close() error {
+	db.closeOnce.Do(func() {
+		err := db.str.Close(true)
+		if lerr := db.ln.Close(); lerr != nil && !errors.Is(lerr, net.ErrClosed) && err == nil {
+			err = lerr
+		}
+		<-db.muxDone
+		if err != nil {
+			db.closeErr = fmt.Errorf("close embeddb: %w", err)
+		}
+	})
+	return db.closeErr
+}
+
+// IsLeader reports whether this node is currently the Raft leader.
+func (db *DB) IsLeader() bool { return db.str.IsLeader() }
+
+// raftLayer is the store.Layer for Raft: accepts come from the mux, dials go
+// through the caller's Dial and announce themselves with the Raft header byte.
+type raftLayer struct {
+	net.Listener
+	dial func(ctx context.Context, addr string) (net.Conn, error)
+}
+
+func (l *raftLayer) Dial(addr string, timeout time.Duration) (net.Conn, error) {
+	if l.dial == nil {
+		return nil, fmt.Errorf("dial raft peer %s: no Dial configured", addr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	conn, err := l.dial(ctx, addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial raft peer %s: %w", addr, err)
+	}
+	if err := conn.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("dial raft peer %s: %w", addr, err)
+	}
+	if _, err := conn.Write([]byte{cluster.MuxRaftHeader}); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("dial raft peer %s: write header: %w", addr, err)
+	}
+	if err := conn.SetWriteDeadline(time.Time{}); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("dial raft peer %s: %w", addr, err)
+	}
+	return conn, nil
+}
+
+// advAddr is the advertised address handed to the mux (and so to Raft as
+// this node's address).
+type advAddr string
+
+func (a advAddr) Network() string { return "tcp" }
+func (a advAddr) String() string  { return string(a) }
+
+// newLogger adapts Logf to the *log.Logger rqlite takes; nil discards.
+func newLogger(logf func(string, ...any), prefix string) *log.Logger {
+	if logf == nil {
+		return log.New(io.Discard, "", 0)
+	}
+	return log.New(logfWriter(logf), prefix, 0)
+}
+
+type logfWriter func(string, ...any)
+
+func (w logfWriter) Write(p []byte) (int, error) {
+	w("embeddb: %s", strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}

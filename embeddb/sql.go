@@ -1,0 +1,290 @@
+package embeddb
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/rqlite/rqlite/v8/command/proto"
+	rsql "github.com/rqlite/rqlite/v8/command/sql"
+	"github.com/rqlite/rqlite/v8/store"
+)
+
+// readLevel is the consistency of every read. LINEARIZABLE is served by the
+// leader after it confirms it still leads and its state machine has applied
+// everything committed so far: a read sees every write acknowledged before
+// it, on one node now and in a cluster later (including just after a leader
+// change, when a WEAK read on the new leader could miss entries it has
+// committed but not yet applied). On one node the leadership check needs no
+// network, so it costs little. Followers get ErrNotLeader, like writes.
+const readLevel = proto.QueryRequest_QUERY_REQUEST_LEVEL_LINEARIZABLE
+
+// backend carries requests to the Raft leader. localBackend serves them on
+// this node only; forwarding to a remote leader (cluster.Client, as rqlited
+// does) slots in as another backend without touching the queries.
+type backend interface {
+	execute(ctx context.Context, req *proto.ExecuteRequest) ([]*proto.ExecuteQueryResponse, error)
+	query(ctx context.Context, req *proto.QueryRequest) ([]*proto.QueryRows, error)
+	request(ctx context.Context, req *proto.ExecuteQueryRequest) ([]*proto.ExecuteQueryResponse, error)
+}
+
+type localBackend struct{ str *store.Store }
+
+// A request cannot be cancelled once handed to Raft (it may still commit), so
+// ctx is only checked before; rqlite bounds each write by its apply timeout.
+func (b localBackend) execute(ctx context.Context, req *proto.ExecuteRequest) ([]*proto.ExecuteQueryResponse, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	res, _, err := b.str.Execute(req)
+	return res, b.mapErr(err)
+}
+
+func (b localBackend) query(ctx context.Context, req *proto.QueryRequest) ([]*proto.QueryRows, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	res, _, err := b.str.Query(req)
+	return res, b.mapErr(err)
+}
+
+func (b localBackend) request(ctx context.Context, req *proto.ExecuteQueryRequest) ([]*proto.ExecuteQueryResponse, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	res, _, err := b.str.Request(req)
+	return res, b.mapErr(err)
+}
+
+func (b localBackend) mapErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, store.ErrNotLeader):
+		leader, _ := b.str.LeaderAddr()
+		return fmt.Errorf("%w (leader is %q; forwarding is not implemented)", ErrNotLeader, leader)
+	case errors.Is(err, store.ErrNotOpen):
+		return errors.New("database is closed")
+	}
+	return err
+}
+
+// stmt is one parameterised SQL statement.
+type stmt struct {
+	sql       string
+	args      []any
+	returning bool // has a RETURNING clause: rows come back from a write
+}
+
+func q(sql string, args ...any) stmt { return stmt{sql: sql, args: args} }
+
+// toProto converts statements and runs them through rqlite's SQL processor,
+// which rewrites non-deterministic functions into literals so every replica
+// applies the same values.
+func toProto(stmts []stmt, rewriteRandom bool) ([]*proto.Statement, error) {
+	ps := make([]*proto.Statement, len(stmts))
+	for i, s := range stmts {
+		ps[i] = &proto.Statement{Sql: s.sql, ForceQuery: s.returning}
+		for _, a := range s.args {
+			p := &proto.Parameter{}
+			switch v := a.(type) {
+			case nil:
+			case string:
+				p.Value = &proto.Parameter_S{S: v}
+			case int64:
+				p.Value = &proto.Parameter_I{I: v}
+			case int:
+				p.Value = &proto.Parameter_I{I: int64(v)}
+			case bool:
+				var n int64
+				if v {
+					n = 1
+				}
+				p.Value = &proto.Parameter_I{I: n}
+			default:
+				return nil, fmt.Errorf("unsupported parameter type %T", a)
+			}
+			ps[i].Parameters = append(ps[i].Parameters, p)
+		}
+	}
+	if err := rsql.Process(ps, rewriteRandom, true); err != nil {
+		return nil, fmt.Errorf("process sql: %w", err)
+	}
+	return ps, nil
+}
+
+// sqlError is a statement that SQLite refused. rqlite reports these in the
+// results, not as an error from Execute.
+type sqlError struct {
+	stmt int
+	msg  string
+}
+
+func (e *sqlError) Error() string { return fmt.Sprintf("statement %d: %s", e.stmt, e.msg) }
+
+// uniqueViolation returns the columns named by a UNIQUE violation, e.g.
+// "vms.name" or "kvs.vm_id, kvs.name".
+func uniqueViolation(err error) (cols string, ok bool) {
+	var se *sqlError
+	if !errors.As(err, &se) {
+		return "", false
+	}
+	return strings.CutPrefix(se.msg, "UNIQUE constraint failed: ")
+}
+
+// sqlErrorIs reports whether SQLite refused a statement with a message
+// containing substr (a trigger's RAISE message, or a constraint kind).
+func sqlErrorIs(err error, substr string) bool {
+	var se *sqlError
+	return errors.As(err, &se) && strings.Contains(se.msg, substr)
+}
+
+// exec runs stmts as one transaction in one Raft entry: all or nothing.
+func (db *DB) exec(ctx context.Context, stmts ...stmt) ([]*proto.ExecuteQueryResponse, error) {
+	ps, err := toProto(stmts, true)
+	if err != nil {
+		return nil, err
+	}
+	res, err := db.be.execute(ctx, &proto.ExecuteRequest{
+		Request: &proto.Request{Transaction: true, Statements: ps},
+	})
+	if err != nil {
+		return nil, err
+	}
+	return res, checkResults(res, len(stmts))
+}
+
+// request runs a mix of reads and writes as one transaction in one Raft
+// entry, so the reads see exactly the state the writes changed.
+func (db *DB) request(ctx context.Context, stmts ...stmt) ([]*proto.ExecuteQueryResponse, error) {
+	ps, err := toProto(stmts, true)
+	if err != nil {
+		return nil, err
+	}
+	res, err := db.be.request(ctx, &proto.ExecuteQueryRequest{
+		Request: &proto.Request{Transaction: true, Statements: ps},
+		Level:   readLevel,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return res, checkResults(res, len(stmts))
+}
+
+func checkResults(res []*proto.ExecuteQueryResponse, n int) error {
+	for i, r := range res {
+		msg := r.GetError()
+		if msg == "" {
+			msg = r.GetE().GetError()
+		}
+		if msg == "" {
+			msg = r.GetQ().GetError()
+		}
+		if msg != "" {
+			return &sqlError{stmt: i, msg: msg}
+		}
+	}
+	if len(res) != n {
+		return fmt.Errorf("got %d results for %d statements", len(res), n)
+	}
+	return nil
+}
+
+// query runs read-only stmts at readLevel, in one read transaction when
+// there are several so they see one state.
+func (db *DB) query(ctx context.Context, stmts ...stmt) ([]*proto.QueryRows, error) {
+	ps, err := toProto(stmts, false)
+	if err != nil {
+		return nil, err
+	}
+	res, err := db.be.query(ctx, &proto.QueryRequest{
+		Request: &proto.Request{Transaction: len(ps) > 1, Statements: ps},
+		Level:   readLevel,
+	})
+	if err != nil {
+		return nil, err
+	}
+	for i, r := range res {
+		if r.GetError() != "" {
+			return nil, &sqlError{stmt: i, msg: r.GetError()}
+		}
+	}
+	if len(res) != len(stmts) {
+		return nil, fmt.Errorf("got %d results for %d queries", len(res), len(stmts))
+	}
+	return res, nil
+}
+
+// rowsAffected is the number of rows the i'th statement changed.
+func rowsAffected(res []*proto.ExecuteQueryResponse, i int) int64 {
+	return res[i].GetE().GetRowsAffected()
+}
+
+// row is one result row; NULL columns are nil.
+type row []*proto.Parameter
+
+func rows(qr *proto.QueryRows) []row {
+	out := make([]row, len(qr.GetValues()))
+	for i, v := range qr.GetValues() {
+		out[i] = row(v.GetParameters())
+	}
+	return out
+}
+
+func (r row) col(i int) *proto.Parameter {
+	if i < len(r) {
+		return r[i]
+	}
+	return nil
+}
+
+func (r row) str(i int) string {
+	p := r.col(i)
+	if y, ok := p.GetValue().(*proto.Parameter_Y); ok {
+		return string(y.Y)
+	}
+	return p.GetS()
+}
+
+func (r row) int(i int) int64 { return r.col(i).GetI() }
+
+// time decodes a column written by timeArg; NULL is the zero time.
+func (r row) time(i int) time.Time {
+	p := r.col(i)
+	if p.GetValue() == nil {
+		return time.Time{}
+	}
+	return time.Unix(0, p.GetI()).UTC()
+}
+
+// Times are stored as Unix nanoseconds (INTEGER): exact, deterministic and
+// ordered, for times from 1970 to 2262; they come back in UTC. The zero time
+// is NULL.
+var (
+	minTime = time.Unix(0, 0).UTC()
+	maxTime = time.Unix(0, 1<<63-1).UTC()
+)
+
+func timeArg(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t.UnixNano()
+}
+
+// checkTime rejects times that do not fit the encoding; zero is allowed
+// unless required.
+func checkTime(what string, t time.Time, required bool) error {
+	if t.IsZero() {
+		if required {
+			return fmt.Errorf("%s is required: %w", what, ErrInvalid)
+		}
+		return nil
+	}
+	if t.Before(minTime) || t.After(maxTime) {
+		return fmt.Errorf("%s %s out of range: %w", what, t.Format(time.RFC3339), ErrInvalid)
+	}
+	return nil
+}
