@@ -136,7 +136,7 @@ func TestCLI(t *testing.T) {
 
 	// Errors: one line, and the exit status says whether it was usage or the call.
 	c.fail(1, "not found", "vm", "get", "nosuch")
-	c.fail(1, "type", "vm", "create", "-i", "base", "--network", "cool-network", "-t", "huge", "vm2")
+	c.fail(2, "--type", "vm", "create", "-i", "base", "--network", "cool-network", "-t", "huge", "vm2")
 	c.fail(1, "image", "vm", "create", "-i", "windows", "--network", "cool-network", "vm2")
 	c.fail(1, "name", "vm", "create", "-i", "base", "--network", "cool-network", "Bad_Name")
 	c.fail(2, "missing NAME", "vm", "create", "-i", "base", "--network", "cool-network")
