@@ -171,7 +171,7 @@ func (h *Headscale) RemoveNetwork(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	devs, err := h.Devices(ctx)
+	devs, err := h.devices(ctx)
 	if err != nil {
 		return fmt.Errorf("headscale: remove network %s: %w", name, err)
 	}
@@ -279,7 +279,7 @@ type hsNode struct {
 
 // RemoveDevice deletes the threes-tagged nodes whose hostname is hostname.
 func (h *Headscale) RemoveDevice(ctx context.Context, hostname string) error {
-	devs, err := h.Devices(ctx)
+	devs, err := h.devices(ctx)
 	if err != nil {
 		return fmt.Errorf("headscale: remove device %s: %w", hostname, err)
 	}
@@ -296,11 +296,19 @@ func (h *Headscale) RemoveDevice(ctx context.Context, hostname string) error {
 
 // Devices lists headscale's nodes that carry a threes network tag.
 func (h *Headscale) Devices(ctx context.Context) ([]Device, error) {
+	devs, err := h.devices(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("headscale: %w", err)
+	}
+	return devs, nil
+}
+
+func (h *Headscale) devices(ctx context.Context) ([]Device, error) {
 	var out struct {
 		Nodes []hsNode `json:"nodes"`
 	}
 	if err := h.call(ctx, http.MethodGet, "/node", nil, &out); err != nil {
-		return nil, h.redact.err(fmt.Errorf("headscale: list nodes: %w", err))
+		return nil, h.redact.err(fmt.Errorf("list nodes: %w", err))
 	}
 	var devs []Device
 	for _, n := range out.Nodes {

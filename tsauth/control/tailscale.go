@@ -149,7 +149,7 @@ func (t *Tailscale) RemoveNetwork(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	devs, err := t.Devices(ctx)
+	devs, err := t.devices(ctx)
 	if err != nil {
 		return fmt.Errorf("tailscale: remove network %s: %w", name, err)
 	}
@@ -257,7 +257,7 @@ func (t *Tailscale) RevokeAuthKey(ctx context.Context, id string) error {
 
 // RemoveDevice deletes the threes-tagged devices whose hostname is hostname.
 func (t *Tailscale) RemoveDevice(ctx context.Context, hostname string) error {
-	devs, err := t.Devices(ctx)
+	devs, err := t.devices(ctx)
 	if err != nil {
 		return fmt.Errorf("tailscale: remove device %s: %w", hostname, err)
 	}
@@ -274,9 +274,17 @@ func (t *Tailscale) RemoveDevice(ctx context.Context, hostname string) error {
 
 // Devices lists the tailnet's devices that carry a threes network tag.
 func (t *Tailscale) Devices(ctx context.Context) ([]Device, error) {
+	devs, err := t.devices(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("tailscale: %w", err)
+	}
+	return devs, nil
+}
+
+func (t *Tailscale) devices(ctx context.Context) ([]Device, error) {
 	all, err := t.client.Devices().List(ctx)
 	if err != nil {
-		return nil, t.redact.err(fmt.Errorf("tailscale: list devices: %w", err))
+		return nil, t.redact.err(fmt.Errorf("list devices: %w", err))
 	}
 	var out []Device
 	for _, d := range all {
