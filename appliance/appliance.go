@@ -122,11 +122,14 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	// 3. The hypervisor.
 	a.hv = o.Hypervisor
 	if a.hv == nil {
-		lv, err := hv.Open(ctx, hv.Config{URI: o.LibvirtURI, Owner: "threes/" + o.Hostname})
+		lv, err := hv.Open(ctx, hv.Config{URI: o.LibvirtURI, Owner: "threes/" + o.Hostname, Lazy: true})
 		if err != nil {
 			return nil, fmt.Errorf("open hypervisor %s: %w", o.LibvirtURI, err)
 		}
 		a.hv, a.hvClose = lv, lv.Close
+	}
+	if _, err := a.hv.List(ctx); err != nil {
+		o.Logger.Warn("hypervisor not reachable yet: VM calls fail until it is (is libvirtd running?)", "uri", o.LibvirtURI, "err", err)
 	}
 
 	// 4. The IPAM, from the addresses the database holds.

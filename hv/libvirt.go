@@ -30,6 +30,9 @@ type Config struct {
 	// reports only domains with the same Owner, so that appliances (or
 	// tests) sharing one libvirtd never see each other's VMs.
 	Owner string
+	// Lazy makes Open succeed while libvirtd is unreachable: calls connect
+	// when first used, so a host can start threes before libvirtd.
+	Lazy bool
 	// StopTimeout is how long Stop waits for the guest to power off
 	// after the ACPI power button before forcing it off; zero means 30s.
 	StopTimeout time.Duration
@@ -131,7 +134,7 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 	if h.flavour, err = flavourOf(domainType); err != nil {
 		return nil, err
 	}
-	if _, err := h.client(ctx); err != nil {
+	if _, err := h.client(ctx); err != nil && !(cfg.Lazy && errors.Is(err, ErrUnavailable)) {
 		return nil, err
 	}
 	return h, nil
