@@ -43,6 +43,7 @@ func main() {
 		allocsOut = flag.String("allocs-out", "", "write 'MAC IP' per allocation to this file")
 		meta      = flag.String("metadata", "", "also serve metadata on this address (e.g. 10.10.0.1:80)")
 		neighOn   = flag.Bool("neigh", true, "check the neighbour table on each metadata request")
+		probe     = flag.String("neigh-probe", "unsure", "when the check sends ARP probes: unsure, never or always")
 		statsOut  = flag.String("stats", "", "write the DHCP counters as JSON to this file on exit")
 	)
 	flag.Parse()
@@ -50,12 +51,17 @@ func main() {
 		flag.Usage()
 		os.Exit(2)
 	}
-	if err := run(*iface, *macs, *cidr, *lease, dhcp.RateLimit{Burst: *burst, Every: *every}, *workers, *allocsOut, *meta, *neighOn, *statsOut); err != nil {
+	modes := map[string]neigh.Probe{"unsure": neigh.ProbeUnsure, "never": neigh.ProbeNever, "always": neigh.ProbeAlways}
+	pm, ok := modes[*probe]
+	if !ok {
+		log.Fatalf("-neigh-probe %q: want unsure, never or always", *probe)
+	}
+	if err := run(*iface, *macs, *cidr, *lease, dhcp.RateLimit{Burst: *burst, Every: *every}, *workers, *allocsOut, *meta, *neighOn, pm, *statsOut); err != nil {
 		log.Fatal(err)
 	}
 }
 
-func run(iface, macFile, cidr string, lease time.Duration, rl dhcp.RateLimit, workers int, allocsOut, metaAddr string, neighOn bool, statsOut string) error {
+func run(iface, macFile, cidr string, lease time.Duration, rl dhcp.RateLimit, workers int, allocsOut, metaAddr string, neighOn bool, probe neigh.Probe, statsOut string) error {
 	prefix, err := netip.ParsePrefix(cidr)
 	if err != nil {
 		return fmt.Errorf("parse -cidr %s: %w", cidr, err)
@@ -93,7 +99,7 @@ func run(iface, macFile, cidr string, lease time.Duration, rl dhcp.RateLimit, wo
 	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(ctx) }()
 	if metaAddr != "" {
-		go func() { errc <- serveMetadata(ctx, im, iface, metaAddr, neighOn, logger) }()
+		go func() { errc <- serveMetadata(ctx, im, iface, metaAddr, neighOn, probe, logger) }()
 	}
 	fmt.Fprintf(os.Stderr, "threes-dhcpbench: serving %d MACs in %s on %s (metadata %q, neighbour check %v)\n", n, im.Prefix(), iface, metaAddr, neighOn)
 	select {
@@ -173,10 +179,10 @@ func (b benchSource) TakeAuthKey(context.Context, string) (string, error) {
 	return "", metadata.ErrAuthKeyTaken
 }
 
-func serveMetadata(ctx context.Context, im *ipam.IPAM, iface, addr string, neighOn bool, logger *slog.Logger) error {
+func serveMetadata(ctx context.Context, im *ipam.IPAM, iface, addr string, neighOn bool, probe neigh.Probe, logger *slog.Logger) error {
 	cfg := metadata.Config{Source: benchSource{im}, IPAM: im, Log: logger}
 	if neighOn {
-		chk, err := neigh.New(neigh.Config{Interface: iface})
+		chk, err := neigh.New(neigh.Config{Interface: iface, Probe: probe})
 		if err != nil {
 			return err
 		}

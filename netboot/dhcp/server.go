@@ -14,6 +14,7 @@ import (
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"github.com/insomniacslk/dhcp/dhcpv4/server4"
+	"golang.org/x/sys/unix"
 
 	"github.com/threes-dev/threes/netboot/ipam"
 )
@@ -149,10 +150,16 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		if err != nil {
 			return nil, fmt.Errorf("open dhcp socket on %s: %w", cfg.Interface, err)
 		}
-		// Bursts from a load generator must queue, not drop, while a
-		// worker is busy.
-		_ = c.SetReadBuffer(4 << 20)
-		_ = c.SetWriteBuffer(4 << 20)
+		// Bursts (a host full of VMs booting at once) must queue, not
+		// drop, while the workers are busy: ask for 4 MiB past rmem_max
+		// (root may), else for what the sysctl allows.
+		if raw, err := c.SyscallConn(); err == nil {
+			raw.Control(func(fd uintptr) {
+				if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 4<<20) != nil {
+					c.SetReadBuffer(4 << 20)
+				}
+			})
+		}
 		s.conn = c
 	}
 	return s, nil

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"sync"
@@ -321,5 +322,51 @@ func TestMetadata(t *testing.T) {
 	}
 	if !strings.Contains(logs, "metadata auth key handed out") {
 		t.Errorf("auth key hand-out not logged")
+	}
+}
+
+// BenchmarkServeHTTP measures one request through the handler, with the
+// neighbour check (over a real bridge's table, entry permanent) and without.
+func BenchmarkServeHTTP(b *testing.B) {
+	netnstest.Require(b)
+	srv := netnstest.NewNS(b, "metab")
+	srv.Bridge(b, bridge, "10.10.0.1/16")
+	srv.Run(b, "ip", "neigh", "add", ipA.String(), "lladdr", macA.String(), "nud", "permanent", "dev", bridge)
+	im, err := ipam.New(ipam.Config{}, []ipam.Allocation{{MAC: macA, Hostname: "vm-a", IP: ipA}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	src := &memSource{byIP: map[netip.Addr]Instance{ipA: {ID: "a", Hostname: "vm-a"}}, taken: map[string]bool{}}
+	var chk *neigh.Checker
+	if err := srv.Do(func() (err error) {
+		chk, err = neigh.New(neigh.Config{Interface: bridge, Probe: neigh.ProbeNever})
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	defer chk.Close()
+	for _, check := range []bool{true, false} {
+		cfg := Config{Source: src, IPAM: im, Log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+		if check {
+			cfg.Neighbours = chk
+		}
+		s, err := New(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(map[bool]string{true: "check=on", false: "check=off"}[check], func(b *testing.B) {
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					req := httptest.NewRequest("GET", "/v1/hostname", nil)
+					req.RemoteAddr = ipA.String() + ":40000"
+					w := httptest.NewRecorder()
+					s.ServeHTTP(w, req)
+					if w.Code != 200 {
+						b.Errorf("status %d", w.Code)
+						return
+					}
+				}
+			})
+		})
 	}
 }

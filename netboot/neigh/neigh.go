@@ -82,6 +82,15 @@ type Checker struct {
 
 	socks chan *nl.NetlinkSocket // pooled, one request in flight each
 
+	// The table as the kernel's neighbour events describe it. events is
+	// read only with tableMu held, so once a drain under the lock finds
+	// the socket empty, every event queued before is in table.
+	events  *os.File
+	evRaw   syscall.RawConn
+	tableMu sync.Mutex
+	table   map[netip.Addr]Entry
+	evBuf   []byte
+
 	arp     *os.File
 	arpRaw  syscall.RawConn
 	mu      sync.Mutex
@@ -123,6 +132,10 @@ func New(cfg Config) (*Checker, error) {
 		}
 		c.socks <- s
 	}
+	if err := c.subscribe(); err != nil {
+		c.Close()
+		return nil, err
+	}
 	if cfg.Probe != ProbeNever {
 		if err := c.openARP(); err != nil {
 			c.Close()
@@ -130,6 +143,132 @@ func New(cfg Config) (*Checker, error) {
 		}
 	}
 	return c, nil
+}
+
+// subscribe joins the kernel's neighbour event group, then loads the table:
+// events queued meanwhile are applied after the dump, in order, so the
+// table ends up as the kernel's.
+func (c *Checker) subscribe() error {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("open neighbour event socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: unix.RTMGRP_NEIGH}); err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("join neighbour events: %w", err)
+	}
+	// Room for a busy bridge's events between two drains; past it the
+	// kernel says ENOBUFS and the table is reloaded.
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 4<<20) != nil {
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 4<<20)
+	}
+	c.events = os.NewFile(uintptr(fd), "neigh-events")
+	if c.evRaw, err = c.events.SyscallConn(); err != nil {
+		return fmt.Errorf("neighbour event socket: %w", err)
+	}
+	c.evBuf = make([]byte, 64<<10)
+	c.tableMu.Lock()
+	err = c.reload()
+	c.tableMu.Unlock()
+	if err != nil {
+		return err
+	}
+	go c.watch()
+	return nil
+}
+
+// reload replaces the table with a dump. tableMu must be held.
+func (c *Checker) reload() error {
+	ns, err := c.links.NeighList(c.ifindex, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list neighbours of %s: %w", c.cfg.Interface, err)
+	}
+	c.table = make(map[netip.Addr]Entry, len(ns))
+	for _, n := range ns {
+		if ip, ok := netip.AddrFromSlice(n.IP.To4()); ok {
+			c.table[ip] = Entry{MAC: n.HardwareAddr, State: n.State}
+		}
+	}
+	return nil
+}
+
+// watch applies events as they come, so the table is fresh even when no
+// request drains it.
+func (c *Checker) watch() {
+	for {
+		err := c.evRaw.Read(func(fd uintptr) bool {
+			c.tableMu.Lock()
+			defer c.tableMu.Unlock()
+			c.drain(int(fd))
+			return false // wait for the next event
+		})
+		if err != nil {
+			return // closed
+		}
+	}
+}
+
+// drain applies every queued event. tableMu must be held.
+func (c *Checker) drain(fd int) {
+	for {
+		n, _, err := unix.Recvfrom(fd, c.evBuf, unix.MSG_DONTWAIT)
+		if err == unix.ENOBUFS {
+			// Events were lost: start over from a dump.
+			if err := c.reload(); err != nil {
+				c.table = nil
+				return
+			}
+			continue
+		}
+		if err != nil || n == 0 {
+			return
+		}
+		msgs, err := syscall.ParseNetlinkMessage(c.evBuf[:n])
+		if err != nil {
+			continue
+		}
+		for _, m := range msgs {
+			if m.Header.Type != unix.RTM_NEWNEIGH && m.Header.Type != unix.RTM_DELNEIGH {
+				continue
+			}
+			nb, err := netlink.NeighDeserialize(m.Data)
+			if err != nil || nb.LinkIndex != c.ifindex || nb.Family != netlink.FAMILY_V4 {
+				continue
+			}
+			ip, ok := netip.AddrFromSlice(nb.IP.To4())
+			if !ok || c.table == nil {
+				continue
+			}
+			if m.Header.Type == unix.RTM_DELNEIGH {
+				delete(c.table, ip)
+			} else {
+				c.table[ip] = Entry{MAC: nb.HardwareAddr, State: nb.State}
+			}
+		}
+	}
+}
+
+// Lookup returns ip's entry as of now: it applies the events the kernel has
+// queued so far first. Any change that let a connection through (the
+// kernel resolves the peer before it answers a SYN) is queued before the
+// request that connection carries can be read, so Lookup sees it.
+func (c *Checker) Lookup(ip netip.Addr) (Entry, bool, error) {
+	c.tableMu.Lock()
+	defer c.tableMu.Unlock()
+	var derr error
+	if err := c.evRaw.Control(func(fd uintptr) { c.drain(int(fd)) }); err != nil {
+		derr = err
+	}
+	if c.table == nil {
+		if err := c.reload(); err != nil {
+			return Entry{}, false, err
+		}
+	}
+	if derr != nil {
+		return Entry{}, false, fmt.Errorf("read neighbour events: %w", derr)
+	}
+	e, ok := c.table[ip]
+	return e, ok, nil
 }
 
 // Close releases the sockets.
@@ -152,6 +291,9 @@ drain:
 	if c.arp != nil {
 		c.arp.Close()
 	}
+	if c.events != nil {
+		c.events.Close()
+	}
 	c.links.Close()
 	return nil
 }
@@ -165,9 +307,11 @@ type Entry struct {
 // Confirmed reports whether the kernel verified the MAC recently.
 func (e Entry) Confirmed() bool { return e.State&confirmed != 0 }
 
-// Entry returns ip's neighbour table entry on the bridge, asking the kernel
-// for that one entry (RTM_GETNEIGH without dump), not the whole table.
-func (c *Checker) Entry(ip netip.Addr) (Entry, bool, error) {
+// Query asks the kernel for ip's entry on the bridge (RTM_GETNEIGH for that
+// one entry, not a dump), bypassing the event-fed table Lookup reads. It
+// costs two syscalls and a kernel lookup per call, which is why Verify
+// does not use it.
+func (c *Checker) Query(ip netip.Addr) (Entry, bool, error) {
 	if !ip.Is4() {
 		return Entry{}, false, nil
 	}
@@ -223,8 +367,13 @@ func (c *Checker) Entry(ip netip.Addr) (Entry, bool, error) {
 // ProbeAlways) an ARP probe must be answered by want first. A stale entry
 // naming another MAC is a mismatch, not a reason to probe: whoever made the
 // kernel learn it was speaking as ip.
+//
+// The entry comes from Lookup. Its MAC is always current (the kernel
+// announces every MAC change), its state is the last one announced: the
+// kernel moves reachable to delay and delay to probe without an event, and
+// both keep a MAC the kernel confirmed itself and still sends to.
 func (c *Checker) Verify(ctx context.Context, ip netip.Addr, want net.HardwareAddr) error {
-	e, ok, err := c.Entry(ip)
+	e, ok, err := c.Lookup(ip)
 	if err != nil {
 		return err
 	}
