@@ -106,6 +106,9 @@ type sent struct {
 	grants   string
 	peers    map[tailcfg.NodeID]string
 	profiles map[tailcfg.UserID]string
+	// reachable holds the peers sent with a home DERP region, which the
+	// node needs to reach them.
+	reachable map[key.NodePublic]bool
 }
 
 // Start starts a control server and a DERP+STUN server on loopback, all
@@ -162,10 +165,16 @@ var (
 )
 
 // quietTailscale keeps tsnet nodes on loopback: no port mapping probes to a
-// gateway, and no binding of sockets to the default route's interface
-// (which breaks loopback-only namespaces).
+// gateway, no endpoints on the host's interface addresses (peers then reach
+// each other only at the 127.0.0.1 address the loopback STUN server reports,
+// or through the loopback DERP server), and no binding of sockets to the
+// default route's interface (which breaks loopback-only namespaces). The
+// knobs are process-wide, which is fine in a test binary.
 func quietTailscale(t testing.TB) {
-	quietOnce.Do(func() { envknob.Setenv("TS_DISABLE_PORTMAPPER", "1") })
+	quietOnce.Do(func() {
+		envknob.Setenv("TS_DISABLE_PORTMAPPER", "1")
+		envknob.Setenv("TS_DEBUG_OMIT_LOCAL_ADDRS", "1")
+	})
 	netnsMu.Lock()
 	if netnsUsers == 0 {
 		netns.SetEnabled(false)
@@ -242,6 +251,10 @@ func (tn *Tailnet) Nodes(t testing.TB, opts ...NodeOptions) []*tsnet.Server {
 		t.Cleanup(func() {
 			s.Close()
 			tn.mu.Lock()
+			if n := tn.nodes[s]; n != nil {
+				// A closed node streams no more; stop queueing it updates.
+				delete(tn.streams, n.key)
+			}
 			delete(tn.nodes, s)
 			tn.mu.Unlock()
 		})
@@ -260,7 +273,7 @@ func (tn *Tailnet) Nodes(t testing.TB, opts ...NodeOptions) []*tsnet.Server {
 			t.Fatalf("tailnettest: start node %s: %v", opts[i].Hostname, err)
 		}
 	}
-	if err := tn.waitMeshed(ctx); err != nil {
+	if err := tn.waitMeshed(ctx, servers); err != nil {
 		t.Fatalf("tailnettest: %v", err)
 	}
 	return servers
@@ -297,28 +310,39 @@ func (tn *Tailnet) up(ctx context.Context, s *tsnet.Server) error {
 	})
 }
 
-// waitMeshed waits until every live node started here sees every other one
-// with a home DERP region, so that it can reach it.
-func (tn *Tailnet) waitMeshed(ctx context.Context) error {
+// waitMeshed waits until the new nodes and every other live node started
+// here see each other with a home DERP region, and until every node whose
+// map stream the Tailnet owns (including nodes started elsewhere, such as an
+// appliance under test) has been sent the new nodes. A node that fails to
+// answer, other than a new one, has been closed and is skipped.
+func (tn *Tailnet) waitMeshed(ctx context.Context, added []*tsnet.Server) error {
 	tn.mu.Lock()
 	nodes := maps.Clone(tn.nodes)
 	tn.mu.Unlock()
+	isNew := map[*tsnet.Server]bool{}
+	var newKeys []key.NodePublic
+	for _, s := range added {
+		isNew[s] = true
+		newKeys = append(newKeys, nodes[s].key)
+	}
 	for s, self := range nodes {
 		lc, err := s.LocalClient()
 		if err != nil {
 			return fmt.Errorf("local client of %s: %w", self.hostname, err)
 		}
-		err = poll(ctx, self.hostname+" to see all peers", func() (bool, error) {
+		err = poll(ctx, self.hostname+" to see its new peers", func() (bool, error) {
 			st, err := lc.Status(ctx)
+			if err != nil && !isNew[s] {
+				return true, nil // closed
+			}
 			if err != nil {
 				return false, err
 			}
-			for _, other := range nodes {
-				if other == self {
+			for other, info := range nodes {
+				if other == s || !isNew[s] && !isNew[other] {
 					continue
 				}
-				ps, ok := st.Peer[other.key]
-				if !ok || ps.Relay == "" {
+				if ps, ok := st.Peer[info.key]; !ok || ps.Relay == "" {
 					return false, nil
 				}
 			}
@@ -328,7 +352,21 @@ func (tn *Tailnet) waitMeshed(ctx context.Context) error {
 			return err
 		}
 	}
-	return nil
+	return poll(ctx, "the new nodes to be sent to every node", func() (bool, error) {
+		tn.mu.Lock()
+		defer tn.mu.Unlock()
+		for nk, st := range tn.streams {
+			if st.sent == nil || slices.Contains(newKeys, nk) {
+				continue
+			}
+			for _, k := range newKeys {
+				if !st.sent.reachable[k] {
+					return false, nil
+				}
+			}
+		}
+		return true, nil
+	})
 }
 
 // info returns what the Tailnet knows of s, asking s itself if it was not
@@ -367,6 +405,9 @@ func (tn *Tailnet) Grant(dst, src *tsnet.Server, cap tailcfg.PeerCapability, val
 		raws = append(raws, tailcfg.RawMessage(b))
 	}
 	d, sr := tn.info(dst), tn.info(src)
+	if d.key == sr.key {
+		tn.tb.Fatalf("tailnettest: grant %s: a node cannot grant itself", cap)
+	}
 	tn.mu.Lock()
 	bySrc := tn.grants[d.key]
 	if bySrc == nil {
@@ -649,7 +690,7 @@ func (tn *Tailnet) decorateLocked(res *tailcfg.MapResponse) []tailcfg.FilterRule
 func snapshot(res *tailcfg.MapResponse, rules []tailcfg.FilterRule) (*sent, error) {
 	rest := *res
 	rest.Peers, rest.PacketFilter, rest.PacketFilters, rest.UserProfiles, rest.PingRequest = nil, nil, nil, nil, nil
-	s := &sent{peers: map[tailcfg.NodeID]string{}, profiles: map[tailcfg.UserID]string{}}
+	s := &sent{peers: map[tailcfg.NodeID]string{}, profiles: map[tailcfg.UserID]string{}, reachable: map[key.NodePublic]bool{}}
 	var err error
 	enc := func(v any) string {
 		b, e := json.Marshal(v)
@@ -663,6 +704,9 @@ func snapshot(res *tailcfg.MapResponse, rules []tailcfg.FilterRule) (*sent, erro
 	s.grants = enc(rules)
 	for _, p := range res.Peers {
 		s.peers[p.ID] = enc(p)
+		if p.HomeDERP != 0 {
+			s.reachable[p.Key] = true
+		}
 	}
 	for _, up := range res.UserProfiles {
 		s.profiles[up.ID] = enc(up)

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"tailscale.com/ipn/store/mem"
 	"tailscale.com/tailcfg"
 	"tailscale.com/tsnet"
 )
@@ -234,4 +235,43 @@ type fatalRecorder struct {
 func (f *fatalRecorder) Fatalf(format string, args ...any) {
 	f.fatal = true
 	panic("fatal")
+}
+
+func TestNodeStartedElsewhere(t *testing.T) {
+	tn := Start(t)
+	// A node the test builds itself, as an appliance under test does.
+	ext := &tsnet.Server{
+		Dir:        t.TempDir(),
+		Store:      new(mem.Store),
+		Hostname:   "appliance",
+		ControlURL: tn.ControlURL,
+		Ephemeral:  true,
+		Logf:       tn.logs.logf("appliance: "),
+		UserLogf:   tn.logs.logf("appliance: "),
+	}
+	t.Cleanup(func() { ext.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := ext.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	addr := echo(t, ext)
+
+	alice := tn.Node(t, NodeOptions{Hostname: "alice", User: "alice@example.com"})
+	// Node returned only once the outside node was sent alice, so it knows
+	// her now, without waiting.
+	lc, err := ext.LocalClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	aliceIP, _ := alice.TailscaleIPs()
+	res, err := lc.WhoIs(ctx, aliceIP.String())
+	if err != nil || res.UserProfile.LoginName != "alice@example.com" {
+		t.Fatalf("appliance: whois alice = %+v, %v", res, err)
+	}
+	roundTrip(t, alice, addr)
+	tn.Grant(ext, alice, testCap, role{"admin"})
+	if _, _, caps := whois(t, ext, alice); len(caps[testCap]) != 1 {
+		t.Errorf("appliance sees alice with %v", caps)
+	}
 }
