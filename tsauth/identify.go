@@ -75,9 +75,8 @@ type Identifier struct {
 	cache   map[netip.Addr]entry
 	flights map[flightKey]*flight
 
-	// Counters for tests and debugging.
+	// invalidations counts cache drops, for tests.
 	invalidations atomic.Uint64
-	lookups       atomic.Uint64
 }
 
 type entry struct {
@@ -148,7 +147,7 @@ func (i *Identifier) Identify(ctx context.Context, remote netip.AddrPort) (Princ
 	}
 }
 
-// fresh reports whether an entry made at t may still be used. A clock that
+// fresh reports whether an entry made at time at may still be used. A clock that
 // went backwards also expires it.
 func (i *Identifier) fresh(at time.Time) bool {
 	age := i.now().Sub(at)
@@ -173,7 +172,6 @@ func (i *Identifier) fly(ctx context.Context, key flightKey, f *flight) {
 }
 
 func (i *Identifier) lookup(ctx context.Context, ip netip.Addr) (Principal, error) {
-	i.lookups.Add(1)
 	res, err := i.w.WhoIs(ctx, ip.String())
 	if errors.Is(err, local.ErrPeerNotFound) {
 		return Principal{}, fmt.Errorf("whois %v: %w", ip, ErrUnknownPeer)

@@ -76,13 +76,14 @@ type Tailnet struct {
 	logs *logBuffer
 	wake chan struct{}
 
-	mu      sync.Mutex
-	nodes   map[*tsnet.Server]*nodeInfo
-	logins  map[string]string         // hostname -> login
-	userIDs map[string]tailcfg.UserID // login -> user ID
-	grants  map[key.NodePublic]map[key.NodePublic]tailcfg.PeerCapMap
-	streams map[key.NodePublic]*stream
-	nextID  int
+	mu        sync.Mutex
+	nodes     map[*tsnet.Server]*nodeInfo
+	hostnames map[string]bool           // every hostname Nodes was given
+	logins    map[string]string         // hostname -> login
+	userIDs   map[string]tailcfg.UserID // login -> user ID
+	grants    map[key.NodePublic]map[key.NodePublic]tailcfg.PeerCapMap
+	streams   map[key.NodePublic]*stream
+	nextID    int
 }
 
 // nodeInfo is what the Tailnet knows of a node it started.
@@ -117,14 +118,15 @@ func Start(t testing.TB) *Tailnet {
 	t.Helper()
 	quietTailscale(t)
 	tn := &Tailnet{
-		tb:      t,
-		logs:    newLogBuffer(),
-		wake:    make(chan struct{}, 1),
-		nodes:   map[*tsnet.Server]*nodeInfo{},
-		logins:  map[string]string{},
-		userIDs: map[string]tailcfg.UserID{},
-		grants:  map[key.NodePublic]map[key.NodePublic]tailcfg.PeerCapMap{},
-		streams: map[key.NodePublic]*stream{},
+		tb:        t,
+		logs:      newLogBuffer(),
+		wake:      make(chan struct{}, 1),
+		nodes:     map[*tsnet.Server]*nodeInfo{},
+		hostnames: map[string]bool{},
+		logins:    map[string]string{},
+		userIDs:   map[string]tailcfg.UserID{},
+		grants:    map[key.NodePublic]map[key.NodePublic]tailcfg.PeerCapMap{},
+		streams:   map[key.NodePublic]*stream{},
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -216,14 +218,19 @@ func (tn *Tailnet) Nodes(t testing.TB, opts ...NodeOptions) []*tsnet.Server {
 	tn.mu.Lock()
 	for i := range opts {
 		o := &opts[i]
-		if o.Hostname == "" {
+		for o.Hostname == "" {
 			tn.nextID++
-			o.Hostname = fmt.Sprintf("node%d", tn.nextID)
+			if h := fmt.Sprintf("node%d", tn.nextID); !tn.hostnames[h] {
+				o.Hostname = h
+			}
 		}
-		if _, taken := tn.logins[o.Hostname]; taken || tn.hostnameTakenLocked(o.Hostname) {
+		if tn.hostnames[o.Hostname] {
 			tn.mu.Unlock()
 			t.Fatalf("tailnettest: hostname %q used twice", o.Hostname)
 		}
+		// Logins are found by hostname, so hostnames stay taken even after
+		// their node closed.
+		tn.hostnames[o.Hostname] = true
 		// Registered before the node starts so that even its first map
 		// response carries its login.
 		if o.User != "" {
@@ -277,15 +284,6 @@ func (tn *Tailnet) Nodes(t testing.TB, opts ...NodeOptions) []*tsnet.Server {
 		t.Fatalf("tailnettest: %v", err)
 	}
 	return servers
-}
-
-func (tn *Tailnet) hostnameTakenLocked(h string) bool {
-	for _, n := range tn.nodes {
-		if n.hostname == h {
-			return true
-		}
-	}
-	return false
 }
 
 // up brings s up and waits until it talks to its home DERP server, so that

@@ -216,13 +216,23 @@ func TestSetTags(t *testing.T) {
 func TestHostnameUnique(t *testing.T) {
 	tn := Start(t)
 	tn.Node(t, NodeOptions{Hostname: "a"})
-	ft := &fatalRecorder{TB: t}
-	func() {
-		defer func() { recover() }()
-		tn.Nodes(ft, NodeOptions{Hostname: "a"})
-	}()
-	if !ft.fatal {
-		t.Error("a second node named a was accepted")
+	for _, opts := range [][]NodeOptions{
+		{{Hostname: "a"}},
+		{{Hostname: "b"}, {Hostname: "b"}},
+	} {
+		ft := &fatalRecorder{TB: t}
+		func() {
+			defer func() { recover() }()
+			tn.Nodes(ft, opts...)
+		}()
+		if !ft.fatal {
+			t.Errorf("Nodes(%v) accepted a hostname twice", opts)
+		}
+	}
+	// Generated hostnames avoid chosen ones.
+	tn.Node(t, NodeOptions{Hostname: "node1"})
+	if s := tn.Node(t, NodeOptions{}); s.Hostname != "node2" {
+		t.Errorf("generated hostname %q", s.Hostname)
 	}
 }
 
