@@ -157,6 +157,32 @@ func (n *node) greet(ctx context.Context, dst *node, port uint16) (string, error
 	return strings.TrimSpace(line), err
 }
 
+// waitPeer polls until n's netmap holds peer and both have a home DERP: a
+// handshake sent before that is dropped, and WireGuard retries only after 5 s.
+func waitPeer(t *testing.T, n, peer *node) {
+	t.Helper()
+	lc, err := n.s.LocalClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		st, err := lc.Status(context.Background())
+		if err == nil && st.Self != nil && st.Self.Relay != "" {
+			for _, p := range st.Peer {
+				// Relay is the peer's home DERP: known means packets have a way.
+				if slices.Contains(p.TailscaleIPs, peer.ip) && p.Relay != "" {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never saw %s in its netmap (last error %v)", n.name, peer.name, err)
+		}
+		time.Sleep(50 * time.Millisecond) // no change notification short of the IPN bus
+	}
+}
+
 // eventuallyGreets polls until n reaches dst:port, as the netmap with the new
 // peers and filters reaches the nodes a moment after they come up.
 func eventuallyGreets(t *testing.T, n, dst *node, port uint16) {
@@ -164,11 +190,13 @@ func eventuallyGreets(t *testing.T, n, dst *node, port uint16) {
 	deadline := time.Now().Add(time.Minute)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		t1 := time.Now()
 		got, err := n.greet(ctx, dst, port)
 		cancel()
 		if err == nil && got == dst.name {
 			return
 		}
+		t.Logf("%s -> %s:%d after %v: %q, %v; trying again", n.name, dst.name, port, time.Since(t1).Round(time.Millisecond), got, err)
 		if time.Now().After(deadline) {
 			t.Fatalf("%s -> %s:%d: got %q, %v", n.name, dst.name, port, got, err)
 		}
@@ -176,11 +204,11 @@ func eventuallyGreets(t *testing.T, n, dst *node, port uint16) {
 }
 
 func TestHeadscaleNetworks(t *testing.T) {
+	t0 := time.Now()
+	phase := func(what string) { t.Logf("%6.2fs %s", time.Since(t0).Seconds(), what) }
 	hs := headscaletest.Start(t)
-	for k, v := range headscaletest.ClientEnv {
-		t.Setenv(k, v)
-	}
-	t.Setenv("TS_DISABLE_PORTMAPPER", "1")
+	phase("headscale up")
+	headscaletest.SetClientEnv(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 
@@ -225,7 +253,9 @@ func TestHeadscaleNetworks(t *testing.T) {
 		}
 		keys[name] = k
 	}
+	phase("networks and keys")
 	nodes := joinNodes(t, hs, keys)
+	phase("three nodes up")
 	a1, a2, o1 := nodes["vm-a1"], nodes["vm-a2"], nodes["vm-o1"]
 	for _, n := range nodes {
 		n.serve(t, 8080)
@@ -246,19 +276,25 @@ func TestHeadscaleNetworks(t *testing.T) {
 	}
 
 	// Members reach each other on any port; the tailnet reaches 443.
+	for _, pair := range [][2]*node{{a1, a2}, {a2, a1}, {o1, a2}, {a2, o1}} {
+		waitPeer(t, pair[0], pair[1])
+	}
+	phase("peers in netmaps")
 	eventuallyGreets(t, a1, a2, 8080)
 	eventuallyGreets(t, a2, a1, 8080)
 	eventuallyGreets(t, o1, a2, 443)
+	phase("members reach each other, the tailnet reaches 443")
 
 	// A node outside the network is routed to the member (443 is open to it) but
 	// its connection to another port is dropped by the member's filter.
-	refused, cancelRefused := context.WithTimeout(ctx, 5*time.Second)
+	refused, cancelRefused := context.WithTimeout(ctx, 3*time.Second)
 	got, err := o1.greet(refused, a2, 8080)
 	cancelRefused()
 	if err == nil || errors.Is(err, errNotRouted) {
 		t.Errorf("vm-o1 -> vm-a2:8080 = %q, %v; want a dropped connection", got, err)
 	}
 
+	phase("outsider refused")
 	if err := plane.RemoveNetwork(ctx, "cool-network"); !errors.Is(err, control.ErrNetworkInUse) {
 		t.Errorf("RemoveNetwork while members exist = %v, want ErrNetworkInUse", err)
 	}
@@ -326,6 +362,7 @@ func TestHeadscaleNetworks(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	phase("cleanup")
 	if got := hsPolicy(t, hs); got != hsBasePolicy {
 		t.Errorf("policy after removing the networks:\n%s\nwant\n%s", got, hsBasePolicy)
 	}

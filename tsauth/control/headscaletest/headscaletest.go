@@ -22,6 +22,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"tailscale.com/envknob"
 )
 
 // User is the headscale user Start creates.
@@ -61,9 +63,17 @@ func Binary(t testing.TB) string {
 	return bin
 }
 
-// ClientEnv is what tsnet clients of a headscaletest server need in their
-// environment: the embedded DERP serves plain HTTP.
-var ClientEnv = map[string]string{"TS_DEBUG_USE_DERP_HTTP": "1"}
+// SetClientEnv sets, for the rest of t, what in-process tsnet clients of a
+// headscaletest server need: DERP over plain HTTP (the embedded DERP has no TLS)
+// and no port mapping probes. It goes through envknob because tailscale reads
+// these knobs once at start-up; t.Setenv alone would not reach them. Tests that
+// use it must not be parallel.
+func SetClientEnv(t *testing.T) {
+	t.Helper()
+	for k, v := range map[string]string{"TS_DEBUG_USE_DERP_HTTP": "true", "TS_DISABLE_PORTMAPPER": "true"} {
+		envknob.SetenvForTest(t, k, v)
+	}
+}
 
 // Start runs headscale until t ends, and returns once its API answers and the
 // user and API key exist.
