@@ -31,8 +31,8 @@ const hsBasePolicy = `// The operator's policy.
 		"tag:threes": ["threes@"],
 	},
 	"grants": [
-		// The operator reaches the appliance.
-		{"src": ["threes@"], "dst": ["tag:threes"], "ip": ["*"]},
+		// The operator runs the appliance.
+		{"src": ["threes@"], "dst": ["tag:threes"], "ip": ["tcp:9999"], "app": {"threes.dev/cap/threes": [{"role": "admin"}]}},
 	],
 }
 `
