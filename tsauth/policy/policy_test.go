@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -392,4 +393,27 @@ func FuzzMerge(f *testing.F) {
 			t.Fatalf("remove(add(p)) != p: %v\n%q\nvs\n%q", err, back, p)
 		}
 	})
+}
+
+// BenchmarkAddNetwork merges one more network into a policy that already holds
+// 100 of them, and removes it again.
+func BenchmarkAddNetwork(b *testing.B) {
+	p := []byte(policies["tailscale-default"])
+	for i := range 100 {
+		var err error
+		if p, err = AddNetwork(p, fmt.Sprintf("net-%d", i), opts); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.SetBytes(int64(len(p)))
+	b.ResetTimer()
+	for b.Loop() {
+		with, err := AddNetwork(p, "one-more", opts)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := RemoveNetwork(with, "one-more", opts); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
