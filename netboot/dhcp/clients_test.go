@@ -149,6 +149,9 @@ func readEnv(path string) map[string]string {
 	return m
 }
 
+// writeScript writes a client hook script. Hooks write `env` to a file
+// named after the event through a rename, so a poller never reads it half
+// written.
 func writeScript(t *testing.T, dir, name, body string) string {
 	t.Helper()
 	p := filepath.Join(dir, name)
@@ -202,7 +205,7 @@ func TestRealClients(t *testing.T) {
 		c := b.ns.Plug(t, bridgeName, "udhcpc", udhcpc.MAC, "")
 		// Like a real script it configures eth0: RELEASE is unicast from
 		// the leased address.
-		script := writeScript(t, dir, "script", `env > "`+dir+`/$1"
+		script := writeScript(t, dir, "script", `env > "`+dir+`/.tmp" && mv "`+dir+`/.tmp" "`+dir+`/$1"
 case $1 in
 bound) ip addr add "$ip/$mask" dev "$interface" ;;
 deconfig) ip addr flush dev "$interface" ;;
@@ -210,7 +213,6 @@ esac`)
 		// busybox 1.35 exits under -q before it counts as bound and so
 		// never releases: keep it running and ask for RELEASE with SIGUSR2.
 		cmd := c.Command("busybox", "udhcpc", "-i", "eth0", "-f", "-t", "10", "-T", "1", "-s", script)
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		stop := startCmd(t, cmd)
 		env := waitFile(t, filepath.Join(dir, "bound"), 30*time.Second)
 		checkReported(t, "udhcpc", reported{env["ip"], env["subnet"], env["router"], env["dns"], env["hostname"], env["broadcast"], env["lease"]}, udhcpc)
@@ -226,7 +228,7 @@ esac`)
 		netnstest.Require(t, "dhclient")
 		dir := t.TempDir()
 		c := b.ns.Plug(t, bridgeName, "dhclient", dhclient.MAC, "")
-		script := writeScript(t, dir, "script", `env > "`+dir+`/$reason"
+		script := writeScript(t, dir, "script", `env > "`+dir+`/.tmp" && mv "`+dir+`/.tmp" "`+dir+`/$reason"
 case $reason in
 BOUND) ip addr add "$new_ip_address/$new_subnet_mask" dev "$interface" ;;
 RELEASE|STOP) ip addr flush dev "$interface" ;;
@@ -260,14 +262,13 @@ esac`)
 		netnstest.Require(t, "dhcpcd")
 		dir := t.TempDir()
 		c := b.ns.Plug(t, bridgeName, "dhcpcd", dhcpcd.MAC, "")
-		script := writeScript(t, dir, "script", `env > "`+dir+`/$reason"`)
+		script := writeScript(t, dir, "script", `env > "`+dir+`/.tmp" && mv "`+dir+`/.tmp" "`+dir+`/$reason"`)
 		// noarp skips the address probe; release makes it RELEASE on exit.
 		conf := filepath.Join(dir, "dhcpcd.conf")
 		if err := os.WriteFile(conf, []byte("noarp\nrelease\noption host_name, domain_name_servers, broadcast_address\n"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		cmd := c.Command("dhcpcd", "-4", "-B", "-f", conf, "-c", script, "eth0")
-		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		startCmd(t, cmd)
 		env := waitFile(t, filepath.Join(dir, "BOUND"), 30*time.Second)
 		checkReported(t, "dhcpcd", reported{env["new_ip_address"], env["new_subnet_cidr"], env["new_routers"], env["new_domain_name_servers"], env["new_host_name"], env["new_broadcast_address"], env["new_dhcp_lease_time"]}, dhcpcd)
@@ -288,7 +289,7 @@ esac`)
 		dir := t.TempDir()
 		mac := net.HardwareAddr{0x52, 0x54, 0x00, 0xee, 0xee, 0xee}
 		c := b.ns.Plug(t, bridgeName, "unknown", mac, "")
-		script := writeScript(t, dir, "script", `env > "`+dir+`/$1"`)
+		script := writeScript(t, dir, "script", `env > "`+dir+`/.tmp" && mv "`+dir+`/.tmp" "`+dir+`/$1"`)
 		before := b.srv.Count(ReasonUnknownMAC)
 		out, err := c.Command("busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "2", "-T", "1", "-s", script).CombinedOutput()
 		if err == nil {
@@ -306,10 +307,18 @@ esac`)
 	})
 }
 
-// startCmd starts cmd and kills it (by its PID) when the test ends; the
-// returned func does that earlier.
+// startCmd starts cmd in a process group of its own, its output in a file
+// shown if the test fails, and kills the group (dhcpcd forks privilege
+// separation helpers) when the test ends; the returned func does that
+// earlier.
 func startCmd(t *testing.T, cmd *exec.Cmd) func() {
 	t.Helper()
+	out, err := os.Create(filepath.Join(t.TempDir(), "output"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", cmd.Args, err)
 	}
@@ -318,8 +327,13 @@ func startCmd(t *testing.T, cmd *exec.Cmd) func() {
 	var once sync.Once
 	stop := func() {
 		once.Do(func() {
-			cmd.Process.Kill()
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 			<-exited
+			out.Close()
+			if t.Failed() {
+				b, _ := os.ReadFile(out.Name())
+				t.Logf("%s output:\n%s", cmd.Args, b)
+			}
 		})
 	}
 	t.Cleanup(stop)
