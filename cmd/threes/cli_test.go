@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/threes-dev/threes/appliance/threestest"
@@ -30,6 +31,7 @@ type cli struct {
 	t      *testing.T
 	bin    string
 	global []string
+	uid    uint32 // run as this user when non-zero
 }
 
 // run runs the binary and returns stdout, stderr and the exit code.
@@ -38,6 +40,9 @@ func (c cli) run(args ...string) (string, string, int) {
 	cmd := exec.Command(c.bin, append(append([]string{}, c.global...), args...)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
+	if c.uid != 0 {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: c.uid, Gid: c.uid}}
+	}
 	err := cmd.Run()
 	code := 0
 	if ee, ok := err.(*exec.ExitError); ok {
@@ -162,5 +167,41 @@ func TestCLI(t *testing.T) {
 	}
 	if out := c.ok("completion", "bash"); !strings.Contains(out, "threes") {
 		t.Errorf("completion bash printed %d bytes", len(out))
+	}
+}
+
+// TestLocalSocketNonRoot: the socket is 0660, and a user who can reach it anyway (the
+// admin loosened it) gets no rights: the kernel's peer credentials say who they are.
+func TestLocalSocketNonRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("needs root to run the client as another user")
+		}
+		t.Skip("needs root")
+	}
+	env := threestest.Start(t)
+	fi, err := os.Stat(env.Options.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if perm := fi.Mode().Perm(); perm != 0o660 {
+		t.Errorf("socket mode = %o, want 660", perm)
+	}
+	// Let nobody through the file system: the server must still refuse it.
+	openUp(filepath.Dir(env.Options.Socket))
+	os.Chmod(env.Options.Socket, 0o666)
+	bin := threesBin(t)
+	openUp(filepath.Dir(bin))
+	nobody := cli{t: t, bin: bin, global: []string{"--socket", env.Options.Socket}, uid: 65534}
+	if out := nobody.ok("whoami"); !strings.Contains(out, "uid 65534") || !strings.Contains(out, "Role: none") {
+		t.Errorf("whoami as nobody = %q", out)
+	}
+	nobody.fail(1, "permission denied", "network", "list")
+}
+
+// openUp makes dir and its parents up to the temp dir traversable by anyone.
+func openUp(dir string) {
+	for d := dir; d != os.TempDir() && d != "/" && d != "."; d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
 	}
 }
