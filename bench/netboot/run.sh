@@ -60,8 +60,7 @@ plug() { # ns port mac addr
 plug "$G" vgen 02:ff:00:00:00:01 10.10.255.254/16
 
 # --- one MAC list for everyone. The client's MAC is the list's first.
-python3 -c "
-for i in range($NMACS): print('02:00:00:%02x:%02x:%02x' % (i >> 16, (i >> 8) & 255, i & 255))" >"$WORK/macs"
+awk -v n="$NMACS" 'BEGIN { for (i = 0; i < n; i++) printf "02:00:00:%02x:%02x:%02x\n", int(i / 65536), int(i / 256) % 256, i % 256 }' >"$WORK/macs"
 
 wait_port() { # proto port
 	for _ in $(seq 100); do
