@@ -21,6 +21,7 @@ import (
 	"github.com/threes-dev/threes/netboot/ipam"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 	"github.com/threes-dev/threes/tsauth"
+	"github.com/threes-dev/threes/tsauth/control"
 )
 
 // Options configure an appliance. Zero values mean the defaults below.
@@ -30,12 +31,23 @@ type Options struct {
 	AuthKey    string // tailnet auth key; without one the node logs a login URL and waits
 	ControlURL string // control server (headscale, or a test's); default Tailscale's
 	Tags       []string
-	Listen     string // tailnet listen address for the API; default ":9999"
-	Socket     string // host-local admin socket; default /run/threes/threes.sock, "none" for none
-	CIDR       string // management range on the bridge; default 10.10.0.0/16
-	Bridge     string // bridge VMs attach to; default threes0
-	LibvirtURI string // default qemu:///system
-	Images     []string
+	Listen     string       // tailnet listen address for the API; default ":9999"
+	Socket     string       // host-local admin socket; default /run/threes/threes.sock, "none" for none
+	CIDR       string       // management range on the bridge; default 10.10.0.0/16
+	Bridge     string       // bridge VMs attach to, served by DHCP and metadata; default threes0
+	DNS        []netip.Addr // name servers DHCP hands to VMs
+	// BridgeNetNS names the network namespace (as `ip netns` does) that holds the
+	// bridge; empty means the appliance's own. DHCP and metadata sockets open there.
+	BridgeNetNS string
+	LibvirtURI  string // default qemu:///system
+	Images      []string
+
+	// Plane edits the tailnet: networks as policy, VMs' auth keys and devices. Nil
+	// means threes records networks but leaves the tailnet's policy alone.
+	Plane control.Plane
+	// OwnerTag is the appliance's own tag, owner and prefix of network tags; default
+	// the first of Tags, else DefaultOwnerTag.
+	OwnerTag string
 
 	// Hypervisor replaces the one opened from LibvirtURI (tests pass one that cleans up).
 	Hypervisor hv.Hypervisor
@@ -63,6 +75,12 @@ func (o *Options) defaults() {
 	set(&o.CIDR, "10.10.0.0/16")
 	set(&o.Bridge, "threes0")
 	set(&o.LibvirtURI, "qemu:///system")
+	if o.OwnerTag == "" {
+		o.OwnerTag = DefaultOwnerTag
+		if len(o.Tags) > 0 {
+			o.OwnerTag = o.Tags[0]
+		}
+	}
 	if o.Images == nil {
 		o.Images = DefaultImages
 	}
@@ -86,6 +104,7 @@ type Appliance struct {
 	hvClose func() error
 	life    *Lifecycle
 	servers []*grpc.Server
+	closers []func() error
 	cancel  context.CancelFunc
 	done    chan struct{}
 }
@@ -143,7 +162,11 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	}
 
 	// 5. The lifecycle, and recovery from whatever the last run left behind.
-	a.life = &Lifecycle{db: a.db, hv: a.hv, ipam: pool, images: o.Images, bridge: o.Bridge, now: o.Now, log: o.Logger}
+	if o.Plane == nil {
+		o.Logger.Warn("no control plane configured: networks are recorded but not written to the tailnet policy, and VMs get no auth keys")
+	}
+	a.life = &Lifecycle{db: a.db, hv: a.hv, ipam: pool, plane: o.Plane, ownerTag: o.OwnerTag,
+		images: o.Images, bridge: o.Bridge, now: o.Now, log: o.Logger}
 	if err := a.life.Recover(ctx); err != nil {
 		return nil, err
 	}
@@ -179,7 +202,12 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		}
 	}()
 
-	// 7. The API, on the tailnet and on the host-local socket, behind one gate.
+	// 7. DHCP and metadata for VMs, on the bridge only.
+	if err := a.startNetboot(runCtx, o, pool); err != nil {
+		return nil, err
+	}
+
+	// 8. The API, on the tailnet and on the host-local socket, behind one gate.
 	svc := &service{life: a.life, db: a.db}
 	g := &gate{identify: ident.Identify, log: o.Logger}
 	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, tsLn)
@@ -257,6 +285,9 @@ func (a *Appliance) Close() error {
 		a.cancel()
 	}
 	var errs []error
+	for _, c := range a.closers {
+		errs = append(errs, c())
+	}
 	if a.ts != nil {
 		errs = append(errs, a.ts.Close())
 	}

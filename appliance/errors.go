@@ -10,6 +10,8 @@ import (
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/netboot/ipam"
+	"github.com/threes-dev/threes/tsauth/control"
+	"github.com/threes-dev/threes/tsauth/policy"
 )
 
 var (
@@ -41,8 +43,15 @@ func toStatus(err error) error {
 		code = codes.NotFound
 	case errors.Is(err, embeddb.ErrExists), errors.Is(err, hv.ErrExists):
 		code = codes.AlreadyExists
-	case errors.Is(err, embeddb.ErrInUse), errors.Is(err, ErrState):
+	case errors.Is(err, policy.ErrInvalidName):
+		code = codes.InvalidArgument
+	case errors.Is(err, embeddb.ErrInUse), errors.Is(err, ErrState), errors.Is(err, control.ErrNetworkInUse),
+		errors.Is(err, policy.ErrAllowAll), errors.Is(err, policy.ErrOwnerTagUndefined),
+		errors.Is(err, policy.ErrTagTaken), errors.Is(err, policy.ErrInvalidPolicy):
+		// The tailnet policy needs its owner's attention before threes can edit it.
 		code = codes.FailedPrecondition
+	case errors.Is(err, control.ErrPolicyConflict):
+		code = codes.Aborted
 	case errors.Is(err, ipam.ErrFull):
 		code = codes.ResourceExhausted
 	case errors.Is(err, ErrPermission):

@@ -13,6 +13,7 @@ import (
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/netboot/ipam"
+	"github.com/threes-dev/threes/tsauth/control"
 )
 
 // VM states as the database records them. A deleted VM keeps its last state and is
@@ -34,14 +35,18 @@ type CreateSpec struct {
 // Lifecycle owns VM state changes: each one touches the database, the hypervisor and
 // the IPAM in an order that leaves nothing behind when a step fails.
 type Lifecycle struct {
-	db     *embeddb.DB
-	hv     hv.Hypervisor
-	ipam   *ipam.IPAM
-	images []string
-	bridge string
-	now    func() time.Time
-	log    *slog.Logger
-	locks  keyedMutex
+	db   *embeddb.DB
+	hv   hv.Hypervisor
+	ipam *ipam.IPAM
+	// plane edits the tailnet (policy, auth keys, devices); nil when threes only
+	// records networks and VMs join the tailnet by other means.
+	plane    control.Plane
+	ownerTag string
+	images   []string
+	bridge   string
+	now      func() time.Time
+	log      *slog.Logger
+	locks    keyedMutex
 }
 
 // validate checks a create request field by field, naming the first bad one.
@@ -115,6 +120,7 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 	}()
 
 	now := l.now()
+	id := NewID(now)
 	mac := NewMAC()
 	hw, _ := net.ParseMAC(mac)
 	alloc, err := l.ipam.Reserve(hw, s.Name)
@@ -123,12 +129,25 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 	}
 	undo.add("release address", func() error { return l.ipam.Release(hw) })
 
+	// The VM's key to join the tailnet, minted before the record so the record holds
+	// it. If the process dies before the record is written, the key was never handed
+	// out, is single-use, and expires on its own.
+	var key control.AuthKey
+	if l.plane != nil {
+		key, err = l.plane.MintAuthKey(ctx, control.KeyRequest{Network: s.Network, VMID: id})
+		if err != nil {
+			return vm, fmt.Errorf("create vm %s: auth key: %w", s.Name, err)
+		}
+		undo.add("revoke auth key", func() error { return l.plane.RevokeAuthKey(context.WithoutCancel(ctx), key.ID) })
+	}
+
 	vm = embeddb.VM{
-		ID: NewID(now), Name: s.Name, Description: s.Description, Network: s.Network,
+		ID: id, Name: s.Name, Description: s.Description, Network: s.Network,
 		Image: s.Image, Type: s.Type, MAC: mac, IP: alloc.IP.String(), State: StateCreating,
 		CreatedAt: now, UpdatedAt: now,
 	}
-	cfg := embeddb.VMConfig{VMID: vm.ID, Hostname: s.Name, Script: s.Script, PublicKey: s.PublicKey}
+	cfg := embeddb.VMConfig{VMID: vm.ID, Hostname: s.Name, Script: s.Script, PublicKey: s.PublicKey,
+		AuthKey: key.Key.Reveal(), AuthKeyID: key.ID}
 	addr := embeddb.Address{IP: alloc.IP, MAC: mac, Hostname: s.Name, VMID: vm.ID, LeasedAt: now}
 	if err := l.db.CreateVM(ctx, vm, cfg, addr); err != nil {
 		return vm, err
@@ -136,6 +155,11 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 	// The record goes last on the way out: if the process dies before this undo runs,
 	// the creating state tells the next start what to clean up.
 	undo.add("remove record", func() error { return l.db.PurgeVM(context.WithoutCancel(ctx), vm.ID) })
+	// Persisted: DHCP may answer the VM from now on (a fast guest asks before the
+	// domain call returns).
+	if err := l.ipam.Commit(hw); err != nil {
+		return vm, err
+	}
 	if len(s.KVs) > 0 {
 		if err := l.db.UpsertKVs(ctx, vm.ID, s.KVs); err != nil {
 			return vm, err
@@ -148,9 +172,6 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 	}
 	undo.add("remove domain", func() error { return l.hv.Remove(context.WithoutCancel(ctx), vm.ID) })
 
-	if err := l.ipam.Commit(hw); err != nil {
-		return vm, err
-	}
 	if err := l.setState(ctx, &vm, StateRunning); err != nil {
 		return vm, err
 	}
@@ -219,6 +240,11 @@ func (l *Lifecycle) Delete(ctx context.Context, id string) (embeddb.VM, error) {
 	if err != nil {
 		return vm, err
 	}
+	// Off the tailnet first: if the control plane cannot be reached, nothing has
+	// changed yet and the delete can simply be tried again.
+	if err := l.leaveTailnet(ctx, vm); err != nil {
+		return vm, fmt.Errorf("delete vm %s: %w", vm.Name, err)
+	}
 	if err := l.hv.Stop(ctx, id); err != nil && !errors.Is(err, hv.ErrNotFound) {
 		return vm, fmt.Errorf("delete vm %s: %w", vm.Name, err)
 	}
@@ -267,8 +293,36 @@ func (l *Lifecycle) Purge(ctx context.Context, ids []string) ([]string, error) {
 	return purged, nil
 }
 
+// leaveTailnet removes a VM's device from the tailnet and revokes its auth key, in
+// case it was never used.
+func (l *Lifecycle) leaveTailnet(ctx context.Context, vm embeddb.VM) error {
+	if l.plane == nil {
+		return nil
+	}
+	if err := l.plane.RemoveDevice(ctx, vm.Name); err != nil {
+		return fmt.Errorf("remove device from tailnet: %w", err)
+	}
+	cfg, err := l.db.GetVMConfig(ctx, vm.ID)
+	if err != nil {
+		return err
+	}
+	if cfg.AuthKeyID != "" {
+		if err := l.plane.RevokeAuthKey(ctx, cfg.AuthKeyID); err != nil {
+			return fmt.Errorf("revoke auth key: %w", err)
+		}
+	}
+	return nil
+}
+
 func (l *Lifecycle) purge(ctx context.Context, vm embeddb.VM) error {
 	defer l.locks.lock(vm.ID)()
+	// Delete took the VM off the tailnet; a half-created VM never got that far, and
+	// its key may still be usable.
+	if vm.DeletedAt.IsZero() {
+		if err := l.leaveTailnet(ctx, vm); err != nil {
+			return fmt.Errorf("purge vm %s: %w", vm.Name, err)
+		}
+	}
 	if err := l.hv.Remove(ctx, vm.ID); err != nil && !errors.Is(err, hv.ErrNotFound) {
 		return fmt.Errorf("purge vm %s: %w", vm.Name, err)
 	}

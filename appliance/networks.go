@@ -2,33 +2,82 @@ package appliance
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/tsauth/policy"
 )
 
-// NetworkTag is the tailnet ACL tag that members of a network carry. The prefix keeps
-// threes' tags apart from the tailnet owner's own.
-func NetworkTag(name string) string { return "tag:threes-" + name }
+// DefaultOwnerTag is the appliance's own tailnet tag when it is started with none: it
+// owns and prefixes every network tag.
+const DefaultOwnerTag = "tag:threes"
 
-// CreateNetwork records a logical network.
-func (l *Lifecycle) CreateNetwork(ctx context.Context, name string) (embeddb.Network, error) {
+// CreateNetwork adds a network's tag and rules to the tailnet policy (when a control
+// plane is configured) and records it. Adding the rules first means a recorded network
+// always works; a failed record takes the rules out again.
+func (l *Lifecycle) CreateNetwork(ctx context.Context, name string) (n embeddb.Network, err error) {
 	if err := ValidateName("name", name); err != nil {
-		return embeddb.Network{}, err
+		return n, err
 	}
-	n := embeddb.Network{Name: name, Tag: NetworkTag(name), CreatedAt: l.now()}
+	tag, err := policy.NetworkTag(l.ownerTag, name)
+	if err != nil {
+		return n, fieldErr("name", "%v", err)
+	}
+	if _, err := l.db.GetNetwork(ctx, name); err == nil {
+		return n, fmt.Errorf("network %q: %w", name, embeddb.ErrExists)
+	} else if !errors.Is(err, embeddb.ErrNotFound) {
+		return n, err
+	}
+	var undo reverter
+	defer func() {
+		if err != nil {
+			undo.run(l.log)
+		}
+	}()
+	if l.plane != nil {
+		if err := l.plane.EnsureNetwork(ctx, name); err != nil {
+			return n, fmt.Errorf("network %q: tailnet policy: %w", name, err)
+		}
+		undo.add("remove network from policy", func() error { return l.plane.RemoveNetwork(context.WithoutCancel(ctx), name) })
+	}
+	n = embeddb.Network{Name: name, Tag: tag, CreatedAt: l.now()}
 	if err := l.db.CreateNetwork(ctx, n); err != nil {
 		return n, fmt.Errorf("network %q: %w", name, err)
 	}
 	return n, nil
 }
 
-// DeleteNetwork removes a network that no live VM uses.
+// DeleteNetwork removes a network that no live VM uses, from the database and from
+// the tailnet policy.
 func (l *Lifecycle) DeleteNetwork(ctx context.Context, name string) error {
 	if err := ValidateName("name", name); err != nil {
 		return err
 	}
+	if _, err := l.db.GetNetwork(ctx, name); err != nil {
+		return fmt.Errorf("network %q: %w", name, err)
+	}
+	vms, err := l.db.ListVMs(ctx)
+	if err != nil {
+		return err
+	}
+	for _, vm := range vms {
+		if vm.Network == name && vm.DeletedAt.IsZero() {
+			return fmt.Errorf("network %q: vm %s uses it: %w", name, vm.Name, embeddb.ErrInUse)
+		}
+	}
+	if l.plane != nil {
+		if err := l.plane.RemoveNetwork(ctx, name); err != nil {
+			return fmt.Errorf("network %q: tailnet policy: %w", name, err)
+		}
+	}
 	if err := l.db.DeleteNetwork(ctx, name); err != nil {
+		// A VM joined the network meanwhile: put its rules back.
+		if l.plane != nil {
+			if perr := l.plane.EnsureNetwork(context.WithoutCancel(ctx), name); perr != nil {
+				l.log.Error("restore network in policy", "network", name, "err", perr)
+			}
+		}
 		return fmt.Errorf("network %q: %w", name, err)
 	}
 	return nil

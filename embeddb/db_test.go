@@ -89,30 +89,39 @@ func TestMigrationsAppliedOnce(t *testing.T) {
 		}
 		return vs
 	}
-	if got := versions(db); !reflect.DeepEqual(got, []int64{1}) {
-		t.Fatalf("versions after first open = %v", got)
+	files, _ := fs.Glob(migrationFS, "migrations/*.sql")
+	var want []int64
+	for i := range files {
+		want = append(want, int64(i+1))
+	}
+	if got := versions(db); len(want) == 0 || !reflect.DeepEqual(got, want) {
+		t.Fatalf("versions after first open = %v, want %v", got, want)
 	}
 	applied, err := db.migrate(ctx, migrationFS)
 	if err != nil || len(applied) != 0 {
 		t.Fatalf("second migrate applied %v, %v", applied, err)
 	}
 
-	// A later migration set: 0003 depends on 0002, so running them out of
-	// order fails, and running either twice fails on CREATE TABLE.
-	init, err := fs.ReadFile(migrationFS, "migrations/0001_init.sql")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// A later migration set: the real ones plus two more, the second depending on
+	// the first, so running them out of order fails, and running either twice fails
+	// on CREATE TABLE.
+	n := int64(len(files))
 	next := fstest.MapFS{
-		"migrations/0001_init.sql":   {Data: init},
-		"migrations/0003_fill.sql":   {Data: []byte(`INSERT INTO extra (v) VALUES ('from 0003');`)},
-		"migrations/0002_extra.sql":  {Data: []byte("CREATE TABLE extra (v TEXT NOT NULL);\nCREATE INDEX extra_v ON extra (v);")},
-		"migrations/README.md":       {Data: []byte("not a migration")},
-		"migrations/sub/0009_no.sql": {Data: []byte("not picked up")},
+		fmt.Sprintf("migrations/%04d_fill.sql", n+2):  {Data: []byte(`INSERT INTO extra (v) VALUES ('from the last');`)},
+		fmt.Sprintf("migrations/%04d_extra.sql", n+1): {Data: []byte("CREATE TABLE extra (v TEXT NOT NULL);\nCREATE INDEX extra_v ON extra (v);")},
+		"migrations/README.md":                        {Data: []byte("not a migration")},
+		"migrations/sub/0009_no.sql":                  {Data: []byte("not picked up")},
+	}
+	for _, f := range files {
+		b, err := fs.ReadFile(migrationFS, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		next[f] = &fstest.MapFile{Data: b}
 	}
 	applied, err = db.migrate(ctx, next)
-	if err != nil || !reflect.DeepEqual(applied, []int64{2, 3}) {
-		t.Fatalf("migrate with 0002 and 0003 applied %v, %v", applied, err)
+	if err != nil || !reflect.DeepEqual(applied, []int64{n + 1, n + 2}) {
+		t.Fatalf("migrate with two more applied %v, %v", applied, err)
 	}
 	if err := db.Close(); err != nil {
 		t.Fatal(err)
@@ -130,14 +139,14 @@ func TestMigrationsAppliedOnce(t *testing.T) {
 	if err != nil || len(applied) != 0 {
 		t.Fatalf("migrate after reopen applied %v, %v", applied, err)
 	}
-	if got := versions(db); !reflect.DeepEqual(got, []int64{1, 2, 3}) {
+	if got := versions(db); !reflect.DeepEqual(got, append(want, n+1, n+2)) {
 		t.Fatalf("versions after reopen = %v", got)
 	}
 	res, err := db.query(ctx, q(`SELECT count(*) FROM extra`))
 	if err != nil || rows(res[0])[0].int(0) != 1 {
-		t.Fatalf("0003 ran %v times (%v)", rows(res[0]), err)
+		t.Fatalf("the fill migration ran %v times (%v)", rows(res[0]), err)
 	}
-	// A binary that knows only 0001 refuses a database at version 3.
+	// A binary that knows only the real migrations refuses the newer database.
 	if _, err := db.migrate(ctx, migrationFS); err == nil || !strings.Contains(err.Error(), "newer") {
 		t.Fatalf("migrate with older migrations = %v, want refusal", err)
 	}

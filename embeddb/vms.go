@@ -37,13 +37,14 @@ type VMConfig struct {
 	Script          string
 	PublicKey       string
 	AuthKey         string
+	AuthKeyID       string    // the control plane's ID of AuthKey, to revoke it
 	AuthKeyServedAt time.Time // zero until TakeAuthKey hands the key out
 }
 
 // String prints the config with the auth key redacted.
 func (c VMConfig) String() string {
-	return fmt.Sprintf("{VMID:%s Hostname:%s Script:(%d bytes) PublicKey:%q AuthKey:%s AuthKeyServedAt:%s}",
-		c.VMID, c.Hostname, len(c.Script), c.PublicKey, redact(c.AuthKey), c.AuthKeyServedAt.Format(time.RFC3339Nano))
+	return fmt.Sprintf("{VMID:%s Hostname:%s Script:(%d bytes) PublicKey:%q AuthKey:%s AuthKeyID:%s AuthKeyServedAt:%s}",
+		c.VMID, c.Hostname, len(c.Script), c.PublicKey, redact(c.AuthKey), c.AuthKeyID, c.AuthKeyServedAt.Format(time.RFC3339Nano))
 }
 
 // GoString is String, so %#v does not leak the auth key either.
@@ -141,9 +142,9 @@ func (db *DB) CreateVM(ctx context.Context, vm VM, cfg VMConfig, addr Address) e
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 			vm.ID, vm.Name, vm.Description, vm.Network, vm.Image, vm.Type, vm.State, vm.Host,
 			timeArg(vm.CreatedAt), timeArg(vm.UpdatedAt)),
-		q(`INSERT INTO vm_configs (vm_id, hostname, script, public_key, auth_key, auth_key_served_at)
-			VALUES (?, ?, ?, ?, ?, ?)`,
-			vm.ID, cfg.Hostname, cfg.Script, cfg.PublicKey, cfg.AuthKey, timeArg(cfg.AuthKeyServedAt)),
+		q(`INSERT INTO vm_configs (vm_id, hostname, script, public_key, auth_key, auth_key_served_at, auth_key_id)
+			VALUES (?, ?, ?, ?, ?, ?, ?)`,
+			vm.ID, cfg.Hostname, cfg.Script, cfg.PublicKey, cfg.AuthKey, timeArg(cfg.AuthKeyServedAt), cfg.AuthKeyID),
 		q(`INSERT INTO addresses (ip, mac, hostname, vm_id, leased_at) VALUES (?, ?, ?, ?, ?)`,
 			ip, mac, addr.Hostname, vm.ID, timeArg(addr.LeasedAt)))
 	if cols, ok := uniqueViolation(err); ok {
@@ -254,7 +255,7 @@ func (db *DB) PurgeVM(ctx context.Context, id string) error {
 
 // GetVMConfig returns the VM's config, auth key included.
 func (db *DB) GetVMConfig(ctx context.Context, vmID string) (VMConfig, error) {
-	res, err := db.query(ctx, q(`SELECT vm_id, hostname, script, public_key, auth_key, auth_key_served_at
+	res, err := db.query(ctx, q(`SELECT vm_id, hostname, script, public_key, auth_key, auth_key_served_at, auth_key_id
 		FROM vm_configs WHERE vm_id = ?`, vmID))
 	if err != nil {
 		return VMConfig{}, fmt.Errorf("get vm %s config: %w", vmID, err)
@@ -266,7 +267,7 @@ func (db *DB) GetVMConfig(ctx context.Context, vmID string) (VMConfig, error) {
 	r := rs[0]
 	return VMConfig{
 		VMID: r.str(0), Hostname: r.str(1), Script: r.str(2), PublicKey: r.str(3),
-		AuthKey: r.str(4), AuthKeyServedAt: r.time(5),
+		AuthKey: r.str(4), AuthKeyServedAt: r.time(5), AuthKeyID: r.str(6),
 	}, nil
 }
 

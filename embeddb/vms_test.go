@@ -229,6 +229,7 @@ func TestTakeAuthKey(t *testing.T) {
 	db := newDB(t)
 	mustNetwork(t, db, "cool")
 	vm, cfg, addr := fixture(1, "cool")
+	cfg.AuthKeyID = "kAbC123CNTRL"
 	if err := db.CreateVM(ctx, vm, cfg, addr); err != nil {
 		t.Fatal(err)
 	}
@@ -243,8 +244,8 @@ func TestTakeAuthKey(t *testing.T) {
 		t.Fatalf("second TakeAuthKey returned a key")
 	}
 	got, err := db.GetVMConfig(ctx, vm.ID)
-	if err != nil || !got.AuthKeyServedAt.Equal(servedAt) {
-		t.Fatalf("served_at = %v, %v; want %v", got.AuthKeyServedAt, err, servedAt)
+	if err != nil || !got.AuthKeyServedAt.Equal(servedAt) || got.AuthKeyID != cfg.AuthKeyID {
+		t.Fatalf("served_at = %v, key id %q, %v; want %v, %q", got.AuthKeyServedAt, got.AuthKeyID, err, servedAt, cfg.AuthKeyID)
 	}
 	_, err = db.TakeAuthKey(ctx, "nope", servedAt)
 	wantErr(t, err, ErrNotFound, FieldVMID)

@@ -3,12 +3,15 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/tsauth/control"
+	"github.com/threes-dev/threes/tsauth/policy"
 )
 
 type cmdServe struct {
@@ -16,6 +19,17 @@ type cmdServe struct {
 	tags     string
 	images   string
 	logLevel string
+
+	// The control plane the appliance edits: Tailscale's API or headscale's.
+	tailnet           string
+	apiURL            string
+	apiKey            string
+	oauthClientID     string
+	oauthClientSecret string
+	headscaleAPIKey   string
+	headscale         bool
+	sshAdmins         string
+	dns               string
 }
 
 func (c *cmdServe) command() *cobra.Command {
@@ -43,9 +57,47 @@ Without an auth key the node logs a login URL and joins once someone approves it
 	f.StringVarP(&o.CIDR, "cidr", "c", "10.10.0.0/16", "CIDR for VMs' management addresses")
 	f.StringVarP(&o.Bridge, "interface", "i", "threes0", "bridge VMs attach to, served by DHCP and metadata")
 	f.StringVar(&o.LibvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection URI")
+	f.StringVar(&c.dns, "dns", "", "comma-separated name servers DHCP hands to VMs")
+	f.StringVar(&c.opts.BridgeNetNS, "bridge-netns", "", "network namespace (as ip netns names it) holding the bridge, if not the host's")
 	f.StringVar(&c.images, "images", strings.Join(appliance.DefaultImages, ","), "comma-separated base images VMs may use")
 	f.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+
+	f.StringVarP(&c.tailnet, "tailnet", "n", "", `Tailscale tailnet whose policy, keys and devices threes manages ("-" for the credential's own)`)
+	f.StringVarP(&c.apiKey, "token", "t", "", "Tailscale API access token (default $TS_API_KEY; an OAuth client is better: it does not expire)")
+	f.StringVar(&c.oauthClientID, "oauth-client-id", os.Getenv("TS_OAUTH_CLIENT_ID"), "Tailscale OAuth client ID (default $TS_OAUTH_CLIENT_ID)")
+	f.StringVar(&c.apiURL, "api-url", "", "Tailscale API URL (default Tailscale's)")
+	f.StringVar(&c.sshAdmins, "ssh-admins", "", "comma-separated users or groups who may SSH into VMs (default autogroup:admin on Tailscale, autogroup:member on headscale)")
+	f.BoolVar(&c.headscale, "headscale", false, "--control-url is a headscale server: manage it through its API with $HEADSCALE_API_KEY")
 	return cmd
+}
+
+// plane builds the control-plane backend the flags ask for, or none. Secrets come
+// from the environment so they stay out of the process list.
+func (c *cmdServe) plane() (control.Plane, error) {
+	pol := policy.Options{OwnerTag: c.opts.OwnerTag, Admins: splitList(c.sshAdmins)}
+	if c.apiKey == "" {
+		c.apiKey = os.Getenv("TS_API_KEY")
+	}
+	c.oauthClientSecret = os.Getenv("TS_OAUTH_CLIENT_SECRET")
+	c.headscaleAPIKey = os.Getenv("HEADSCALE_API_KEY")
+	switch {
+	case c.headscale && c.tailnet != "":
+		return nil, usagef("--headscale and --tailnet: pick one control plane")
+	case c.headscale:
+		if c.opts.ControlURL == "" || c.headscaleAPIKey == "" {
+			return nil, usagef("--headscale needs --control-url and $HEADSCALE_API_KEY")
+		}
+		return control.NewHeadscale(control.HeadscaleConfig{URL: c.opts.ControlURL, APIKey: control.NewSecret(c.headscaleAPIKey), Policy: pol})
+	case c.tailnet != "":
+		if c.apiKey == "" && (c.oauthClientID == "" || c.oauthClientSecret == "") {
+			return nil, usagef("--tailnet needs $TS_API_KEY (or -t), or --oauth-client-id with $TS_OAUTH_CLIENT_SECRET")
+		}
+		return control.NewTailscale(control.TailscaleConfig{
+			BaseURL: c.apiURL, Tailnet: c.tailnet, APIKey: control.NewSecret(c.apiKey),
+			OAuthClientID: c.oauthClientID, OAuthClientSecret: control.NewSecret(c.oauthClientSecret), Policy: pol,
+		})
+	}
+	return nil, nil
 }
 
 func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
@@ -56,9 +108,27 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 	c.opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	c.opts.Tags = splitList(c.tags)
 	c.opts.Images = splitList(c.images)
-	if os.Getenv("TS_AUTHKEY") != "" {
-		// The key is in our flags now; keep it out of anything we start.
-		os.Unsetenv("TS_AUTHKEY")
+	for _, d := range splitList(c.dns) {
+		ip, err := netip.ParseAddr(d)
+		if err != nil {
+			return usagef("--dns: %q is not an IP address", d)
+		}
+		c.opts.DNS = append(c.opts.DNS, ip)
+	}
+	c.opts.OwnerTag = appliance.DefaultOwnerTag
+	if len(c.opts.Tags) > 0 {
+		c.opts.OwnerTag = c.opts.Tags[0]
+	}
+	plane, err := c.plane()
+	if err != nil {
+		return err
+	}
+	if plane != nil {
+		c.opts.Plane = plane
+	}
+	// The credentials are in our hands now; keep them out of anything we start.
+	for _, k := range []string{"TS_AUTHKEY", "TS_API_KEY", "TS_OAUTH_CLIENT_SECRET", "HEADSCALE_API_KEY"} {
+		os.Unsetenv(k)
 	}
 	a, err := appliance.Start(cmd.Context(), c.opts)
 	if err != nil {

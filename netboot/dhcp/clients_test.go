@@ -19,7 +19,7 @@ import (
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"github.com/insomniacslk/dhcp/dhcpv4/server4"
 
-	"github.com/threes-dev/threes/netboot/internal/netnstest"
+	"github.com/threes-dev/threes/internal/netnstest"
 	"github.com/threes-dev/threes/netboot/ipam"
 )
 

@@ -14,7 +14,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/threes-dev/threes/netboot/internal/netnstest"
+	"github.com/threes-dev/threes/internal/netnstest"
 	"github.com/threes-dev/threes/netboot/ipam"
 	"github.com/threes-dev/threes/netboot/neigh"
 )

@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/threes-dev/threes/netboot/internal/netnstest"
+	"github.com/threes-dev/threes/internal/netnstest"
 )
 
 const bridge = "br-threes"

@@ -1,5 +1,5 @@
 // Package netnstest builds throwaway network namespaces, bridges and veth
-// pairs for netboot's tests and benchmarks, and removes them when the test
+// pairs for tests and benchmarks, and removes them when the test
 // ends. It owns nothing outside the namespaces it creates.
 package netnstest
 
@@ -10,12 +10,13 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/threes-dev/threes/internal/nsdo"
 )
 
 // Require skips t when it cannot create network namespaces (not root, no
@@ -95,30 +96,10 @@ func (n *NS) Command(args ...string) *exec.Cmd {
 // Do runs fn on a thread switched into the namespace; sockets fn opens stay
 // in the namespace after it returns.
 func (n *NS) Do(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- fmt.Errorf("get current netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(n.Handle); err != nil {
-			errc <- fmt.Errorf("enter netns %s: %w", n.Name, err)
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			// The thread stays locked and dies with this goroutine rather
-			// than run other goroutines in the wrong namespace.
-			errc <- fmt.Errorf("leave netns %s: %w", n.Name, err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
+	if err := nsdo.Do(n.Handle, fn); err != nil {
+		return fmt.Errorf("netns %s: %w", n.Name, err)
+	}
+	return nil
 }
 
 // Bridge creates a bridge in ns with addr (CIDR form) on it, up.

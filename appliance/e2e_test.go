@@ -1,0 +1,244 @@
+package appliance_test
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"tailscale.com/tsnet"
+
+	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/hv/hvtest"
+	"github.com/threes-dev/threes/internal/netnstest"
+	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
+	"github.com/threes-dev/threes/tsauth"
+	"github.com/threes-dev/threes/tsauth/control"
+	"github.com/threes-dev/threes/tsauth/control/headscaletest"
+	"github.com/threes-dev/threes/tsauth/policy"
+)
+
+// operatorPolicy is the tailnet owner's own policy: the appliance's tag, and the grant
+// that makes user threes an admin of the appliance.
+const operatorPolicy = `{
+	// The owner's own comment, which threes must keep.
+	"tagOwners": {"tag:threes": ["threes@"]},
+	"grants": [
+		{"src": ["threes@"], "dst": ["tag:threes"], "ip": ["tcp:9999"], "app": {"threes.dev/cap/threes": [{"role": "admin"}]}},
+	],
+}
+`
+
+// udhcpcScript puts the lease on the interface, as a distribution's script would.
+const udhcpcScript = `#!/bin/sh
+case "$1" in
+bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface" ;;
+esac
+`
+
+// TestVMOnHeadscale runs the whole path but QEMU against a real headscale: the
+// appliance joins it, a user gets admin by the policy's grant, a network becomes
+// policy, a VM's stand-in on the bridge gets its address by DHCP and its auth key
+// from the metadata server (once), joins the tailnet with the network's tag, and
+// deleting the VM takes its device off the tailnet.
+func TestVMOnHeadscale(t *testing.T) {
+	netnstest.Require(t, "busybox")
+	hs := headscaletest.Start(t)
+	headscaletest.SetClientEnv(t)
+	ctx := ctxT(t)
+	hsAPI(t, hs, http.MethodPut, "/policy", map[string]string{"policy": operatorPolicy}, nil)
+
+	plane, err := control.NewHeadscale(control.HeadscaleConfig{
+		URL: hs.URL, APIKey: control.NewSecret(hs.APIKey),
+		Policy: policy.Options{OwnerTag: "tag:threes", Admins: []string{"threes@"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := netnstest.NewNS(t, "br")
+	br.Bridge(t, "threes0", "10.10.0.1/16")
+	dir := t.TempDir()
+	a, err := appliance.Start(ctx, appliance.Options{
+		StateDir:    dir,
+		ControlURL:  hs.URL,
+		AuthKey:     preauthKey(t, hs, "tag:threes"),
+		OwnerTag:    "tag:threes", // the key tags the node; headscale refuses advertised tags on top
+		Socket:      filepath.Join(dir, "threes.sock"),
+		Hypervisor:  hvtest.Open(t),
+		Plane:       plane,
+		BridgeNetNS: br.Name,
+		Logger:      slog.New(slog.NewTextHandler(tWriter{t}, nil)),
+		TSLogf:      func(string, ...any) {},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	st, err := a.Tailnet().Up(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// An admin by the real policy's grant, calling over the tailnet.
+	laptop := hsNode(t, hs, "laptop", preauthKey(t, hs, ""))
+	api := apiVia(t, laptop, st.TailscaleIPs[0])
+	me := must[*threesv1.WhoAmIResponse](t)(api.WhoAmI(ctx, &threesv1.WhoAmIRequest{}))
+	if me.GetRole() != "admin" || me.GetLogin() == "" {
+		t.Fatalf("whoami = %v, want a user with admin from the policy grant", me)
+	}
+
+	must[*threesv1.Network](t)(api.CreateNetwork(ctx, &threesv1.NetworkRequest{Name: "cool-network"}))
+	if pol := hsPolicy(t, hs); !strings.Contains(pol, `"tag:threes-cool-network"`) || !strings.Contains(pol, "The owner's own comment") {
+		t.Fatalf("policy after network create:\n%s", pol)
+	}
+	vm := must[*threesv1.VM](t)(api.Create(ctx, &threesv1.CreateRequest{Name: "vm1", Network: "cool-network", Image: "base", Type: threesv1.VMType_VM_TYPE_TEENY}))
+
+	// The VM's stand-in: its MAC on the bridge, its address from DHCP.
+	mac, _ := net.ParseMAC(vm.GetMac())
+	guest := br.Plug(t, "threes0", "vm", mac, "")
+	script := filepath.Join(t.TempDir(), "udhcpc.sh")
+	os.WriteFile(script, []byte(udhcpcScript), 0o755)
+	guest.Run(t, "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-t", "5", "-s", script)
+	if out := guest.Run(t, "ip", "-4", "addr", "show", "eth0"); !strings.Contains(out, vm.GetManagementIp()+"/16") {
+		t.Fatalf("guest got %s, want %s", out, vm.GetManagementIp())
+	}
+
+	// Its auth key, once.
+	fetch := func(path string) (string, error) {
+		out, err := guest.Command("busybox", "wget", "-q", "-O", "-", "--header", "Metadata-Flavor: threes", "http://10.10.0.1"+path).CombinedOutput()
+		return strings.TrimSpace(string(out)), err
+	}
+	key, err := fetch("/v1/token")
+	if err != nil || key == "" {
+		t.Fatalf("fetch token: %v %q", err, key)
+	}
+	if again, err := fetch("/v1/token"); err == nil {
+		t.Fatalf("token served twice: %q", again)
+	}
+	if host, err := fetch("/v1/hostname"); err != nil || host != "vm1" {
+		t.Fatalf("hostname = %q, %v", host, err)
+	}
+
+	// Joining with it puts the VM on the tailnet with its network's tag.
+	vmNode := hsNode(t, hs, "vm1", key)
+	ip4, _ := vmNode.TailscaleIPs()
+	lc, err := a.Tailnet().LocalClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	who, err := lc.WhoIs(ctx, ip4.String())
+	if err != nil || !slices.Contains(who.Node.Tags, "tag:threes-cool-network") {
+		t.Fatalf("whois vm = %v, %v; want tag:threes-cool-network", who, err)
+	}
+
+	// Delete takes it off the tailnet; purge and the network's delete leave the
+	// owner's policy as it was.
+	must[*threesv1.VM](t)(api.Delete(ctx, &threesv1.VMRef{Id: vm.GetId()}))
+	if hsHasNode(t, hs, "vm1") {
+		t.Fatal("vm's device still on the tailnet after delete")
+	}
+	must[*threesv1.PurgeResponse](t)(api.Purge(ctx, &threesv1.PurgeRequest{}))
+	must[any](t)(api.DeleteNetwork(ctx, &threesv1.NetworkRequest{Name: "cool-network"}))
+	if pol := hsPolicy(t, hs); strings.Contains(pol, "cool-network") {
+		t.Fatalf("policy after network delete still names it:\n%s", pol)
+	}
+}
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSuffix(string(p), "\n"))
+	return len(p), nil
+}
+
+func hsAPI(t *testing.T, hs *headscaletest.Server, method, path string, body, out any) {
+	t.Helper()
+	var r io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		r = strings.NewReader(string(b))
+	}
+	req, _ := http.NewRequest(method, hs.URL+"/api/v1"+path, r)
+	req.Header.Set("Authorization", "Bearer "+hs.APIKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s %s: %d %s", method, path, resp.StatusCode, b)
+	}
+	if out != nil {
+		if err := json.Unmarshal(b, out); err != nil {
+			t.Fatalf("%s %s: %v", method, path, err)
+		}
+	}
+}
+
+func hsPolicy(t *testing.T, hs *headscaletest.Server) string {
+	var p struct{ Policy string }
+	hsAPI(t, hs, http.MethodGet, "/policy", nil, &p)
+	return p.Policy
+}
+
+func hsHasNode(t *testing.T, hs *headscaletest.Server, name string) bool {
+	var nodes struct {
+		Nodes []struct{ Name, GivenName string }
+	}
+	hsAPI(t, hs, http.MethodGet, "/node", nil, &nodes)
+	for _, n := range nodes.Nodes {
+		if n.Name == name || n.GivenName == name {
+			return true
+		}
+	}
+	return false
+}
+
+// preauthKey makes a single-use key for user threes (ID 1), tagged if tag is set.
+func preauthKey(t *testing.T, hs *headscaletest.Server, tag string) string {
+	args := []string{"preauthkeys", "create", "-u", "1", "-e", "1h"}
+	if tag != "" {
+		args = append(args, "--tags", tag)
+	}
+	lines := strings.Fields(hs.CLI(t, args...))
+	if len(lines) == 0 {
+		t.Fatal("headscale printed no key")
+	}
+	return lines[len(lines)-1]
+}
+
+func hsNode(t *testing.T, hs *headscaletest.Server, name, key string) *tsnet.Server {
+	s := &tsnet.Server{Dir: t.TempDir(), Hostname: name, ControlURL: hs.URL, AuthKey: key,
+		Logf: func(string, ...any) {}, UserLogf: func(string, ...any) {}}
+	t.Cleanup(func() { s.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := s.Up(ctx); err != nil {
+		t.Fatalf("%s joining headscale: %v", name, err)
+	}
+	return s
+}
+
+func apiVia(t *testing.T, node *tsnet.Server, ip netip.Addr) threesv1.ThreesClient {
+	dial := tsauth.TailnetDialer(node)
+	conn, err := grpc.NewClient("passthrough:///"+netip.AddrPortFrom(ip, 9999).String(),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) { return dial(ctx, "tcp", addr) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return threesv1.NewThreesClient(conn)
+}

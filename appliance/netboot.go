@@ -1,0 +1,166 @@
+package appliance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/internal/nsdo"
+	"github.com/threes-dev/threes/netboot/dhcp"
+	"github.com/threes-dev/threes/netboot/ipam"
+	"github.com/threes-dev/threes/netboot/metadata"
+	"github.com/threes-dev/threes/netboot/neigh"
+)
+
+// startNetboot serves DHCP and the metadata endpoint on the bridge, which must exist
+// and hold the gateway address. Without it the appliance still runs (the API works,
+// VMs are defined) but VMs get no address, so it says so loudly.
+func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM) error {
+	gw := pool.Gateway()
+	log := o.Logger.With("bridge", o.Bridge)
+	var d *dhcp.Server
+	var checker *neigh.Checker
+	var ln net.Listener
+	var missing error
+	// The sockets are opened where the bridge is; they stay there afterwards.
+	open := func() (err error) {
+		if missing = bridgeHas(o.Bridge, gw); missing != nil {
+			return nil
+		}
+		if d, err = dhcp.NewServer(dhcp.ServerConfig{
+			Interface: o.Bridge,
+			Reply:     dhcp.Config{ServerIP: gw, Prefix: pool.Prefix(), DNS: o.DNS},
+			IPAM:      pool,
+			Log:       log.With("component", "dhcp"),
+			Now:       o.Now,
+		}); err != nil {
+			return fmt.Errorf("dhcp on %s: %w", o.Bridge, err)
+		}
+		a.closers = append(a.closers, d.Close)
+		if checker, err = neigh.New(neigh.Config{Interface: o.Bridge}); err != nil {
+			return fmt.Errorf("neighbour check on %s: %w", o.Bridge, err)
+		}
+		a.closers = append(a.closers, checker.Close)
+		if ln, err = net.Listen("tcp", netip.AddrPortFrom(gw, 80).String()); err != nil {
+			return fmt.Errorf("metadata server on %s: %w", gw, err)
+		}
+		a.closers = append(a.closers, ln.Close)
+		return nil
+	}
+	var err error
+	if o.BridgeNetNS == "" {
+		err = open()
+	} else {
+		ns, nerr := netns.GetFromName(o.BridgeNetNS)
+		if nerr != nil {
+			return fmt.Errorf("bridge namespace %s: %w", o.BridgeNetNS, nerr)
+		}
+		err = nsdo.Do(ns, open)
+		ns.Close()
+	}
+	if err != nil {
+		return err
+	}
+	if missing != nil {
+		log.Warn("no DHCP or metadata for VMs: create the bridge with the gateway address (see README)", "gateway", gw, "err", missing)
+		return nil
+	}
+	md, err := metadata.New(metadata.Config{
+		Source:     mdSource{db: a.db, now: o.Now},
+		IPAM:       pool,
+		Neighbours: checker,
+		Log:        log.With("component", "metadata"),
+		Now:        o.Now,
+	})
+	if err != nil {
+		return fmt.Errorf("metadata server: %w", err)
+	}
+	go logExit(log, "dhcp", func() error { return d.Serve(ctx) })
+	go logExit(log, "metadata", func() error { return md.Serve(ctx, ln) })
+	log.Info("serving DHCP and metadata", "gateway", gw, "range", pool.Prefix())
+	return nil
+}
+
+func logExit(log *slog.Logger, what string, serve func() error) {
+	if err := serve(); err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, net.ErrClosed) {
+		log.Error(what+" stopped", "err", err)
+	}
+}
+
+// bridgeHas checks that the named interface exists and holds addr.
+func bridgeHas(name string, addr netip.Addr) error {
+	iface, err := net.InterfaceByName(name)
+	if err != nil {
+		return err
+	}
+	addrs, err := iface.Addrs()
+	if err != nil {
+		return err
+	}
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr() == addr {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s does not hold %s", name, addr)
+}
+
+// mdSource is the database as the metadata server sees it: live VMs by address.
+type mdSource struct {
+	db  *embeddb.DB
+	now func() time.Time
+}
+
+func (s mdSource) ByIP(ctx context.Context, ip netip.Addr) (metadata.Instance, error) {
+	addr, err := s.db.AddressByIP(ctx, ip)
+	if err != nil {
+		return metadata.Instance{}, notFound(err)
+	}
+	vm, err := s.db.GetVM(ctx, addr.VMID)
+	if err != nil {
+		return metadata.Instance{}, notFound(err)
+	}
+	if !vm.DeletedAt.IsZero() {
+		return metadata.Instance{}, fmt.Errorf("vm %s is deleted: %w", vm.ID, metadata.ErrNotFound)
+	}
+	cfg, err := s.db.GetVMConfig(ctx, vm.ID)
+	if err != nil {
+		return metadata.Instance{}, notFound(err)
+	}
+	kvs, err := s.db.GetKVs(ctx, vm.ID)
+	if err != nil {
+		return metadata.Instance{}, notFound(err)
+	}
+	in := metadata.Instance{ID: vm.ID, Hostname: cfg.Hostname, Script: cfg.Script, PublicKey: cfg.PublicKey}
+	for _, kv := range kvs {
+		in.KVs = append(in.KVs, metadata.KV{Key: kv.Key, Value: kv.Value, Secret: kv.Secret})
+	}
+	return in, nil
+}
+
+func (s mdSource) TakeAuthKey(ctx context.Context, vmID string) (string, error) {
+	key, err := s.db.TakeAuthKey(ctx, vmID, s.now())
+	switch {
+	case errors.Is(err, embeddb.ErrAlreadyServed):
+		return "", metadata.ErrAuthKeyTaken
+	case err != nil:
+		return "", notFound(err)
+	case key == "":
+		return "", fmt.Errorf("vm %s has no auth key (no control plane configured): %w", vmID, metadata.ErrNotFound)
+	}
+	return key, nil
+}
+
+func notFound(err error) error {
+	if errors.Is(err, embeddb.ErrNotFound) {
+		return fmt.Errorf("%w: %w", metadata.ErrNotFound, err)
+	}
+	return err
+}
