@@ -38,8 +38,12 @@ fuzz:
 		done; \
 	done
 
+# bench runs the Go benchmarks (API over the tailnet vs loopback, database, IPAM, DHCP,
+# hypervisor), then the side-by-side DHCP and metadata benchmark against Kea, dnsmasq
+# and wrk (bench/netboot/run.sh). Needs root.
 bench: build
 	scripts/testenv $(GO) test -run '^$$' -bench . -benchtime 2s ./...
+	bash bench/netboot/run.sh
 
 lint:
 	$(GO) vet ./...
