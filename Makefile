@@ -7,7 +7,7 @@ PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1
 # Fuzz targets and how long each runs in `make test`.
 FUZZTIME ?= 20s
 
-.PHONY: build run test test-go fuzz bench lint proto headscale clean
+.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled clean
 
 build:
 	$(GO) build -o $(BIN)/threes ./cmd/threes
@@ -22,13 +22,18 @@ headscale: $(BIN)/headscale
 $(BIN)/headscale: tools/headscale/go.mod
 	cd tools/headscale && $(GO) build -o $(BIN)/headscale github.com/juanfont/headscale/cmd/headscale
 
+# tailscaled is a user's own Tailscale daemon, for testing the CLI through its LocalAPI.
+tailscaled: $(BIN)/tailscaled
+$(BIN)/tailscaled: tools/tailscaled/go.mod
+	cd tools/tailscaled && $(GO) build -o $(BIN)/tailscaled tailscale.com/cmd/tailscaled
+
 # test runs the whole suite as root inside a fresh network namespace that holds only
 # loopback, its own libvirtd, and what the tests add (see scripts/testenv).
-test: build headscale
+test: build headscale tailscaled
 	scripts/testenv $(MAKE) --no-print-directory test-go fuzz
 
 test-go:
-	THREES_BIN=$(BIN)/threes THREES_HEADSCALE=$(BIN)/headscale $(GO) test -count=1 -timeout 40m ./...
+	THREES_BIN=$(BIN)/threes THREES_HEADSCALE=$(BIN)/headscale THREES_TAILSCALED=$(BIN)/tailscaled $(GO) test -count=1 -timeout 40m ./...
 
 fuzz:
 	@set -e; for t in $$(grep -rlE '^func Fuzz' --include='*_test.go' . | xargs -n1 dirname | sort -u); do \

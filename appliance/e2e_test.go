@@ -2,18 +2,14 @@ package appliance_test
 
 import (
 	"context"
-	"encoding/json"
-	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -57,7 +53,7 @@ func TestVMOnHeadscale(t *testing.T) {
 	hs := headscaletest.Start(t)
 	headscaletest.SetClientEnv(t)
 	ctx := ctxT(t)
-	hsAPI(t, hs, http.MethodPut, "/policy", map[string]string{"policy": operatorPolicy}, nil)
+	hs.SetPolicy(t, operatorPolicy)
 
 	plane, err := control.NewHeadscale(control.HeadscaleConfig{
 		URL: hs.URL, APIKey: control.NewSecret(hs.APIKey),
@@ -72,7 +68,7 @@ func TestVMOnHeadscale(t *testing.T) {
 	a, err := appliance.Start(ctx, appliance.Options{
 		StateDir:    dir,
 		ControlURL:  hs.URL,
-		AuthKey:     preauthKey(t, hs, "tag:threes"),
+		AuthKey:     hs.PreauthKey(t, "tag:threes"),
 		OwnerTag:    "tag:threes", // the key tags the node; headscale refuses advertised tags on top
 		Socket:      filepath.Join(dir, "threes.sock"),
 		Hypervisor:  hvtest.Open(t),
@@ -91,7 +87,7 @@ func TestVMOnHeadscale(t *testing.T) {
 	}
 
 	// An admin by the real policy's grant, calling over the tailnet.
-	laptop := hsNode(t, hs, "laptop", preauthKey(t, hs, ""))
+	laptop := hs.Node(t, "laptop", hs.PreauthKey(t))
 	api := apiVia(t, laptop, st.TailscaleIPs[0])
 	me := must[*threesv1.WhoAmIResponse](t)(api.WhoAmI(ctx, &threesv1.WhoAmIRequest{}))
 	if me.GetRole() != "admin" || me.GetLogin() == "" {
@@ -99,7 +95,7 @@ func TestVMOnHeadscale(t *testing.T) {
 	}
 
 	must[*threesv1.Network](t)(api.CreateNetwork(ctx, &threesv1.NetworkRequest{Name: "cool-network"}))
-	if pol := hsPolicy(t, hs); !strings.Contains(pol, `"tag:threes-cool-network"`) || !strings.Contains(pol, "The owner's own comment") {
+	if pol := hs.Policy(t); !strings.Contains(pol, `"tag:threes-cool-network"`) || !strings.Contains(pol, "The owner's own comment") {
 		t.Fatalf("policy after network create:\n%s", pol)
 	}
 	vm := must[*threesv1.VM](t)(api.Create(ctx, &threesv1.CreateRequest{Name: "vm1", Network: "cool-network", Image: "base", Type: threesv1.VMType_VM_TYPE_TEENY}))
@@ -131,7 +127,7 @@ func TestVMOnHeadscale(t *testing.T) {
 	}
 
 	// Joining with it puts the VM on the tailnet with its network's tag.
-	vmNode := hsNode(t, hs, "vm1", key)
+	vmNode := hs.Node(t, "vm1", key)
 	ip4, _ := vmNode.TailscaleIPs()
 	lc, err := a.Tailnet().LocalClient()
 	if err != nil {
@@ -145,12 +141,12 @@ func TestVMOnHeadscale(t *testing.T) {
 	// Delete takes it off the tailnet; purge and the network's delete leave the
 	// owner's policy as it was.
 	must[*threesv1.VM](t)(api.Delete(ctx, &threesv1.VMRef{Id: vm.GetId()}))
-	if hsHasNode(t, hs, "vm1") {
+	if hs.HasNode(t, "vm1") {
 		t.Fatal("vm's device still on the tailnet after delete")
 	}
 	must[*threesv1.PurgeResponse](t)(api.Purge(ctx, &threesv1.PurgeRequest{}))
 	must[any](t)(api.DeleteNetwork(ctx, &threesv1.NetworkRequest{Name: "cool-network"}))
-	if pol := hsPolicy(t, hs); strings.Contains(pol, "cool-network") {
+	if pol := hs.Policy(t); strings.Contains(pol, "cool-network") {
 		t.Fatalf("policy after network delete still names it:\n%s", pol)
 	}
 }
@@ -160,75 +156,6 @@ type tWriter struct{ t *testing.T }
 func (w tWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSuffix(string(p), "\n"))
 	return len(p), nil
-}
-
-func hsAPI(t *testing.T, hs *headscaletest.Server, method, path string, body, out any) {
-	t.Helper()
-	var r io.Reader
-	if body != nil {
-		b, _ := json.Marshal(body)
-		r = strings.NewReader(string(b))
-	}
-	req, _ := http.NewRequest(method, hs.URL+"/api/v1"+path, r)
-	req.Header.Set("Authorization", "Bearer "+hs.APIKey)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("%s %s: %d %s", method, path, resp.StatusCode, b)
-	}
-	if out != nil {
-		if err := json.Unmarshal(b, out); err != nil {
-			t.Fatalf("%s %s: %v", method, path, err)
-		}
-	}
-}
-
-func hsPolicy(t *testing.T, hs *headscaletest.Server) string {
-	var p struct{ Policy string }
-	hsAPI(t, hs, http.MethodGet, "/policy", nil, &p)
-	return p.Policy
-}
-
-func hsHasNode(t *testing.T, hs *headscaletest.Server, name string) bool {
-	var nodes struct {
-		Nodes []struct{ Name, GivenName string }
-	}
-	hsAPI(t, hs, http.MethodGet, "/node", nil, &nodes)
-	for _, n := range nodes.Nodes {
-		if n.Name == name || n.GivenName == name {
-			return true
-		}
-	}
-	return false
-}
-
-// preauthKey makes a single-use key for user threes (ID 1), tagged if tag is set.
-func preauthKey(t *testing.T, hs *headscaletest.Server, tag string) string {
-	args := []string{"preauthkeys", "create", "-u", "1", "-e", "1h"}
-	if tag != "" {
-		args = append(args, "--tags", tag)
-	}
-	lines := strings.Fields(hs.CLI(t, args...))
-	if len(lines) == 0 {
-		t.Fatal("headscale printed no key")
-	}
-	return lines[len(lines)-1]
-}
-
-func hsNode(t *testing.T, hs *headscaletest.Server, name, key string) *tsnet.Server {
-	s := &tsnet.Server{Dir: t.TempDir(), Hostname: name, ControlURL: hs.URL, AuthKey: key,
-		Logf: func(string, ...any) {}, UserLogf: func(string, ...any) {}}
-	t.Cleanup(func() { s.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if _, err := s.Up(ctx); err != nil {
-		t.Fatalf("%s joining headscale: %v", name, err)
-	}
-	return s
 }
 
 func apiVia(t *testing.T, node *tsnet.Server, ip netip.Addr) threesv1.ThreesClient {
