@@ -4,9 +4,12 @@ import (
 	"encoding/xml"
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 
 	"libvirt.org/go/libvirtxml"
+
+	"github.com/threes-dev/threes/hv/images"
 )
 
 // metadataNS is the XML namespace of the metadata element that marks a
@@ -26,37 +29,88 @@ func (s Spec) validate() error {
 	switch {
 	case s.ID == "":
 		return fmt.Errorf("%w: empty ID", ErrInvalidSpec)
-	case strings.ContainsAny(s.ID, "/\x00") || strings.TrimSpace(s.ID) != s.ID:
-		// libvirt names become file names for persistent domains.
-		return fmt.Errorf("%w: ID %q has a slash, NUL or surrounding space", ErrInvalidSpec, s.ID)
+	case strings.ContainsAny(s.ID, "/\x00") || strings.TrimSpace(s.ID) != s.ID || strings.HasPrefix(s.ID, "."):
+		// libvirt names and disks become file names.
+		return fmt.Errorf("%w: ID %q has a slash, NUL, leading dot or surrounding space", ErrInvalidSpec, s.ID)
 	case s.VCPUs < 1:
 		return fmt.Errorf("%w: %d vCPUs", ErrInvalidSpec, s.VCPUs)
 	case s.MemoryMiB < 1:
 		return fmt.Errorf("%w: %d MiB of memory", ErrInvalidSpec, s.MemoryMiB)
 	case s.Bridge == "":
 		return fmt.Errorf("%w: empty bridge", ErrInvalidSpec)
+	case s.DiskGiB < 0:
+		return fmt.Errorf("%w: disk of %d GiB", ErrInvalidSpec, s.DiskGiB)
+	case strings.ContainsAny(s.Cmdline, "\x00\n"):
+		return fmt.Errorf("%w: kernel command line has a NUL or newline", ErrInvalidSpec)
 	}
 	mac, err := net.ParseMAC(s.MAC)
 	if err != nil || len(mac) != 6 {
 		return fmt.Errorf("%w: MAC %q is not a 6-byte MAC address", ErrInvalidSpec, s.MAC)
 	}
+	if s.IP != "" {
+		if ip, err := netip.ParseAddr(s.IP); err != nil || !ip.Is4() {
+			return fmt.Errorf("%w: IP %q is not an IPv4 address", ErrInvalidSpec, s.IP)
+		}
+	}
+	img := s.Image
+	switch img.Kind {
+	case "":
+		if img != (images.Image{}) {
+			return fmt.Errorf("%w: image %q has no kind", ErrInvalidSpec, img.Name)
+		}
+	case images.KindDisk:
+		if img.Disk == "" {
+			return fmt.Errorf("%w: disk image %q has no disk", ErrInvalidSpec, img.Name)
+		}
+	case images.KindKernel:
+		if img.Kernel == "" {
+			return fmt.Errorf("%w: kernel image %q has no kernel", ErrInvalidSpec, img.Name)
+		}
+	default:
+		return fmt.Errorf("%w: image %q of unknown kind %q", ErrInvalidSpec, img.Name, img.Kind)
+	}
+	if s.Cmdline != "" && img.Kind != images.KindKernel {
+		return fmt.Errorf("%w: a kernel command line needs a kernel image", ErrInvalidSpec)
+	}
+	if img.Disk != "" {
+		if img.DiskFormat != "qcow2" && img.DiskFormat != "raw" {
+			return fmt.Errorf("%w: image %q disk format %q, want qcow2 or raw", ErrInvalidSpec, img.Name, img.DiskFormat)
+		}
+		if s.DiskGiB > 0 && int64(s.DiskGiB)<<30 < img.DiskBytes {
+			return fmt.Errorf("%w: disk of %d GiB is smaller than image %q (%d bytes)", ErrInvalidSpec, s.DiskGiB, img.Name, img.DiskBytes)
+		}
+	}
 	return nil
 }
 
-// domainXML returns the libvirt definition of s as a domain of the given
-// libvirt domain type ("test", "qemu" or "kvm"), marked as owner's.
-func domainXML(domainType string, s Spec, owner string) (string, error) {
+// xmlOptions is what a domain's XML needs beside its Spec.
+type xmlOptions struct {
+	// domainType is libvirt's domain type: "test", "qemu" or "kvm".
+	domainType string
+	// owner marks the domain as this hv's.
+	owner string
+	// disk is the VM's own disk file and diskFormat its format; none if
+	// disk is empty.
+	disk, diskFormat string
+	// dacLabel is "+UID:+GID" for QEMU to run as; with it, libvirt
+	// relabels no file at all (hv gives the VM's disk that owner), so the
+	// shared base images, kernels and initrds stay root's and read-only.
+	dacLabel string
+}
+
+// domainXML returns the libvirt definition of s.
+func domainXML(s Spec, o xmlOptions) (string, error) {
 	if err := s.validate(); err != nil {
 		return "", err
 	}
-	meta, err := xml.Marshal(vmMetadata{Owner: owner, Name: s.Name})
+	meta, err := xml.Marshal(vmMetadata{Owner: o.owner, Name: s.Name})
 	if err != nil {
 		return "", fmt.Errorf("marshal metadata of domain %s: %w", s.ID, err)
 	}
 	mac, _ := net.ParseMAC(s.MAC) // validated above
 	port := uint(0)
 	d := &libvirtxml.Domain{
-		Type:     domainType,
+		Type:     o.domainType,
 		Name:     s.ID,
 		Title:    titleOf(s.Name),
 		Metadata: &libvirtxml.DomainMetadata{XML: string(meta)},
@@ -102,6 +156,45 @@ func domainXML(domainType string, s Spec, owner string) (string, error) {
 				Target: &libvirtxml.DomainConsoleTarget{Type: "serial", Port: &port},
 			}},
 		},
+	}
+	if o.domainType != "test" {
+		// libvirt's nwfilter: only the NIC's own MAC, IP (given or
+		// learnt) and ARP claims leave the VM.
+		ref := &libvirtxml.DomainInterfaceFilterRef{Filter: "clean-traffic"}
+		if s.IP != "" {
+			ref.Parameters = []libvirtxml.DomainInterfaceFilterParam{{Name: "IP", Value: s.IP}}
+		}
+		d.Devices.Interfaces[0].FilterRef = ref
+	}
+	if o.dacLabel != "" {
+		d.SecLabel = []libvirtxml.DomainSecLabel{{Type: "static", Model: "dac", Relabel: "no", Label: o.dacLabel}}
+	}
+	if img := s.Image; img.Kind == images.KindKernel {
+		d.OS.Kernel = img.Kernel
+		d.OS.Initrd = img.Initrd
+		d.OS.Cmdline = strings.TrimSpace(img.Cmdline + " " + s.Cmdline)
+	}
+	if o.disk != "" {
+		disk := libvirtxml.DomainDisk{
+			Device: "disk",
+			Driver: &libvirtxml.DomainDiskDriver{Name: "qemu", Type: o.diskFormat},
+			Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{File: o.disk}},
+			Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
+		}
+		if s.Image.Disk != "" && o.diskFormat == "qcow2" && o.disk != s.Image.Disk {
+			// The backing chain, spelt out: libvirt neither probes
+			// the base's format nor labels it, even without a
+			// domain-wide dacLabel.
+			disk.BackingStore = &libvirtxml.DomainDiskBackingStore{
+				Format: &libvirtxml.DomainDiskFormat{Type: s.Image.DiskFormat},
+				Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{
+					File:     s.Image.Disk,
+					SecLabel: []libvirtxml.DomainDeviceSecLabel{{Model: "dac", Relabel: "no"}},
+				}},
+				BackingStore: &libvirtxml.DomainDiskBackingStore{},
+			}
+		}
+		d.Devices.Disks = []libvirtxml.DomainDisk{disk}
 	}
 	doc, err := d.Marshal()
 	if err != nil {

@@ -26,7 +26,7 @@ func TestDomainXML(t *testing.T) {
 	for _, domainType := range []string{"test", "qemu", "kvm"} {
 		t.Run(domainType, func(t *testing.T) {
 			s := validSpec()
-			doc, err := domainXML(domainType, s, "owner-1")
+			doc, err := domainXML(s, xmlOptions{domainType: domainType, owner: "owner-1"})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -111,7 +111,7 @@ func smbiosSerial(d libvirtxml.Domain) string {
 func TestDomainXMLTitleIsOneLine(t *testing.T) {
 	s := validSpec()
 	s.Name = "two\nlines  here"
-	doc, err := domainXML("test", s, "")
+	doc, err := domainXML(s, xmlOptions{domainType: "test"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +146,7 @@ func TestSpecValidate(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			s := validSpec()
 			tt.change(&s)
-			_, err := domainXML("test", s, "")
+			_, err := domainXML(s, xmlOptions{domainType: "test"})
 			if tt.ok && err != nil {
 				t.Errorf("domainXML: %v", err)
 			}
@@ -173,7 +173,7 @@ func TestStateOf(t *testing.T) {
 		{libvirt.DomainState(99), StateUnknown},
 	}
 	for _, tt := range tests {
-		if got := stateOf(tt.in); got != tt.want {
+		if got := stateOf(tt.in, 0); got != tt.want {
 			t.Errorf("stateOf(%d) = %q, want %q", tt.in, got, tt.want)
 		}
 	}

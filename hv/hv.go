@@ -1,17 +1,23 @@
-// Package hv owns the VMs' libvirt domains: it defines, starts, stops,
-// restarts and removes them through libvirtd and reports their state.
+// Package hv owns the VMs' libvirt domains and their disks: it creates each
+// VM's disk as a copy-on-write overlay on a base image, defines, starts,
+// stops, restarts and removes domains through libvirtd, reports their state
+// and lifecycle events, and attaches to their serial consoles.
 //
 // It talks to libvirtd over its unix socket with go-libvirt and builds
 // domain XML with libvirtxml. The same code drives libvirt's built-in
 // test:///default driver (domain type "test") and QEMU (qemu:///system,
-// domain type "qemu" for TCG or "kvm"). It does not own disks, images, IP
-// addresses or the bridge: callers create the bridge and pass its name, and
-// the appliance keeps the record of which VMs should exist.
+// domain type "kvm" when KVM really boots guests here, else "qemu", TCG).
+// Base images live in package images; hv never writes them. It does not own
+// IP addresses or the bridge: callers create the bridge and pass its name,
+// and the appliance keeps the record of which VMs should exist.
 package hv
 
 import (
 	"context"
 	"errors"
+	"io"
+
+	"github.com/threes-dev/threes/hv/images"
 )
 
 // State is what a domain is doing, as far as the appliance cares.
@@ -29,8 +35,9 @@ const (
 	// StatePaused means the guest's vCPUs are paused (by libvirt or a
 	// user) or the guest suspended itself to memory; Start resumes it.
 	StatePaused State = "paused"
-	// StateCrashed means the guest crashed and libvirt kept the domain
-	// active for inspection; Start restarts it.
+	// StateCrashed means the guest crashed: libvirt either keeps the
+	// domain active for inspection or (as hv defines domains) powered it
+	// off; Start boots it again.
 	StateCrashed State = "crashed"
 	// StateMissing means no domain with that ID exists.
 	StateMissing State = "missing"
@@ -53,6 +60,21 @@ type Spec struct {
 	MAC string
 	// Bridge is the host bridge the NIC is attached to.
 	Bridge string
+	// IP is the VM's IPv4 address on the bridge. QEMU domains' NICs get
+	// libvirt's clean-traffic filter, which drops frames from any other
+	// MAC, IP or ARP claim; without IP, libvirt learns the address from
+	// the VM's first packets instead.
+	IP string
+	// Image is what the VM boots. The zero Image makes a domain with no
+	// disk and no kernel, which only the test driver has use for.
+	Image images.Image
+	// DiskGiB is the virtual size of the VM's disk in GiB. With an image
+	// that has a disk, the disk is a qcow2 overlay on it of this size (0
+	// keeps the image's size; less than the image's is invalid); without
+	// one, a blank qcow2 disk of this size (0: no disk).
+	DiskGiB int
+	// Cmdline is appended to a kernel image's command line.
+	Cmdline string
 }
 
 // Domain is one domain this package manages and its state.
@@ -63,13 +85,35 @@ type Domain struct {
 	State State
 }
 
+// Event is a change of one domain's state, from libvirt's lifecycle events.
+type Event struct {
+	// ID is the domain's ID.
+	ID string
+	// State is the domain's state after the change; StateMissing when
+	// it was undefined.
+	State State
+	// Reason is libvirt's detail, e.g. "booted", "shutdown",
+	// "destroyed", "crashed", "undefined", or "sync" for the current
+	// state reported when a subscription (re)starts.
+	Reason string
+}
+
+// Accel says how QEMU runs guests here and why.
+type Accel struct {
+	// DomainType is the libvirt domain type domains are created with:
+	// "kvm", "qemu" (TCG, emulation) or "test".
+	DomainType string
+	// Reason says how DomainType was chosen, for the log.
+	Reason string
+}
+
 // Hypervisor is what the appliance needs to run VMs' domains. Every method
 // names the domain in its errors; errors.Is tells ErrNotFound, ErrExists,
-// ErrInvalidSpec and ErrUnavailable apart.
+// ErrInvalidSpec, ErrNotRunning and ErrUnavailable apart.
 type Hypervisor interface {
-	// Create defines a domain from s and starts it; it fails with
-	// ErrExists if a domain with that ID exists, and leaves nothing
-	// behind if it fails.
+	// Create makes the VM's disk, defines a domain from s and starts it;
+	// it fails with ErrExists if a domain or disk with that ID exists,
+	// and leaves nothing behind if it fails.
 	Create(ctx context.Context, s Spec) error
 	// Start starts a stopped domain, resumes a paused one and restarts
 	// a crashed one; it does nothing if the domain is running.
@@ -81,14 +125,31 @@ type Hypervisor interface {
 	Stop(ctx context.Context, id string) error
 	// Restart stops the domain as Stop does and starts it again.
 	Restart(ctx context.Context, id string) error
-	// Remove powers the domain off by force if it runs and undefines it;
-	// it fails with ErrNotFound if there is no such domain.
+	// Remove powers the domain off by force if it runs, undefines it and
+	// deletes its disk; it fails with ErrNotFound if there was neither a
+	// domain nor a disk with that ID.
 	Remove(ctx context.Context, id string) error
 	// State reports the domain's state; for an absent domain it returns
 	// StateMissing and an error wrapping ErrNotFound.
 	State(ctx context.Context, id string) (State, error)
 	// List reports every domain this package created, with its state.
 	List(ctx context.Context) ([]Domain, error)
+	// Disks reports the IDs that have a disk, with or without a domain,
+	// so a reconcile can find disks a crash left behind.
+	Disks(ctx context.Context) ([]string, error)
+	// Events delivers the state changes of this package's domains until
+	// ctx ends, then closes the channel. It starts with every domain's
+	// current state (Reason "sync") and does so again after each
+	// reconnection to libvirtd, so applying events in order converges on
+	// libvirt's states even across libvirtd restarts.
+	Events(ctx context.Context) (<-chan Event, error)
+	// Console attaches to the running domain's serial console: reads
+	// return what the guest writes, writes are the guest's input. It
+	// takes the console over from any other session, and ends at Close,
+	// when ctx ends, or when the domain stops (reads then return EOF).
+	Console(ctx context.Context, id string) (io.ReadWriteCloser, error)
+	// Accel reports how domains run: KVM or TCG, and why.
+	Accel(ctx context.Context) (Accel, error)
 }
 
 var (
@@ -102,4 +163,6 @@ var (
 	// ErrUnavailable means libvirtd could not be reached or the
 	// connection broke during the call; the next call reconnects.
 	ErrUnavailable = errors.New("libvirt unavailable")
+	// ErrNotRunning means the call needs a running domain.
+	ErrNotRunning = errors.New("domain not running")
 )

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -24,8 +26,22 @@ type Config struct {
 	// /run/libvirt/libvirt-sock.
 	Socket string
 	// DomainType is the libvirt domain type: "test", "qemu" (TCG) or
-	// "kvm". Empty means "test" for a test:// URI and "qemu" otherwise.
+	// "kvm". Empty means "test" for a test:// URI and, for QEMU, "kvm" if
+	// libvirt offers KVM and a probe guest boots with it (see
+	// ProbeKernel), else "qemu"; Accel reports which and why.
 	DomainType string
+	// ProbeKernel is a Linux kernel (bzImage) to verify KVM with: a
+	// throwaway KVM guest boots it and must print the kernel's banner on
+	// its serial console within ProbeTimeout. KVM can be offered yet
+	// unable to boot a normal guest (a PVM-only host does exactly that),
+	// so without a probe kernel QEMU domains use TCG.
+	ProbeKernel string
+	// ProbeTimeout bounds the KVM probe; zero means 10s.
+	ProbeTimeout time.Duration
+	// DiskDir is where VMs' disks are created, one qcow2 file per VM
+	// named after its ID. QEMU's user must be able to reach it (and the
+	// image store). Needed for Specs with an image or DiskGiB.
+	DiskDir string
 	// Owner is written into every domain this Libvirt creates, and List
 	// reports only domains with the same Owner, so that appliances (or
 	// tests) sharing one libvirtd never see each other's VMs.
@@ -42,13 +58,15 @@ const (
 	defaultURI         = "qemu:///system"
 	defaultSocket      = "/run/libvirt/libvirt-sock"
 	defaultStopTimeout = 30 * time.Second
+	defaultProbeTime   = 10 * time.Second
 	// pollInterval is how often Stop checks whether the guest is off.
 	pollInterval = 50 * time.Millisecond
 )
 
 // flavour holds what differs between libvirt drivers.
 type flavour struct {
-	domainType string
+	// test is libvirt's test driver, qemu otherwise.
+	test bool
 	// shutdownFlags selects the ACPI power button where the driver
 	// has one; the test driver accepts no flags.
 	shutdownFlags libvirt.DomainShutdownFlagValues
@@ -62,13 +80,12 @@ func flavourOf(domainType string) (flavour, error) {
 	switch domainType {
 	case "test":
 		return flavour{
-			domainType:    domainType,
+			test:          true,
 			shutdownFlags: libvirt.DomainShutdownDefault,
 			undefineFlags: libvirt.DomainUndefineManagedSave | libvirt.DomainUndefineSnapshotsMetadata,
 		}, nil
-	case "qemu", "kvm":
+	case "qemu", "kvm", "":
 		return flavour{
-			domainType:    domainType,
 			shutdownFlags: libvirt.DomainShutdownAcpiPowerBtn,
 			undefineFlags: libvirt.DomainUndefineManagedSave | libvirt.DomainUndefineSnapshotsMetadata |
 				libvirt.DomainUndefineNvram | libvirt.DomainUndefineCheckpointsMetadata,
@@ -85,15 +102,23 @@ func flavourOf(domainType string) (flavour, error) {
 // Stop's wait, and is checked between calls, but cannot interrupt a call
 // that libvirtd is already executing.
 type Libvirt struct {
-	uri         string
-	socket      string
-	owner       string
-	stopTimeout time.Duration
-	flavour     flavour
+	uri          string
+	socket       string
+	owner        string
+	stopTimeout  time.Duration
+	flavour      flavour
+	domainType   string // configured; empty means detect
+	probeKernel  string
+	probeTimeout time.Duration
+	diskDir      string
+	copyDisks    bool // full copies instead of overlays, for a benchmark
 
 	mu     sync.Mutex
 	conn   *libvirt.Libvirt // nil until connected, and after a broken call
 	closed bool
+
+	accelMu sync.Mutex
+	accel   *accelResult // nil until detected
 }
 
 var _ Hypervisor = (*Libvirt)(nil)
@@ -101,10 +126,17 @@ var _ Hypervisor = (*Libvirt)(nil)
 // Open connects to libvirtd and opens cfg.URI.
 func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 	h := &Libvirt{
-		uri:         cfg.URI,
-		socket:      cfg.Socket,
-		owner:       cfg.Owner,
-		stopTimeout: cfg.StopTimeout,
+		uri:          cfg.URI,
+		socket:       cfg.Socket,
+		owner:        cfg.Owner,
+		stopTimeout:  cfg.StopTimeout,
+		domainType:   cfg.DomainType,
+		probeKernel:  cfg.ProbeKernel,
+		probeTimeout: cfg.ProbeTimeout,
+		diskDir:      cfg.DiskDir,
+	}
+	if h.probeTimeout <= 0 {
+		h.probeTimeout = defaultProbeTime
 	}
 	if h.uri == "" {
 		h.uri = defaultURI
@@ -124,17 +156,31 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 		// remote host in it would be silently ignored.
 		return nil, fmt.Errorf("libvirt URI %q names a transport or host: give a local URI and Config.Socket", h.uri)
 	}
-	domainType := cfg.DomainType
-	if domainType == "" {
-		domainType = "qemu"
-		if u.Scheme == "test" {
-			domainType = "test"
-		}
+	if h.domainType == "" && u.Scheme == "test" {
+		h.domainType = "test"
 	}
-	if h.flavour, err = flavourOf(domainType); err != nil {
+	if h.flavour, err = flavourOf(h.domainType); err != nil {
 		return nil, err
 	}
-	if _, err := h.client(ctx); err != nil && !(cfg.Lazy && errors.Is(err, ErrUnavailable)) {
+	if (u.Scheme == "test") != h.flavour.test {
+		return nil, fmt.Errorf("libvirt domain type %q does not go with URI %q", h.domainType, h.uri)
+	}
+	if h.diskDir != "" {
+		if err := prepareDiskDir(h.diskDir); err != nil {
+			return nil, err
+		}
+		h.diskDir = filepath.Clean(h.diskDir)
+	}
+	if _, err := h.client(ctx); err != nil {
+		if cfg.Lazy && errors.Is(err, ErrUnavailable) {
+			return h, nil
+		}
+		return nil, err
+	}
+	// Detected now rather than at the first Create, which should not
+	// wait for a probe.
+	if _, err := h.Accel(ctx); err != nil && !(cfg.Lazy && errors.Is(err, ErrUnavailable)) {
+		h.Close()
 		return nil, err
 	}
 	return h, nil
@@ -247,6 +293,10 @@ func (h *Libvirt) translate(conn *libvirt.Libvirt, err error) error {
 			if strings.Contains(lerr.Message, "already exists") {
 				return ErrExists
 			}
+		case libvirt.ErrOperationInvalid:
+			if strings.Contains(lerr.Message, "not running") {
+				return fmt.Errorf("%w: %w", ErrNotRunning, err)
+			}
 		}
 		return err
 	case errors.Is(err, libvirt.ErrUnsupported), errors.Is(err, context.Canceled),
@@ -270,18 +320,23 @@ func lookup(conn *libvirt.Libvirt, id string) (libvirt.Domain, error) {
 	return conn.DomainLookupByName(id)
 }
 
-// domainState reads dom's libvirt state and the reason for it.
+// domainState reads dom's libvirt state.
 func domainState(conn *libvirt.Libvirt, dom libvirt.Domain) (libvirt.DomainState, error) {
 	st, _, err := conn.DomainGetState(dom, 0)
 	return libvirt.DomainState(st), err
 }
 
-// stateOf maps a libvirt state onto State.
-func stateOf(s libvirt.DomainState) State {
+// stateOf maps a libvirt state and its reason onto State.
+func stateOf(s libvirt.DomainState, reason int32) State {
 	switch s {
 	case libvirt.DomainRunning, libvirt.DomainBlocked:
 		return StateRunning
 	case libvirt.DomainShutoff:
+		// Domains are defined with on_crash=destroy: a crashed guest
+		// ends up shut off, for this reason.
+		if libvirt.DomainShutoffReason(reason) == libvirt.DomainShutoffCrashed {
+			return StateCrashed
+		}
 		return StateStopped
 	case libvirt.DomainShutdown:
 		return StateStopping
@@ -293,11 +348,72 @@ func stateOf(s libvirt.DomainState) State {
 	return StateUnknown
 }
 
-// Create defines a domain from s and starts it; see Hypervisor.
+// Create makes the disk, defines a domain from s and starts it; see
+// Hypervisor.
 func (h *Libvirt) Create(ctx context.Context, s Spec) error {
-	doc, err := domainXML(h.flavour.domainType, s, h.owner)
-	if err != nil {
+	if err := h.create(ctx, s); err != nil {
 		return fmt.Errorf("create domain %s: %w", s.ID, err)
+	}
+	return nil
+}
+
+func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
+	if err := s.validate(); err != nil {
+		return err
+	}
+	acc, err := h.detect(ctx)
+	if err != nil {
+		return err
+	}
+	opts := xmlOptions{domainType: acc.DomainType, owner: h.owner}
+	var own *owner
+	if !h.flavour.test && acc.dac != nil {
+		own = acc.dac
+		opts.dacLabel = fmt.Sprintf("+%d:+%d", own.uid, own.gid)
+	}
+	for _, f := range []string{s.Image.Disk, s.Image.Kernel, s.Image.Initrd} {
+		if f == "" {
+			continue
+		}
+		if _, err := os.Stat(f); err != nil {
+			return fmt.Errorf("image %s: %w", s.Image.Name, err)
+		}
+		if err := reachable(f, own); err != nil {
+			return fmt.Errorf("image %s: %w", s.Image.Name, err)
+		}
+	}
+
+	// Undo what this call made if a later step fails, with a fresh
+	// context: the caller's may be what ended the step.
+	var undo []func(context.Context) error
+	defer func() {
+		if err == nil {
+			return
+		}
+		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		for i := len(undo) - 1; i >= 0; i-- {
+			if uerr := undo[i](uctx); uerr != nil {
+				err = errors.Join(err, uerr)
+			}
+		}
+	}()
+
+	if needsDisk(s) {
+		if err := reachable(h.diskPath(s.ID), own); err != nil {
+			return err
+		}
+		if opts.disk, opts.diskFormat, err = h.createDisk(ctx, s, own); err != nil {
+			return err
+		}
+		undo = append(undo, func(context.Context) error {
+			_, err := h.removeDisk(s.ID)
+			return err
+		})
+	}
+	doc, err := domainXML(s, opts)
+	if err != nil {
+		return err
 	}
 	// Without a UUID in the XML, defining a taken name fails rather than
 	// redefining the existing domain, so no lookup is needed first and
@@ -309,24 +425,23 @@ func (h *Libvirt) Create(ctx context.Context, s Spec) error {
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("define domain %s: %w", s.ID, err)
+		return fmt.Errorf("define: %w", err)
 	}
+	undo = append(undo, func(ctx context.Context) error {
+		err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
+			return conn.DomainUndefineFlags(dom, h.flavour.undefineFlags)
+		})
+		if err != nil && !errors.Is(err, ErrNotFound) {
+			return fmt.Errorf("undefine: %w", err)
+		}
+		return nil
+	})
 	err = h.call(ctx, false, func(conn *libvirt.Libvirt) error {
 		return conn.DomainCreate(dom)
 	})
 	if err != nil {
-		err = fmt.Errorf("start domain %s: %w", s.ID, err)
-		// Undo the definition so a failed Create can be retried. A
-		// fresh context: the caller's may be what ended the start.
-		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		defer cancel()
-		uerr := h.call(uctx, true, func(conn *libvirt.Libvirt) error {
-			return conn.DomainUndefineFlags(dom, h.flavour.undefineFlags)
-		})
-		if uerr != nil && !errors.Is(uerr, ErrNotFound) {
-			err = errors.Join(err, fmt.Errorf("undefine domain %s: %w", s.ID, uerr))
-		}
-		return err
+		// The usual cause is the bridge: libvirt's message names it.
+		return fmt.Errorf("start on bridge %s: %w", s.Bridge, err)
 	}
 	return nil
 }
@@ -477,9 +592,20 @@ func (h *Libvirt) Restart(ctx context.Context, id string) error {
 	return nil
 }
 
-// Remove destroys and undefines the domain; see Hypervisor.
+// Remove destroys and undefines the domain and deletes its disk; see
+// Hypervisor.
 func (h *Libvirt) Remove(ctx context.Context, id string) error {
-	if err := h.remove(ctx, id); err != nil {
+	err := h.remove(ctx, id)
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return fmt.Errorf("remove domain %s: %w", id, err)
+	}
+	// The disk goes after the domain, which may still be using it; a
+	// disk without a domain (a Create cut short by a crash) goes too.
+	disk, derr := h.removeDisk(id)
+	switch {
+	case derr != nil:
+		return fmt.Errorf("remove domain %s: %w", id, derr)
+	case err != nil && !disk:
 		return fmt.Errorf("remove domain %s: %w", id, err)
 	}
 	return nil
@@ -511,13 +637,13 @@ func (h *Libvirt) remove(ctx context.Context, id string) error {
 
 // State reports the domain's state; see Hypervisor.
 func (h *Libvirt) State(ctx context.Context, id string) (State, error) {
-	var st libvirt.DomainState
+	var st, reason int32
 	err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
 		dom, err := lookup(conn, id)
 		if err != nil {
 			return err
 		}
-		st, err = domainState(conn, dom)
+		st, reason, err = conn.DomainGetState(dom, 0)
 		return err
 	})
 	switch {
@@ -526,7 +652,7 @@ func (h *Libvirt) State(ctx context.Context, id string) (State, error) {
 	case err != nil:
 		return StateUnknown, fmt.Errorf("state of domain %s: %w", id, err)
 	}
-	return stateOf(st), nil
+	return stateOf(libvirt.DomainState(st), reason), nil
 }
 
 // List reports the domains with this Libvirt's Owner; see Hypervisor.
@@ -584,13 +710,19 @@ func (h *Libvirt) owns(conn *libvirt.Libvirt, dom libvirt.Domain) (bool, error) 
 
 // statsState finds the state in a domain's "state" statistics.
 func statsState(params []libvirt.TypedParam) State {
+	st, reason := int32(-1), int32(0)
 	for _, p := range params {
-		if p.Field != "state.state" {
-			continue
-		}
-		if v, ok := p.Value.I.(int32); ok {
-			return stateOf(libvirt.DomainState(v))
+		v, ok := p.Value.I.(int32)
+		switch {
+		case !ok:
+		case p.Field == "state.state":
+			st = v
+		case p.Field == "state.reason":
+			reason = v
 		}
 	}
-	return StateUnknown
+	if st < 0 {
+		return StateUnknown
+	}
+	return stateOf(libvirt.DomainState(st), reason)
 }

@@ -409,8 +409,8 @@ func TestQEMUCreateUndoesDefine(t *testing.T) {
 	})
 
 	err = h.Create(ctx, s)
-	if err == nil || !strings.Contains(err.Error(), "start domain "+s.ID) {
-		t.Fatalf("Create on a missing bridge: %v, want a start error naming %s", err, s.ID)
+	if err == nil || !strings.Contains(err.Error(), "create domain "+s.ID) || !strings.Contains(err.Error(), s.Bridge) {
+		t.Fatalf("Create on a missing bridge: %v, want an error naming %s and the bridge %s", err, s.ID, s.Bridge)
 	}
 	if o := observe(t, w, s.ID); o.found {
 		t.Fatalf("after the failed Create the witness sees %+v", o)

@@ -11,8 +11,11 @@ package hvtest
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -56,8 +59,8 @@ func Open(tb testing.TB) *hv.Libvirt {
 	return OpenConfig(tb, hv.Config{})
 }
 
-// OpenConfig is Open with cfg's StopTimeout and DomainType; URI, Socket and
-// Owner are hvtest's.
+// OpenConfig is Open with cfg's StopTimeout, DomainType and DiskDir (a
+// temporary directory if empty); URI, Socket and Owner are hvtest's.
 func OpenConfig(tb testing.TB, cfg hv.Config) *hv.Libvirt {
 	tb.Helper()
 	if _, err := os.Stat(Socket); err != nil {
@@ -65,15 +68,40 @@ func OpenConfig(tb testing.TB, cfg hv.Config) *hv.Libvirt {
 	}
 	cfg.URI = URI
 	cfg.Socket = Socket
-	cfg.Owner = "hvtest-" + runID + "-" + fmt.Sprint(seq.Add(1)) + "-" + tb.Name()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	cfg.Owner = Owner(tb)
+	if cfg.DiskDir == "" {
+		cfg.DiskDir = filepath.Join(tb.TempDir(), "disks")
+	}
+	return OpenSwept(tb, cfg)
+}
+
+// Owner returns an hv.Config.Owner no other test uses.
+func Owner(tb testing.TB) string {
+	return "hvtest-" + runID + "-" + fmt.Sprint(seq.Add(1)) + "-" + tb.Name()
+}
+
+// OpenSwept opens cfg as it is and, when the test ends, removes every
+// domain and disk the returned Libvirt made, whether or not the test closed
+// it, then closes it. cfg.Owner should come from Owner.
+func OpenSwept(tb testing.TB, cfg hv.Config) *hv.Libvirt {
+	tb.Helper()
+	// QEMU's first capability probe on a machine takes seconds, and a
+	// KVM probe up to its timeout.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	h, err := hv.Open(ctx, cfg)
 	if err != nil {
 		tb.Fatalf("hvtest: %v", err)
 	}
 	// A second connection for the cleanup: the test may close h, and the
-	// test driver forgets everything when its last connection closes.
+	// test driver forgets everything when its last connection closes. It
+	// takes h's accelerator rather than probing again.
+	acc, err := h.Accel(ctx)
+	if err != nil {
+		h.Close()
+		tb.Fatalf("hvtest: %v", err)
+	}
+	cfg.DomainType = acc.DomainType
 	sweeper, err := hv.Open(ctx, cfg)
 	if err != nil {
 		h.Close()
@@ -89,8 +117,16 @@ func OpenConfig(tb testing.TB, cfg hv.Config) *hv.Libvirt {
 			tb.Errorf("hvtest cleanup: %v", err)
 			return
 		}
+		ids, err := sweeper.Disks(ctx)
+		if err != nil {
+			tb.Errorf("hvtest cleanup: %v", err)
+		}
 		for _, d := range doms {
-			if err := sweeper.Remove(ctx, d.ID); err != nil {
+			ids = append(ids, d.ID)
+		}
+		slices.Sort(ids)
+		for _, id := range slices.Compact(ids) {
+			if err := sweeper.Remove(ctx, id); err != nil && !errors.Is(err, hv.ErrNotFound) {
 				tb.Errorf("hvtest cleanup: %v", err)
 			}
 		}
