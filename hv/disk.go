@@ -73,7 +73,7 @@ func (h *Libvirt) createDisk(ctx context.Context, s Spec, own *owner) (path, for
 			args = append(args, size)
 		}
 		if _, err := run(ctx, "qemu-img", args...); err != nil {
-			return "", "", fmt.Errorf("create overlay on image %s: %w", img.Name, err)
+			return "", "", fmt.Errorf("create overlay on %s (image %s): %w", img.Disk, img.Name, err)
 		}
 	default:
 		if _, err := run(ctx, "qemu-img", "create", "-q", "-f", "qcow2", tmp, size); err != nil {

@@ -182,15 +182,18 @@ func domainXML(s Spec, o xmlOptions) (string, error) {
 			Target: &libvirtxml.DomainDiskTarget{Dev: "vda", Bus: "virtio"},
 		}
 		if s.Image.Disk != "" && o.diskFormat == "qcow2" && o.disk != s.Image.Disk {
-			// The backing chain, spelt out: libvirt neither probes
-			// the base's format nor labels it, even without a
-			// domain-wide dacLabel.
+			// The backing chain, spelt out so libvirt does not probe
+			// the base's format.
+			base := &libvirtxml.DomainDiskSourceFile{File: s.Image.Disk}
+			if o.dacLabel == "" {
+				// Without the domain-wide label (which forbids
+				// per-file ones) the base still must not be
+				// relabelled.
+				base.SecLabel = []libvirtxml.DomainDeviceSecLabel{{Model: "dac", Relabel: "no"}}
+			}
 			disk.BackingStore = &libvirtxml.DomainDiskBackingStore{
-				Format: &libvirtxml.DomainDiskFormat{Type: s.Image.DiskFormat},
-				Source: &libvirtxml.DomainDiskSource{File: &libvirtxml.DomainDiskSourceFile{
-					File:     s.Image.Disk,
-					SecLabel: []libvirtxml.DomainDeviceSecLabel{{Model: "dac", Relabel: "no"}},
-				}},
+				Format:       &libvirtxml.DomainDiskFormat{Type: s.Image.DiskFormat},
+				Source:       &libvirtxml.DomainDiskSource{File: base},
 				BackingStore: &libvirtxml.DomainDiskBackingStore{},
 			}
 		}

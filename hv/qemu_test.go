@@ -1,0 +1,373 @@
+package hv_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/threes-dev/threes/hv"
+	"github.com/threes-dev/threes/hv/hvtest"
+	"github.com/threes-dev/threes/hv/images"
+)
+
+// bootTimeout bounds a TCG boot to the test image's shell, which takes a
+// few seconds alone and much longer on a machine busy with other builds.
+const bootTimeout = 3 * time.Minute
+
+// fileState is what must not change about a base image's file.
+type fileState struct {
+	sum       string
+	uid, gid  uint32
+	mode      os.FileMode
+	writeable bool
+}
+
+func stateOfFile(t *testing.T, path string) fileState {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	must(t, err)
+	st, err := os.Stat(path)
+	must(t, err)
+	sys := st.Sys().(*syscall.Stat_t)
+	sum := sha256.Sum256(b)
+	return fileState{sum: hex.EncodeToString(sum[:]), uid: sys.Uid, gid: sys.Gid, mode: st.Mode()}
+}
+
+// baseFiles returns the files of img that VMs share.
+func baseFiles(img images.Image) []string {
+	return []string{img.Disk, img.Kernel, img.Initrd}
+}
+
+func snapshotBase(t *testing.T, img images.Image) map[string]fileState {
+	t.Helper()
+	m := map[string]fileState{}
+	for _, f := range baseFiles(img) {
+		m[f] = stateOfFile(t, f)
+	}
+	return m
+}
+
+// checkBase fails the test if a base file's content, owner or mode changed.
+func checkBase(t *testing.T, img images.Image, before map[string]fileState) {
+	t.Helper()
+	for _, f := range baseFiles(img) {
+		if now := stateOfFile(t, f); now != before[f] {
+			t.Errorf("base file %s changed: %+v, was %+v", f, now, before[f])
+		}
+	}
+}
+
+// virshState is `virsh domstate --reason`, e.g. "running (booted)".
+func virshState(t *testing.T, id string) string {
+	t.Helper()
+	out, err := hvtest.Virsh(t, "domstate", "--reason", id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// virshInfo returns `virsh dominfo` as a map.
+func virshInfo(t *testing.T, id string) map[string]string {
+	t.Helper()
+	out, err := hvtest.Virsh(t, "dominfo", id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for line := range strings.Lines(out) {
+		k, v, ok := strings.Cut(line, ":")
+		if ok {
+			m[strings.TrimSpace(k)] = strings.TrimSpace(v)
+		}
+	}
+	return m
+}
+
+// qemuImgInfo is `qemu-img info` of a file in use (-U).
+func qemuImgInfo(t *testing.T, path string) map[string]any {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "info", "-U", "--output=json", path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("qemu-img info %s: %v\n%s", path, err, out)
+	}
+	var m map[string]any
+	must(t, json.Unmarshal(out, &m))
+	return m
+}
+
+// nextEvent waits for the next event about id, skipping others.
+func nextEvent(t *testing.T, events <-chan hv.Event, id string, want hv.State, reason string) {
+	t.Helper()
+	deadline := time.NewTimer(time.Minute)
+	defer deadline.Stop()
+	var seen []hv.Event
+	for {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				t.Fatalf("events channel closed waiting for %s %s; saw %+v", want, reason, seen)
+			}
+			if ev.ID != id {
+				continue
+			}
+			seen = append(seen, ev)
+			if ev.State == want && (reason == "" || ev.Reason == reason) {
+				return
+			}
+		case <-deadline.C:
+			t.Fatalf("no event %s (%s) for %s within a minute; saw %+v", want, reason, id, seen)
+		}
+	}
+}
+
+// TestQEMU boots one VM from the test image under QEMU and takes it through
+// its life, each step checked with virsh as a witness: create (vCPUs,
+// memory, disk an overlay on the untouched base, clean-traffic on its
+// NIC, its ID in SMBIOS as the guest sees it), console both ways, graceful
+// stop through ACPI, start, restart and remove, with events for each.
+func TestQEMU(t *testing.T) {
+	q := hvtest.OpenQEMU(t, hv.Config{StopTimeout: 2 * time.Minute})
+	h := q.H
+	top := t // consoles live across subtests
+	ctx := context.Background()
+
+	// Detection tried KVM for real: a host whose KVM is PVM-only
+	// (kvm_pvm) offers KVM but cannot boot a normal guest with it.
+	acc, err := h.Accel(ctx)
+	must(t, err)
+	t.Logf("accelerator: %s (%s)", acc.DomainType, acc.Reason)
+	if acc.Reason == "" || (acc.DomainType != "kvm" && acc.DomainType != "qemu") {
+		t.Errorf("Accel = %+v, want kvm or qemu with a reason", acc)
+	}
+	if _, err := os.Stat("/dev/kvm"); err != nil && acc.DomainType == "kvm" {
+		t.Errorf("Accel = %+v without /dev/kvm", acc)
+	}
+	if _, err := os.Stat("/sys/module/kvm_pvm"); err == nil {
+		if acc.DomainType != "qemu" || !strings.Contains(acc.Reason, "probe guest did not boot") {
+			t.Errorf("Accel = %+v on a PVM-only host, want qemu after a failed probe", acc)
+		}
+	}
+
+	evctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	events, err := h.Events(evctx)
+	must(t, err)
+
+	s := q.Spec(t)
+	s.VCPUs, s.MemoryMiB, s.DiskGiB, s.IP = 2, 320, 1, "10.10.7.9"
+	before := snapshotBase(t, q.Image)
+	overlay := filepath.Join(q.Dir, "disks", s.ID+".qcow2")
+
+	must(t, h.Create(ctx, s))
+	con, err := h.Console(ctx, s.ID)
+	must(t, err)
+	c := hvtest.WatchConsole(t, con)
+
+	t.Run("create", func(t *testing.T) {
+		if got := virshState(t, s.ID); got != "running (booted)" {
+			t.Errorf("virsh domstate = %q, want running (booted)", got)
+		}
+		info := virshInfo(t, s.ID)
+		if info["CPU(s)"] != "2" || info["Max memory"] != "327680 KiB" {
+			t.Errorf("virsh dominfo: CPU(s) %q, Max memory %q; want 2 and 327680 KiB", info["CPU(s)"], info["Max memory"])
+		}
+		xml, err := hvtest.Virsh(t, "dumpxml", s.ID)
+		must(t, err)
+		if !strings.Contains(xml, "<domain type='"+acc.DomainType+"'") {
+			t.Errorf("domain type is not %s:\n%s", acc.DomainType, xml)
+		}
+		if !strings.Contains(xml, "<filterref filter='clean-traffic'>") ||
+			!strings.Contains(xml, "<parameter name='IP' value='10.10.7.9'/>") {
+			t.Errorf("NIC has no clean-traffic filter with IP 10.10.7.9:\n%s", xml)
+		}
+		if bindings, err := hvtest.Virsh(t, "nwfilter-binding-list"); err != nil || !strings.Contains(bindings, "clean-traffic") {
+			t.Errorf("virsh nwfilter-binding-list = %q, %v; want a clean-traffic binding", bindings, err)
+		}
+		blk, err := hvtest.Virsh(t, "domblklist", s.ID)
+		must(t, err)
+		if !strings.Contains(blk, overlay) {
+			t.Errorf("virsh domblklist = %q, want the overlay %s", blk, overlay)
+		}
+		inf := qemuImgInfo(t, overlay)
+		if inf["format"] != "qcow2" || inf["backing-filename"] != q.Image.Disk ||
+			inf["backing-filename-format"] != "qcow2" || inf["virtual-size"] != float64(1<<30) {
+			t.Errorf("qemu-img info of the disk: %v; want a 1 GiB qcow2 overlay on %s", inf, q.Image.Disk)
+		}
+		if st, err := os.Stat(overlay); err != nil || st.Size() > 4<<20 {
+			t.Errorf("disk %s: %v bytes, %v; want a small overlay, not a copy", overlay, st.Size(), err)
+		}
+		// Running, the base files are still root's and read-only:
+		// libvirt relabelled nothing.
+		checkBase(t, q.Image, before)
+		nextEvent(t, events, s.ID, hv.StateRunning, "booted")
+	})
+
+	t.Run("console", func(t *testing.T) {
+		// The boot as the guest saw it: its kernel, our command line,
+		// its ID from the SMBIOS serial, and the shell.
+		c.WaitFor(t, "Linux version", bootTimeout)
+		c.WaitFor(t, "threes.dhcp=off", bootTimeout)
+		c.WaitFor(t, "threes-test: serial "+s.ID+"\r\n", bootTimeout)
+		c.WaitFor(t, "threes-test: ready", bootTimeout)
+		// Input reaches the guest's shell: it computes the answer.
+		c.Write(t, "echo threes-$((6*7))\n")
+		c.WaitFor(t, "threes-42", bootTimeout)
+	})
+
+	t.Run("stop", func(t *testing.T) {
+		must(t, h.Stop(ctx, s.ID))
+		// Graceful: the guest saw the power button and powered off.
+		if got := virshState(t, s.ID); got != "shut off (shutdown)" {
+			t.Errorf("virsh domstate = %q, want shut off (shutdown)", got)
+		}
+		c.WaitFor(t, "threes-test: power button", time.Minute)
+		if err := c.Ended(t, time.Minute); !errors.Is(err, io.EOF) {
+			t.Errorf("console ended with %v, want EOF", err)
+		}
+		nextEvent(t, events, s.ID, hv.StateStopped, "shutdown")
+		if _, err := os.Stat(overlay); err != nil {
+			t.Errorf("disk after Stop: %v, want kept", err)
+		}
+		if _, err := h.Console(ctx, s.ID); !errors.Is(err, hv.ErrNotRunning) {
+			t.Errorf("Console of a stopped domain: %v, want ErrNotRunning", err)
+		}
+	})
+
+	var bootID string
+	t.Run("start", func(t *testing.T) {
+		must(t, h.Start(ctx, s.ID))
+		con, err := h.Console(ctx, s.ID)
+		must(t, err)
+		c = hvtest.WatchConsole(top, con)
+		if got := virshState(t, s.ID); got != "running (booted)" {
+			t.Errorf("virsh domstate = %q, want running (booted)", got)
+		}
+		nextEvent(t, events, s.ID, hv.StateRunning, "booted")
+		bootID, err = hvtest.Virsh(t, "domid", s.ID)
+		must(t, err)
+		c.WaitFor(t, "threes-test: ready", bootTimeout)
+	})
+
+	t.Run("restart", func(t *testing.T) {
+		must(t, h.Restart(ctx, s.ID))
+		c.WaitFor(t, "threes-test: power button", time.Minute)
+		nextEvent(t, events, s.ID, hv.StateStopped, "shutdown")
+		nextEvent(t, events, s.ID, hv.StateRunning, "booted")
+		id, err := hvtest.Virsh(t, "domid", s.ID)
+		must(t, err)
+		if got := virshState(t, s.ID); got != "running (booted)" || id == bootID {
+			t.Errorf("virsh: %q as domain id %s; want running (booted) with an id other than %s", got, id, bootID)
+		}
+		con, err := h.Console(ctx, s.ID)
+		must(t, err)
+		c = hvtest.WatchConsole(top, con)
+		c.Write(t, "echo threes-$((7*8))\n")
+		c.WaitFor(t, "threes-56", bootTimeout)
+	})
+
+	t.Run("remove", func(t *testing.T) {
+		must(t, h.Remove(ctx, s.ID))
+		if out, err := hvtest.Virsh(t, "domstate", s.ID); err == nil {
+			t.Errorf("virsh domstate after Remove = %q, want no domain", out)
+		}
+		if _, err := os.Stat(overlay); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("disk after Remove: %v, want gone", err)
+		}
+		nextEvent(t, events, s.ID, hv.StateMissing, "undefined")
+		checkBase(t, q.Image, before)
+		if err := h.Remove(ctx, s.ID); !errors.Is(err, hv.ErrNotFound) {
+			t.Errorf("second Remove: %v, want ErrNotFound", err)
+		}
+	})
+}
+
+// TestQEMUBadInput checks that a Create that cannot work fails clearly and
+// leaves no domain and no disk: a missing bridge (discovered only when
+// QEMU starts), a missing image file, and a base image corrupted after its
+// import.
+func TestQEMUBadInput(t *testing.T) {
+	q := hvtest.OpenQEMU(t, hv.Config{DomainType: "qemu"})
+	ctx := context.Background()
+	noDomainNoDisk := func(t *testing.T, id string) {
+		t.Helper()
+		if out, err := hvtest.Virsh(t, "domstate", id); err == nil {
+			t.Errorf("virsh domstate after a failed Create = %q, want no domain", out)
+		}
+		if ids, err := q.H.Disks(ctx); err != nil || len(ids) != 0 {
+			t.Errorf("Disks after a failed Create = %v, %v; want none", ids, err)
+		}
+		ents, err := os.ReadDir(filepath.Join(q.Dir, "disks"))
+		if err != nil || len(ents) != 0 {
+			t.Errorf("disk directory after a failed Create holds %v, %v; want nothing", ents, err)
+		}
+	}
+
+	t.Run("missing bridge", func(t *testing.T) {
+		s := q.Spec(t)
+		s.Bridge = "thr-nobr0"
+		err := q.H.Create(ctx, s)
+		if err == nil || !strings.Contains(err.Error(), s.ID) || !strings.Contains(err.Error(), "thr-nobr0") {
+			t.Fatalf("Create: %v, want an error naming %s and the bridge", err, s.ID)
+		}
+		noDomainNoDisk(t, s.ID)
+	})
+
+	t.Run("missing image file", func(t *testing.T) {
+		s := q.Spec(t)
+		s.Image.Disk = filepath.Join(q.Dir, "nonexistent.qcow2")
+		err := q.H.Create(ctx, s)
+		if err == nil || !strings.Contains(err.Error(), s.Image.Disk) {
+			t.Fatalf("Create: %v, want an error naming %s", err, s.Image.Disk)
+		}
+		noDomainNoDisk(t, s.ID)
+	})
+
+	t.Run("corrupt image", func(t *testing.T) {
+		bad := filepath.Join(q.Dir, "corrupt.qcow2")
+		must(t, os.WriteFile(bad, append([]byte("QFI\xfb\x00\x00\x00\x03"), make([]byte, 1024)...), 0o444))
+		s := q.Spec(t)
+		s.Image.Disk = bad
+		err := q.H.Create(ctx, s)
+		if err == nil || !strings.Contains(err.Error(), "corrupt.qcow2") {
+			t.Fatalf("Create: %v, want an error naming corrupt.qcow2", err)
+		}
+		noDomainNoDisk(t, s.ID)
+	})
+
+	t.Run("disk smaller than image", func(t *testing.T) {
+		s := q.Spec(t)
+		s.Image.DiskBytes = 3 << 30
+		s.DiskGiB = 2
+		if err := q.H.Create(ctx, s); !errors.Is(err, hv.ErrInvalidSpec) {
+			t.Fatalf("Create: %v, want ErrInvalidSpec", err)
+		}
+		noDomainNoDisk(t, s.ID)
+	})
+
+	t.Run("disk taken", func(t *testing.T) {
+		// A disk left by a Create a crash cut short: Create refuses,
+		// Remove clears it.
+		s := q.Spec(t)
+		left := filepath.Join(q.Dir, "disks", s.ID+".qcow2")
+		must(t, os.WriteFile(left, nil, 0o600))
+		if err := q.H.Create(ctx, s); !errors.Is(err, hv.ErrExists) {
+			t.Fatalf("Create over a leftover disk: %v, want ErrExists", err)
+		}
+		if ids, err := q.H.Disks(ctx); err != nil || len(ids) != 1 || ids[0] != s.ID {
+			t.Errorf("Disks = %v, %v; want [%s]", ids, err, s.ID)
+		}
+		must(t, q.H.Remove(ctx, s.ID))
+		noDomainNoDisk(t, s.ID)
+	})
+}
