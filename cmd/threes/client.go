@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -17,11 +18,13 @@ import (
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 )
 
-// client opens a connection to the server and returns the API and a context bounded by
-// --timeout-ms. The transport is plain: on the tailnet WireGuard already encrypts and
-// authenticates both ends, and the local socket never leaves the host.
-func (g *global) client(ctx context.Context) (threesv1.ThreesClient, context.Context, func(), error) {
-	ctx, cancel := context.WithTimeout(ctx, time.Duration(g.timeoutMS)*time.Millisecond)
+// connect opens a connection to the server and returns the API and a context bounded
+// by --timeout-ms; main closes the connection when the command is done. The transport
+// is plain: on the tailnet WireGuard already encrypts and authenticates both ends, and
+// the local socket never leaves the host.
+func (g *global) connect(cmd *cobra.Command) (threesv1.ThreesClient, context.Context, error) {
+	ctx, cancel := context.WithTimeout(cmd.Context(), time.Duration(g.timeoutMS)*time.Millisecond)
+	g.cleanups = append(g.cleanups, cancel)
 	var conn *grpc.ClientConn
 	var err error
 	if g.socket != "" {
@@ -32,10 +35,17 @@ func (g *global) client(ctx context.Context) (threesv1.ThreesClient, context.Con
 			grpc.WithContextDialer(g.dialTailnet))
 	}
 	if err != nil {
-		cancel()
-		return nil, nil, nil, fmt.Errorf("connect to %s: %w", g.target(), err)
+		return nil, nil, fmt.Errorf("connect to %s: %w", g.target(), err)
 	}
-	return threesv1.NewThreesClient(conn), ctx, func() { conn.Close(); cancel() }, nil
+	g.cleanups = append(g.cleanups, func() { conn.Close() })
+	return threesv1.NewThreesClient(conn), ctx, nil
+}
+
+// close releases what connect opened.
+func (g *global) close() {
+	for _, c := range g.cleanups {
+		c()
+	}
 }
 
 func (g *global) target() string {

@@ -82,11 +82,10 @@ func (c *cmdKV) del() *cobra.Command {
 
 // call resolves the VM, runs one key/value call and prints what the VM now holds.
 func (c *cmdKV) call(cmd *cobra.Command, ref string, do func(threesv1.ThreesClient, context.Context, string) (*threesv1.KVs, error)) error {
-	cl, ctx, done, err := c.global.client(cmd.Context())
+	cl, ctx, err := c.global.connect(cmd)
 	if err != nil {
 		return err
 	}
-	defer done()
 	id, err := resolveVM(ctx, cl, ref)
 	if err != nil {
 		return err

@@ -16,7 +16,9 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := newRoot().ExecuteContext(ctx)
+	root, g := newRoot()
+	err := root.ExecuteContext(ctx)
+	g.close()
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "threes:", errorLine(err))
@@ -66,9 +68,10 @@ type global struct {
 	tsSocket  string
 	output    string
 	timeoutMS int
+	cleanups  []func()
 }
 
-func newRoot() *cobra.Command {
+func newRoot() (*cobra.Command, *global) {
 	g := &global{}
 	root := &cobra.Command{
 		Use:           "threes",
@@ -97,5 +100,5 @@ func newRoot() *cobra.Command {
 		(&cmdWhoAmI{global: g}).command(),
 		(&cmdVersion{global: g}).command(),
 	)
-	return root
+	return root, g
 }

@@ -22,11 +22,10 @@ func (c *cmdNetwork) command() *cobra.Command {
 			Short: "Create a network",
 			Args:  exactArgs(1, "NAME"),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				cl, ctx, done, err := c.global.client(cmd.Context())
+				cl, ctx, err := c.global.connect(cmd)
 				if err != nil {
 					return err
 				}
-				defer done()
 				n, err := cl.CreateNetwork(ctx, &threesv1.NetworkRequest{Name: args[0]})
 				if err != nil {
 					return err
@@ -39,11 +38,10 @@ func (c *cmdNetwork) command() *cobra.Command {
 			Short: "Delete a network no live VM uses",
 			Args:  exactArgs(1, "NAME"),
 			RunE: func(cmd *cobra.Command, args []string) error {
-				cl, ctx, done, err := c.global.client(cmd.Context())
+				cl, ctx, err := c.global.connect(cmd)
 				if err != nil {
 					return err
 				}
-				defer done()
 				if _, err := cl.DeleteNetwork(ctx, &threesv1.NetworkRequest{Name: args[0]}); err != nil {
 					return err
 				}
@@ -59,11 +57,10 @@ func (c *cmdNetwork) command() *cobra.Command {
 			Short:   "List networks",
 			Args:    exactArgs(0, ""),
 			RunE: func(cmd *cobra.Command, _ []string) error {
-				cl, ctx, done, err := c.global.client(cmd.Context())
+				cl, ctx, err := c.global.connect(cmd)
 				if err != nil {
 					return err
 				}
-				defer done()
 				resp, err := cl.ListNetworks(ctx, &threesv1.ListNetworksRequest{})
 				if err != nil {
 					return err

@@ -46,11 +46,10 @@ func (c *cmdVM) action(name, short string, pick func(threesv1.ThreesClient) vmCa
 		Short: short,
 		Args:  exactArgs(1, "VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, ctx, done, err := c.global.client(cmd.Context())
+			cl, ctx, err := c.global.connect(cmd)
 			if err != nil {
 				return err
 			}
-			defer done()
 			id, err := resolveVM(ctx, cl, args[0])
 			if err != nil {
 				return err
@@ -134,11 +133,10 @@ func (c *cmdVMCreate) run(cmd *cobra.Command, args []string) error {
 			req.Kvs = append(req.Kvs, kv)
 		}
 	}
-	cl, ctx, done, err := c.global.client(cmd.Context())
+	cl, ctx, err := c.global.connect(cmd)
 	if err != nil {
 		return err
 	}
-	defer done()
 	vm, err := cl.Create(ctx, req)
 	if err != nil {
 		return err
@@ -158,11 +156,10 @@ func (c *cmdVMAll) command() *cobra.Command {
 		Short:   "List VMs",
 		Args:    exactArgs(0, ""),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, ctx, done, err := c.global.client(cmd.Context())
+			cl, ctx, err := c.global.connect(cmd)
 			if err != nil {
 				return err
 			}
-			defer done()
 			stream, err := cl.All(ctx, &threesv1.AllRequest{IncludeDeleted: c.deleted})
 			if err != nil {
 				return err
@@ -197,11 +194,10 @@ func (c *cmdVMGet) command() *cobra.Command {
 		Short: "Show a VM",
 		Args:  exactArgs(1, "VM"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, ctx, done, err := c.global.client(cmd.Context())
+			cl, ctx, err := c.global.connect(cmd)
 			if err != nil {
 				return err
 			}
-			defer done()
 			id, err := resolveVM(ctx, cl, args[0])
 			if err != nil {
 				return err
@@ -223,11 +219,10 @@ func (c *cmdVMGetID) command() *cobra.Command {
 		Short: "Print the ID of the live VM with a name",
 		Args:  exactArgs(1, "NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, ctx, done, err := c.global.client(cmd.Context())
+			cl, ctx, err := c.global.connect(cmd)
 			if err != nil {
 				return err
 			}
-			defer done()
 			resp, err := cl.GetID(ctx, &threesv1.GetIDRequest{Name: args[0]})
 			if err != nil {
 				return err
@@ -253,11 +248,10 @@ func (c *cmdVMPurge) command() *cobra.Command {
 					return usagef("purge takes VM IDs (deleted VMs have no live name): %q is not one", a)
 				}
 			}
-			cl, ctx, done, err := c.global.client(cmd.Context())
+			cl, ctx, err := c.global.connect(cmd)
 			if err != nil {
 				return err
 			}
-			defer done()
 			resp, err := cl.Purge(ctx, &threesv1.PurgeRequest{Ids: args})
 			if err != nil {
 				return err

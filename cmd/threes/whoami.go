@@ -18,11 +18,10 @@ func (c *cmdWhoAmI) command() *cobra.Command {
 		Short: "Show who the server sees you as, and your role",
 		Args:  exactArgs(0, ""),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cl, ctx, done, err := c.global.client(cmd.Context())
+			cl, ctx, err := c.global.connect(cmd)
 			if err != nil {
 				return err
 			}
-			defer done()
 			me, err := cl.WhoAmI(ctx, &threesv1.WhoAmIRequest{})
 			if err != nil {
 				return err
