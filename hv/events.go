@@ -38,9 +38,13 @@ func (h *Libvirt) pumpEvents(ctx context.Context, out chan<- Event) {
 			return false
 		}
 	}
+	// The IDs of this Libvirt's domains as last seen: true for ours,
+	// false for others'. It outlives subscriptions, so a domain that
+	// vanished while the connection was down is reported missing.
+	mine := map[string]bool{}
 	wait := 50 * time.Millisecond
 	for ctx.Err() == nil {
-		ok := h.subscribeOnce(ctx, send)
+		ok := h.subscribeOnce(ctx, mine, send)
 		if errors.Is(ctx.Err(), context.Canceled) || h.isClosed() {
 			return
 		}
@@ -64,9 +68,10 @@ func (h *Libvirt) isClosed() bool {
 }
 
 // subscribeOnce subscribes on the current connection, sends every domain's
-// state, then forwards events until the subscription ends. It reports
-// whether the subscription was made.
-func (h *Libvirt) subscribeOnce(ctx context.Context, send func(Event) bool) bool {
+// state (and StateMissing for domains in mine that are gone), then forwards
+// events until the subscription ends. It reports whether the subscription
+// was made.
+func (h *Libvirt) subscribeOnce(ctx context.Context, mine map[string]bool, send func(Event) bool) bool {
 	conn, err := h.client(ctx)
 	if err != nil {
 		return false
@@ -82,9 +87,20 @@ func (h *Libvirt) subscribeOnce(ctx context.Context, send func(Event) bool) bool
 	// up as an event after the listing, never lost.
 	doms, err := h.List(ctx)
 	if err != nil {
-		return true // the connection went; start over
+		return false // start over after a pause
 	}
-	mine := make(map[string]bool, len(doms))
+	listed := make(map[string]bool, len(doms))
+	for _, d := range doms {
+		listed[d.ID] = true
+	}
+	for id, ours := range mine {
+		if !listed[id] {
+			delete(mine, id)
+			if ours && !send(Event{ID: id, State: StateMissing, Reason: "sync"}) {
+				return true
+			}
+		}
+	}
 	for _, d := range doms {
 		mine[d.ID] = true
 		if !send(Event{ID: d.ID, State: d.State, Reason: "sync"}) {

@@ -610,3 +610,102 @@ func BenchmarkList50(b *testing.B) {
 		}
 	}
 }
+
+// expectEvents reads events until it has seen each of want in order (other
+// events in between are fine), failing the test after a minute.
+func expectEvents(t *testing.T, events <-chan hv.Event, want ...hv.Event) {
+	t.Helper()
+	deadline := time.NewTimer(time.Minute)
+	defer deadline.Stop()
+	var seen []hv.Event
+	for len(want) > 0 {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				t.Fatalf("events closed; saw %+v, still want %+v", seen, want)
+			}
+			seen = append(seen, ev)
+			if ev == want[0] {
+				want = want[1:]
+			}
+		case <-deadline.C:
+			t.Fatalf("saw %+v, still want %+v", seen, want)
+		}
+	}
+}
+
+func TestEvents(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	h := hvtest.Open(t)
+	other := hvtest.Open(t)
+	a, b, c := hvtest.Spec(t), hvtest.Spec(t), hvtest.Spec(t)
+	must(t, h.Create(ctx, a))
+
+	evctx, cancel := context.WithCancel(ctx)
+	events, err := h.Events(evctx)
+	must(t, err)
+	// First the current state, then changes; another owner's domain (c)
+	// never shows.
+	expectEvents(t, events, hv.Event{ID: a.ID, State: hv.StateRunning, Reason: "sync"})
+	must(t, other.Create(ctx, c))
+	must(t, h.Create(ctx, b))
+	must(t, h.Stop(ctx, a.ID))
+	must(t, h.Remove(ctx, b.ID))
+	expectEvents(t, events,
+		hv.Event{ID: b.ID, State: hv.StateRunning, Reason: "booted"},
+		hv.Event{ID: a.ID, State: hv.StateStopped, Reason: "shutdown"},
+		hv.Event{ID: b.ID, State: hv.StateStopped, Reason: "destroyed"},
+		hv.Event{ID: b.ID, State: hv.StateMissing, Reason: "undefined"},
+	)
+	cancel()
+	for ev := range events {
+		if ev.ID == c.ID {
+			t.Errorf("event about another owner's domain: %+v", ev)
+		}
+	}
+}
+
+// TestEventsReconnect checks that events survive libvirtd restarts: the
+// subscription comes back by itself, reports what changed while it was
+// away, and carries on.
+func TestEventsReconnect(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	lvd := newPrivateLibvirtd(t)
+	lvd.start()
+	h, err := hv.Open(ctx, hv.Config{URI: hvtest.URI, Socket: lvd.socket, Owner: "events"})
+	must(t, err)
+	defer h.Close()
+	evctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	events, err := h.Events(evctx)
+	must(t, err)
+
+	a := hvtest.Spec(t)
+	must(t, h.Create(ctx, a))
+	expectEvents(t, events, hv.Event{ID: a.ID, State: hv.StateRunning, Reason: "booted"})
+
+	// The test driver forgets its domains with the daemon: once the
+	// subscription is back, a is reported missing, without any call on h.
+	lvd.stop()
+	lvd.start()
+	expectEvents(t, events, hv.Event{ID: a.ID, State: hv.StateMissing, Reason: "sync"})
+	b := hvtest.Spec(t)
+	must(t, h.Create(ctx, b))
+	expectEvents(t, events, hv.Event{ID: b.ID, State: hv.StateRunning, Reason: "booted"})
+
+	// Closing h ends the stream.
+	must(t, h.Close())
+	deadline := time.After(time.Minute)
+	for {
+		select {
+		case _, ok := <-events:
+			if !ok {
+				return
+			}
+		case <-deadline:
+			t.Fatal("events still open a minute after Close")
+		}
+	}
+}
