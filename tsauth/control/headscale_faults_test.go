@@ -103,8 +103,7 @@ func TestHeadscaleRetriesAndRedaction(t *testing.T) {
 	if err := plane.EnsureNetwork(ctx, "web"); !errors.Is(err, policy.ErrAllowAll) {
 		t.Fatalf("EnsureNetwork without a policy = %v, want ErrAllowAll", err)
 	}
-	body, _ := json.Marshal(map[string]string{"policy": hsBasePolicy})
-	hsAPI(t, hs, http.MethodPut, "/policy", string(body), nil)
+	hs.SetPolicy(t, hsBasePolicy)
 
 	// 503 (Retry-After 2), 429, 502: retried with the server's wait, then backoff.
 	proxy.fail(503, 429, 502)
@@ -114,7 +113,7 @@ func TestHeadscaleRetriesAndRedaction(t *testing.T) {
 	if got, want := sl.got(), []time.Duration{2 * time.Second, time.Second, 2 * time.Second}; !slices.Equal(got, want) {
 		t.Errorf("waits = %v, want %v", got, want)
 	}
-	if !strings.Contains(hsPolicy(t, hs), `"tag:threes-web": ["tag:threes"]`) {
+	if !strings.Contains(hs.Policy(t), `"tag:threes-web": ["tag:threes"]`) {
 		t.Error("network missing after retried EnsureNetwork")
 	}
 

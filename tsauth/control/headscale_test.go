@@ -3,10 +3,8 @@ package control_test
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -36,36 +34,6 @@ const hsBasePolicy = `// The operator's policy.
 	],
 }
 `
-
-func hsAPI(t *testing.T, hs *headscaletest.Server, method, path, body string, out any) {
-	t.Helper()
-	req, err := http.NewRequest(method, hs.URL+"/api/v1"+path, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+hs.APIKey)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("%s %s: %d %s", method, path, resp.StatusCode, b)
-	}
-	if out != nil {
-		if err := json.Unmarshal(b, out); err != nil {
-			t.Fatalf("%s %s: decode: %v", method, path, err)
-		}
-	}
-}
-
-func hsPolicy(t *testing.T, hs *headscaletest.Server) string {
-	t.Helper()
-	var p struct{ Policy string }
-	hsAPI(t, hs, http.MethodGet, "/policy", "", &p)
-	return p.Policy
-}
 
 // node is one tsnet node joined to headscale.
 type node struct {
@@ -212,8 +180,7 @@ func TestHeadscaleNetworks(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 
-	body, _ := json.Marshal(map[string]string{"policy": hsBasePolicy})
-	hsAPI(t, hs, http.MethodPut, "/policy", string(body), nil)
+	hs.SetPolicy(t, hsBasePolicy)
 
 	plane, err := control.NewHeadscale(control.HeadscaleConfig{
 		URL:    hs.URL,
@@ -228,11 +195,11 @@ func TestHeadscaleNetworks(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	withNets := hsPolicy(t, hs)
+	withNets := hs.Policy(t)
 	if err := plane.EnsureNetwork(ctx, "cool-network"); err != nil {
 		t.Fatal(err)
 	}
-	if again := hsPolicy(t, hs); again != withNets {
+	if again := hs.Policy(t); again != withNets {
 		t.Fatalf("second EnsureNetwork changed the policy:\n%s\nvs\n%s", again, withNets)
 	}
 	// Every line of the operator's stays, in order: threes only inserted lines.
@@ -336,7 +303,7 @@ func TestHeadscaleNetworks(t *testing.T) {
 			ACLTags    []string  `json:"aclTags"`
 		} `json:"preAuthKeys"`
 	}
-	hsAPI(t, hs, http.MethodGet, "/preauthkey", "", &list)
+	hs.API(t, http.MethodGet, "/preauthkey", nil, &list)
 	for _, k := range list.PreAuthKeys {
 		if k.Reusable {
 			t.Errorf("key %s is reusable", k.ID)
@@ -363,7 +330,7 @@ func TestHeadscaleNetworks(t *testing.T) {
 		}
 	}
 	phase("cleanup")
-	if got := hsPolicy(t, hs); got != hsBasePolicy {
+	if got := hs.Policy(t); got != hsBasePolicy {
 		t.Errorf("policy after removing the networks:\n%s\nwant\n%s", got, hsBasePolicy)
 	}
 }
