@@ -2,20 +2,25 @@ package appliance_test
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"tailscale.com/tsnet"
 
 	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/hvtest"
 	"github.com/threes-dev/threes/internal/netnstest"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
@@ -62,6 +67,7 @@ func TestVMOnHeadscale(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	hyper := &flakyHV{Hypervisor: hvtest.Open(t)}
 	br := netnstest.NewNS(t, "br")
 	br.Bridge(t, "threes0", "10.10.0.1/16")
 	dir := t.TempDir()
@@ -71,7 +77,7 @@ func TestVMOnHeadscale(t *testing.T) {
 		AuthKey:     hs.PreauthKey(t, "tag:threes"),
 		OwnerTag:    "tag:threes", // the key tags the node; headscale refuses advertised tags on top
 		Socket:      filepath.Join(dir, "threes.sock"),
-		Hypervisor:  hvtest.Open(t),
+		Hypervisor:  hyper,
 		Plane:       plane,
 		BridgeNetNS: br.Name,
 		Logger:      slog.New(slog.NewTextHandler(tWriter{t}, nil)),
@@ -98,6 +104,22 @@ func TestVMOnHeadscale(t *testing.T) {
 	if pol := hs.Policy(t); !strings.Contains(pol, `"tag:threes-cool-network"`) || !strings.Contains(pol, "The owner's own comment") {
 		t.Fatalf("policy after network create:\n%s", pol)
 	}
+	// A create that fails after its key was minted revokes the key and leaves
+	// nothing behind.
+	hyper.failCreate.Store(true)
+	_, err = api.Create(ctx, &threesv1.CreateRequest{Name: "broken", Network: "cool-network", Image: "base", Type: threesv1.VMType_VM_TYPE_TEENY})
+	hyper.failCreate.Store(false)
+	if err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("create with a failing hypervisor = %v", err)
+	}
+	if vms := all(t, ctx, api, true); len(vms) != 0 {
+		t.Fatalf("failed create left %v", vms)
+	}
+	keys := networkKeys(t, hs, "tag:threes-cool-network")
+	if len(keys) != 1 || keys[0].Expiration.After(time.Now()) {
+		t.Fatalf("keys after the failed create = %+v, want one, expired", keys)
+	}
+
 	vm := must[*threesv1.VM](t)(api.Create(ctx, &threesv1.CreateRequest{Name: "vm1", Network: "cool-network", Image: "base", Type: threesv1.VMType_VM_TYPE_TEENY}))
 
 	// The VM's stand-in: its MAC on the bridge, its address from DHCP.
@@ -168,4 +190,40 @@ func apiVia(t *testing.T, node *tsnet.Server, ip netip.Addr) threesv1.ThreesClie
 	}
 	t.Cleanup(func() { conn.Close() })
 	return threesv1.NewThreesClient(conn)
+}
+
+// flakyHV is the real hypervisor with a switch that makes Create fail, to check
+// that a create undoes the steps before it.
+type flakyHV struct {
+	hv.Hypervisor
+	failCreate atomic.Bool
+}
+
+func (f *flakyHV) Create(ctx context.Context, s hv.Spec) error {
+	if f.failCreate.Load() {
+		return errors.New("injected hypervisor failure")
+	}
+	return f.Hypervisor.Create(ctx, s)
+}
+
+type hsKey struct {
+	ID         string    `json:"id"`
+	Used       bool      `json:"used"`
+	Expiration time.Time `json:"expiration"`
+	ACLTags    []string  `json:"aclTags"`
+}
+
+// networkKeys lists headscale's pre-auth keys that carry tag.
+func networkKeys(t *testing.T, hs *headscaletest.Server, tag string) []hsKey {
+	var list struct {
+		PreAuthKeys []hsKey `json:"preAuthKeys"`
+	}
+	hs.API(t, http.MethodGet, "/preauthkey", nil, &list)
+	var out []hsKey
+	for _, k := range list.PreAuthKeys {
+		if slices.Contains(k.ACLTags, tag) {
+			out = append(out, k)
+		}
+	}
+	return out
 }
