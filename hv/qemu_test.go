@@ -345,6 +345,23 @@ func TestQEMUBadInput(t *testing.T) {
 		noDomainNoDisk(t, s.ID)
 	})
 
+	t.Run("unreachable image", func(t *testing.T) {
+		// QEMU runs as its own user: a base image in a directory only
+		// root can enter is refused before anything is made.
+		hidden := filepath.Join(q.Dir, "private")
+		must(t, os.Mkdir(hidden, 0o700))
+		b, err := os.ReadFile(q.Image.Disk)
+		must(t, err)
+		must(t, os.WriteFile(filepath.Join(hidden, "disk.qcow2"), b, 0o444))
+		s := q.Spec(t)
+		s.Image.Disk = filepath.Join(hidden, "disk.qcow2")
+		err = q.H.Create(ctx, s)
+		if err == nil || !strings.Contains(err.Error(), hidden) {
+			t.Fatalf("Create: %v, want an error naming %s", err, hidden)
+		}
+		noDomainNoDisk(t, s.ID)
+	})
+
 	t.Run("disk smaller than image", func(t *testing.T) {
 		s := q.Spec(t)
 		s.Image.DiskBytes = 3 << 30
