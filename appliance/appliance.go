@@ -18,6 +18,7 @@ import (
 
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
+	"github.com/threes-dev/threes/hv/images"
 	"github.com/threes-dev/threes/netboot/ipam"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 	"github.com/threes-dev/threes/tsauth"
@@ -59,9 +60,6 @@ type Options struct {
 	Ephemeral bool                             // the node leaves the tailnet when closed (tests)
 }
 
-// DefaultImages are the original's base images, until the image store lands.
-var DefaultImages = []string{"base", "arch"}
-
 func (o *Options) defaults() {
 	set := func(p *string, v string) {
 		if *p == "" {
@@ -81,9 +79,6 @@ func (o *Options) defaults() {
 			o.OwnerTag = o.Tags[0]
 		}
 	}
-	if o.Images == nil {
-		o.Images = DefaultImages
-	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
@@ -102,6 +97,7 @@ type Appliance struct {
 	db      *embeddb.DB
 	hv      hv.Hypervisor
 	hvClose func() error
+	images  *images.Store
 	life    *Lifecycle
 	servers []*grpc.Server
 	closers []func() error
@@ -120,9 +116,15 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		}
 	}()
 
-	// 1. The state dir holds the node key and the database: only root reads it.
-	if err := os.MkdirAll(o.StateDir, 0o700); err != nil {
+	// 1. The state dir: QEMU's user must get through it to the images and disks
+	// (which are its own to guard), while the node key and the database stay root's.
+	if err := os.MkdirAll(o.StateDir, 0o711); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	for _, private := range []string{"db", "tailnet"} {
+		if err := os.MkdirAll(filepath.Join(o.StateDir, private), 0o700); err != nil {
+			return nil, fmt.Errorf("state dir: %w", err)
+		}
 	}
 
 	// 2. The embedded database. One node talks to nobody, so Raft gets an in-memory
@@ -141,14 +143,21 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	// 3. The hypervisor.
 	a.hv = o.Hypervisor
 	if a.hv == nil {
-		lv, err := hv.Open(ctx, hv.Config{URI: o.LibvirtURI, Owner: "threes/" + o.Hostname, Lazy: true})
+		lv, err := hv.Open(ctx, hv.Config{URI: o.LibvirtURI, Owner: "threes/" + o.Hostname, Lazy: true,
+			DiskDir: filepath.Join(o.StateDir, "disks")})
 		if err != nil {
 			return nil, fmt.Errorf("open hypervisor %s: %w", o.LibvirtURI, err)
 		}
 		a.hv, a.hvClose = lv, lv.Close
 	}
-	if _, err := a.hv.List(ctx); err != nil {
+	if accel, err := a.hv.Accel(ctx); err != nil {
 		o.Logger.Warn("hypervisor not reachable yet: VM calls fail until it is (is libvirtd running?)", "uri", o.LibvirtURI, "err", err)
+	} else {
+		o.Logger.Info("hypervisor", "uri", o.LibvirtURI, "domain_type", accel.DomainType, "why", accel.Reason)
+	}
+	// Base images live beside the disks made from them.
+	if a.images, err = images.Open(filepath.Join(o.StateDir, "images")); err != nil {
+		return nil, fmt.Errorf("image store: %w", err)
 	}
 
 	// 4. The IPAM, from the addresses the database holds.
@@ -166,7 +175,7 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		o.Logger.Warn("no control plane configured: networks are recorded but not written to the tailnet policy, and VMs get no auth keys")
 	}
 	a.life = &Lifecycle{db: a.db, hv: a.hv, ipam: pool, plane: o.Plane, ownerTag: o.OwnerTag,
-		images: o.Images, bridge: o.Bridge, now: o.Now, log: o.Logger}
+		images: a.images, bridge: o.Bridge, now: o.Now, log: o.Logger}
 	if err := a.life.Recover(ctx); err != nil {
 		return nil, err
 	}

@@ -20,6 +20,7 @@ import (
 	"tailscale.com/tsnet"
 
 	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/threestest"
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/hvtest"
 	"github.com/threes-dev/threes/internal/netnstest"
@@ -71,6 +72,7 @@ func TestVMOnHeadscale(t *testing.T) {
 	br := netnstest.NewNS(t, "br")
 	br.Bridge(t, "threes0", "10.10.0.1/16")
 	dir := t.TempDir()
+	threestest.SeedImages(t, dir, "base")
 	a, err := appliance.Start(ctx, appliance.Options{
 		StateDir:    dir,
 		ControlURL:  hs.URL,

@@ -6,12 +6,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"slices"
 	"sync"
 	"time"
 
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
+	"github.com/threes-dev/threes/hv/images"
 	"github.com/threes-dev/threes/netboot/ipam"
 	"github.com/threes-dev/threes/tsauth/control"
 )
@@ -42,7 +42,7 @@ type Lifecycle struct {
 	// records networks and VMs join the tailnet by other means.
 	plane    control.Plane
 	ownerTag string
-	images   []string
+	images   *images.Store
 	bridge   string
 	now      func() time.Time
 	log      *slog.Logger
@@ -59,9 +59,6 @@ func (l *Lifecycle) validate(s CreateSpec) (Size, error) {
 	}
 	if err := ValidateName("network", s.Network); err != nil {
 		return Size{}, err
-	}
-	if !slices.Contains(l.images, s.Image) {
-		return Size{}, fieldErr("image", "unknown image %q: have %v", s.Image, l.images)
 	}
 	size, err := SizeOf(s.Type)
 	if err != nil {
@@ -100,6 +97,10 @@ func validateKVs(kvs []embeddb.KV) error {
 // and undoes every step already done if a later one fails.
 func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, err error) {
 	size, err := l.validate(s)
+	if err != nil {
+		return vm, err
+	}
+	img, err := l.image(s.Image)
 	if err != nil {
 		return vm, err
 	}
@@ -166,7 +167,8 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		}
 	}
 
-	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: mac, Bridge: l.bridge}
+	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: mac, Bridge: l.bridge,
+		IP: vm.IP, Image: img, DiskGiB: max(size.DiskGiB, int((img.DiskBytes+1<<30-1)>>30))}
 	if err := l.hv.Create(ctx, spec); err != nil {
 		return vm, fmt.Errorf("create vm %s: %w", vm.Name, err)
 	}
@@ -176,6 +178,24 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		return vm, err
 	}
 	return vm, nil
+}
+
+// image looks a VM's base image up in the store, as a field error when it is unknown.
+func (l *Lifecycle) image(name string) (images.Image, error) {
+	if err := images.ValidateName(name); err != nil {
+		return images.Image{}, fieldErr("image", "%v", err)
+	}
+	img, err := l.images.Get(name)
+	if errors.Is(err, images.ErrNotFound) {
+		names := []string{}
+		if all, lerr := l.images.List(); lerr == nil {
+			for _, i := range all {
+				names = append(names, i.Name)
+			}
+		}
+		return img, fieldErr("image", "unknown image %q: have %v (threes image import)", name, names)
+	}
+	return img, err
 }
 
 // Get returns a VM by ID, live or deleted.

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/threes-dev/threes/appliance"
 	"github.com/threes-dev/threes/hv/hvtest"
+	"github.com/threes-dev/threes/hv/images"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 	"github.com/threes-dev/threes/tsauth"
 	"github.com/threes-dev/threes/tsauth/tailnettest"
@@ -54,8 +56,29 @@ func Start(t testing.TB) *Env {
 			Ephemeral:  true,
 		},
 	}
+	SeedImages(t, dir, "base", "arch")
 	e.start(t)
 	return e
+}
+
+// SeedImages imports tiny blank qcow2 disk images with the given names into the
+// image store of the appliance whose state dir is stateDir. They boot nothing; they
+// stand in for base images where the test driver, not QEMU, runs the domains.
+func SeedImages(t testing.TB, stateDir string, names ...string) {
+	t.Helper()
+	store, err := images.Open(filepath.Join(stateDir, "images"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range names {
+		file := filepath.Join(t.TempDir(), name+".qcow2")
+		if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", file, "16M").CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img create: %v\n%s", err, out)
+		}
+		if _, err := store.Import(context.Background(), name, images.Source{Disk: file}); err != nil {
+			t.Fatalf("import image %s: %v", name, err)
+		}
+	}
 }
 
 func (e *Env) start(t testing.TB) {

@@ -17,7 +17,6 @@ import (
 type cmdServe struct {
 	opts     appliance.Options
 	tags     string
-	images   string
 	logLevel string
 
 	// The control plane the appliance edits: Tailscale's API or headscale's.
@@ -59,7 +58,6 @@ Without an auth key the node logs a login URL and joins once someone approves it
 	f.StringVar(&o.LibvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection URI")
 	f.StringVar(&c.dns, "dns", "", "comma-separated name servers DHCP hands to VMs")
 	f.StringVar(&c.opts.BridgeNetNS, "bridge-netns", "", "network namespace (as ip netns names it) holding the bridge, if not the host's")
-	f.StringVar(&c.images, "images", strings.Join(appliance.DefaultImages, ","), "comma-separated base images VMs may use")
 	f.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 
 	f.StringVarP(&c.tailnet, "tailnet", "n", "", `Tailscale tailnet whose policy, keys and devices threes manages ("-" for the credential's own)`)
@@ -107,7 +105,6 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 	}
 	c.opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	c.opts.Tags = splitList(c.tags)
-	c.opts.Images = splitList(c.images)
 	for _, d := range splitList(c.dns) {
 		ip, err := netip.ParseAddr(d)
 		if err != nil {

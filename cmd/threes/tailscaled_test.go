@@ -16,6 +16,7 @@ import (
 	"tailscale.com/ipn"
 
 	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/threestest"
 	"github.com/threes-dev/threes/hv/hvtest"
 	"github.com/threes-dev/threes/tsauth/control/headscaletest"
 )
@@ -54,6 +55,7 @@ func TestCLIOverTailscaled(t *testing.T) {
 	defer cancel()
 
 	dir := t.TempDir()
+	threestest.SeedImages(t, dir, "base")
 	a, err := appliance.Start(ctx, appliance.Options{
 		StateDir: dir, ControlURL: hs.URL, AuthKey: hs.PreauthKey(t, "tag:threes"), OwnerTag: "tag:threes",
 		Socket: filepath.Join(dir, "threes.sock"), Hypervisor: hvtest.Open(t),
