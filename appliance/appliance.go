@@ -217,7 +217,7 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	}
 
 	// 8. The API, on the tailnet and on the host-local socket, behind one gate.
-	svc := &service{life: a.life, db: a.db}
+	svc := &service{life: a.life, db: a.db, images: a.images}
 	g := &gate{identify: ident.Identify, log: o.Logger}
 	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, tsLn)
 	if o.Socket != "none" {
@@ -313,7 +313,7 @@ func (a *Appliance) Close() error {
 // so benchmarks can compare the tailnet path with plain loopback TCP on the very same
 // service; nothing in threes serves a network listener this way.
 func (a *Appliance) ServeAs(ln net.Listener, who tsauth.Principal) {
-	svc := &service{life: a.life, db: a.db}
+	svc := &service{life: a.life, db: a.db, images: a.images}
 	g := &gate{identify: func(context.Context, netip.AddrPort) (tsauth.Principal, error) { return who, nil }, log: a.log}
 	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, ln)
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
+	"github.com/threes-dev/threes/hv/images"
 	"github.com/threes-dev/threes/netboot/ipam"
 	"github.com/threes-dev/threes/tsauth/control"
 	"github.com/threes-dev/threes/tsauth/policy"
@@ -43,8 +44,14 @@ func toStatus(err error) error {
 		code = codes.NotFound
 	case errors.Is(err, embeddb.ErrExists), errors.Is(err, hv.ErrExists):
 		code = codes.AlreadyExists
-	case errors.Is(err, policy.ErrInvalidName):
+	case errors.Is(err, policy.ErrInvalidName), errors.Is(err, images.ErrBadImage), errors.Is(err, images.ErrInvalidName):
 		code = codes.InvalidArgument
+	case errors.Is(err, images.ErrNotFound):
+		code = codes.NotFound
+	case errors.Is(err, images.ErrExists):
+		code = codes.AlreadyExists
+	case errors.Is(err, ErrImageInUse):
+		code = codes.FailedPrecondition
 	case errors.Is(err, embeddb.ErrInUse), errors.Is(err, ErrState), errors.Is(err, control.ErrNetworkInUse),
 		errors.Is(err, policy.ErrAllowAll), errors.Is(err, policy.ErrOwnerTagUndefined),
 		errors.Is(err, policy.ErrTagTaken), errors.Is(err, policy.ErrInvalidPolicy):

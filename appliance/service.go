@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/hv/images"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 	"github.com/threes-dev/threes/tsauth"
 )
@@ -18,8 +19,9 @@ import (
 // already happened in the gate; the only role check left here is secret redaction.
 type service struct {
 	threesv1.UnimplementedThreesServer
-	life *Lifecycle
-	db   *embeddb.DB
+	life   *Lifecycle
+	db     *embeddb.DB
+	images *images.Store
 }
 
 func (s *service) Create(ctx context.Context, req *threesv1.CreateRequest) (*threesv1.VM, error) {

@@ -162,6 +162,30 @@ func TestCLI(t *testing.T) {
 	c.fail(1, "not found", "vm", "get", id)
 	c.ok("network", "delete", "cool-network")
 
+	// Images: upload, refuse junk and duplicates, refuse deleting one in use.
+	disk := filepath.Join(t.TempDir(), "tiny.qcow2")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "32M").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img: %v %s", err, out)
+	}
+	if out := c.ok("image", "import", "tiny", disk); !strings.Contains(out, "qcow2, 32 MiB") {
+		t.Errorf("image import = %q", out)
+	}
+	c.fail(1, "already exists", "image", "import", "tiny", disk)
+	junk := filepath.Join(t.TempDir(), "junk.img")
+	os.WriteFile(junk, []byte("QFI\xfbnot really a qcow2 image"), 0o644)
+	c.fail(1, "invalid argument", "image", "import", "junk", junk)
+	c.fail(2, "no such file", "image", "import", "nofile", "/nonexistent.qcow2")
+	if out := c.ok("image", "list"); !strings.Contains(out, "tiny") || strings.Contains(out, "junk") {
+		t.Errorf("image list = %q", out)
+	}
+	c.ok("network", "create", "imgnet")
+	c.ok("vm", "create", "-i", "tiny", "--network", "imgnet", "small1")
+	c.fail(1, "small1", "image", "delete", "tiny")
+	c.ok("vm", "delete", "small1")
+	c.fail(1, "purge them first", "image", "delete", "tiny")
+	c.ok("vm", "purge")
+	c.ok("image", "delete", "tiny")
+
 	if out := c.ok("version"); !strings.HasPrefix(out, "threes ") {
 		t.Errorf("version = %q", out)
 	}

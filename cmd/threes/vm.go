@@ -32,6 +32,7 @@ func (c *cmdVM) command() *cobra.Command {
 		c.action("restart", "Restart a VM", func(cl threesv1.ThreesClient) vmCall { return cl.Restart }),
 		c.action("delete", "Stop a VM and mark it deleted (purge removes it for good)", func(cl threesv1.ThreesClient) vmCall { return cl.Delete }),
 		(&cmdVMPurge{global: c.global}).command(),
+		(&cmdConsole{global: c.global}).command(),
 		(&cmdKV{global: c.global}).command(),
 	)
 	return cmd

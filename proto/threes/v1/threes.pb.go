@@ -146,6 +146,61 @@ func (VMState) EnumDescriptor() ([]byte, []int) {
 	return file_threes_v1_threes_proto_rawDescGZIP(), []int{1}
 }
 
+// ImageFile says which file of an image a part belongs to.
+type ImageFile int32
+
+const (
+	ImageFile_IMAGE_FILE_UNSPECIFIED ImageFile = 0
+	// DISK is a qcow2 or raw disk: alone, a disk image that boots its own bootloader.
+	ImageFile_IMAGE_FILE_DISK ImageFile = 1
+	// KERNEL (with INITRD and an optional DISK) makes an image QEMU boots directly.
+	ImageFile_IMAGE_FILE_KERNEL ImageFile = 2
+	ImageFile_IMAGE_FILE_INITRD ImageFile = 3
+)
+
+// Enum value maps for ImageFile.
+var (
+	ImageFile_name = map[int32]string{
+		0: "IMAGE_FILE_UNSPECIFIED",
+		1: "IMAGE_FILE_DISK",
+		2: "IMAGE_FILE_KERNEL",
+		3: "IMAGE_FILE_INITRD",
+	}
+	ImageFile_value = map[string]int32{
+		"IMAGE_FILE_UNSPECIFIED": 0,
+		"IMAGE_FILE_DISK":        1,
+		"IMAGE_FILE_KERNEL":      2,
+		"IMAGE_FILE_INITRD":      3,
+	}
+)
+
+func (x ImageFile) Enum() *ImageFile {
+	p := new(ImageFile)
+	*p = x
+	return p
+}
+
+func (x ImageFile) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ImageFile) Descriptor() protoreflect.EnumDescriptor {
+	return file_threes_v1_threes_proto_enumTypes[2].Descriptor()
+}
+
+func (ImageFile) Type() protoreflect.EnumType {
+	return &file_threes_v1_threes_proto_enumTypes[2]
+}
+
+func (x ImageFile) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ImageFile.Descriptor instead.
+func (ImageFile) EnumDescriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{2}
+}
+
 // VM is a virtual machine as threes records it.
 type VM struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
@@ -1037,6 +1092,516 @@ func (x *DeleteKVsRequest) GetKeys() []string {
 	return nil
 }
 
+// ConsoleInput is a console session's input: the first names the VM, the rest carry bytes.
+type ConsoleInput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	VmId          string                 `protobuf:"bytes,1,opt,name=vm_id,json=vmId,proto3" json:"vm_id,omitempty"`
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleInput) Reset() {
+	*x = ConsoleInput{}
+	mi := &file_threes_v1_threes_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleInput) ProtoMessage() {}
+
+func (x *ConsoleInput) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleInput.ProtoReflect.Descriptor instead.
+func (*ConsoleInput) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ConsoleInput) GetVmId() string {
+	if x != nil {
+		return x.VmId
+	}
+	return ""
+}
+
+func (x *ConsoleInput) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+// ConsoleOutput is what the VM wrote to its console.
+type ConsoleOutput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleOutput) Reset() {
+	*x = ConsoleOutput{}
+	mi := &file_threes_v1_threes_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleOutput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleOutput) ProtoMessage() {}
+
+func (x *ConsoleOutput) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleOutput.ProtoReflect.Descriptor instead.
+func (*ConsoleOutput) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ConsoleOutput) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+// ImageUpload is one message of an image upload.
+type ImageUpload struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Msg:
+	//
+	//	*ImageUpload_Header
+	//	*ImageUpload_Part
+	Msg           isImageUpload_Msg `protobuf_oneof:"msg"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImageUpload) Reset() {
+	*x = ImageUpload{}
+	mi := &file_threes_v1_threes_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImageUpload) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImageUpload) ProtoMessage() {}
+
+func (x *ImageUpload) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImageUpload.ProtoReflect.Descriptor instead.
+func (*ImageUpload) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ImageUpload) GetMsg() isImageUpload_Msg {
+	if x != nil {
+		return x.Msg
+	}
+	return nil
+}
+
+func (x *ImageUpload) GetHeader() *ImageHeader {
+	if x != nil {
+		if x, ok := x.Msg.(*ImageUpload_Header); ok {
+			return x.Header
+		}
+	}
+	return nil
+}
+
+func (x *ImageUpload) GetPart() *ImagePart {
+	if x != nil {
+		if x, ok := x.Msg.(*ImageUpload_Part); ok {
+			return x.Part
+		}
+	}
+	return nil
+}
+
+type isImageUpload_Msg interface {
+	isImageUpload_Msg()
+}
+
+type ImageUpload_Header struct {
+	Header *ImageHeader `protobuf:"bytes,1,opt,name=header,proto3,oneof"`
+}
+
+type ImageUpload_Part struct {
+	Part *ImagePart `protobuf:"bytes,2,opt,name=part,proto3,oneof"`
+}
+
+func (*ImageUpload_Header) isImageUpload_Msg() {}
+
+func (*ImageUpload_Part) isImageUpload_Msg() {}
+
+// ImageHeader starts an upload.
+type ImageHeader struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// cmdline is the kernel command line of a kernel image.
+	Cmdline       string `protobuf:"bytes,2,opt,name=cmdline,proto3" json:"cmdline,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImageHeader) Reset() {
+	*x = ImageHeader{}
+	mi := &file_threes_v1_threes_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImageHeader) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImageHeader) ProtoMessage() {}
+
+func (x *ImageHeader) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImageHeader.ProtoReflect.Descriptor instead.
+func (*ImageHeader) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ImageHeader) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ImageHeader) GetCmdline() string {
+	if x != nil {
+		return x.Cmdline
+	}
+	return ""
+}
+
+// ImagePart carries the next bytes of one of the image's files.
+type ImagePart struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	File          ImageFile              `protobuf:"varint,1,opt,name=file,proto3,enum=threes.v1.ImageFile" json:"file,omitempty"`
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImagePart) Reset() {
+	*x = ImagePart{}
+	mi := &file_threes_v1_threes_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImagePart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImagePart) ProtoMessage() {}
+
+func (x *ImagePart) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImagePart.ProtoReflect.Descriptor instead.
+func (*ImagePart) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ImagePart) GetFile() ImageFile {
+	if x != nil {
+		return x.File
+	}
+	return ImageFile_IMAGE_FILE_UNSPECIFIED
+}
+
+func (x *ImagePart) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+// Image is a base image in the store.
+type Image struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// kind is "disk" or "kernel".
+	Kind       string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	DiskFormat string `protobuf:"bytes,3,opt,name=disk_format,json=diskFormat,proto3" json:"disk_format,omitempty"`
+	// disk_bytes is the disk's virtual size: the smallest disk a VM of it gets.
+	DiskBytes     uint64                 `protobuf:"varint,4,opt,name=disk_bytes,json=diskBytes,proto3" json:"disk_bytes,omitempty"`
+	HasInitrd     bool                   `protobuf:"varint,5,opt,name=has_initrd,json=hasInitrd,proto3" json:"has_initrd,omitempty"`
+	Cmdline       string                 `protobuf:"bytes,6,opt,name=cmdline,proto3" json:"cmdline,omitempty"`
+	ImportedAt    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=imported_at,json=importedAt,proto3" json:"imported_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Image) Reset() {
+	*x = Image{}
+	mi := &file_threes_v1_threes_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Image) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Image) ProtoMessage() {}
+
+func (x *Image) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Image.ProtoReflect.Descriptor instead.
+func (*Image) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *Image) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Image) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *Image) GetDiskFormat() string {
+	if x != nil {
+		return x.DiskFormat
+	}
+	return ""
+}
+
+func (x *Image) GetDiskBytes() uint64 {
+	if x != nil {
+		return x.DiskBytes
+	}
+	return 0
+}
+
+func (x *Image) GetHasInitrd() bool {
+	if x != nil {
+		return x.HasInitrd
+	}
+	return false
+}
+
+func (x *Image) GetCmdline() string {
+	if x != nil {
+		return x.Cmdline
+	}
+	return ""
+}
+
+func (x *Image) GetImportedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ImportedAt
+	}
+	return nil
+}
+
+// ImageRef names an image.
+type ImageRef struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ImageRef) Reset() {
+	*x = ImageRef{}
+	mi := &file_threes_v1_threes_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ImageRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ImageRef) ProtoMessage() {}
+
+func (x *ImageRef) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ImageRef.ProtoReflect.Descriptor instead.
+func (*ImageRef) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ImageRef) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// ListImagesRequest is empty for now.
+type ListImagesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListImagesRequest) Reset() {
+	*x = ListImagesRequest{}
+	mi := &file_threes_v1_threes_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListImagesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListImagesRequest) ProtoMessage() {}
+
+func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
+func (*ListImagesRequest) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{22}
+}
+
+// ListImagesResponse lists images by name.
+type ListImagesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Images        []*Image               `protobuf:"bytes,1,rep,name=images,proto3" json:"images,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListImagesResponse) Reset() {
+	*x = ListImagesResponse{}
+	mi := &file_threes_v1_threes_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListImagesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListImagesResponse) ProtoMessage() {}
+
+func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
+func (*ListImagesResponse) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ListImagesResponse) GetImages() []*Image {
+	if x != nil {
+		return x.Images
+	}
+	return nil
+}
+
 // WhoAmIRequest is empty.
 type WhoAmIRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1046,7 +1611,7 @@ type WhoAmIRequest struct {
 
 func (x *WhoAmIRequest) Reset() {
 	*x = WhoAmIRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[15]
+	mi := &file_threes_v1_threes_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1058,7 +1623,7 @@ func (x *WhoAmIRequest) String() string {
 func (*WhoAmIRequest) ProtoMessage() {}
 
 func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[15]
+	mi := &file_threes_v1_threes_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1071,7 +1636,7 @@ func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIRequest.ProtoReflect.Descriptor instead.
 func (*WhoAmIRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{15}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{24}
 }
 
 // WhoAmIResponse describes the caller as the appliance sees it.
@@ -1091,7 +1656,7 @@ type WhoAmIResponse struct {
 
 func (x *WhoAmIResponse) Reset() {
 	*x = WhoAmIResponse{}
-	mi := &file_threes_v1_threes_proto_msgTypes[16]
+	mi := &file_threes_v1_threes_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1103,7 +1668,7 @@ func (x *WhoAmIResponse) String() string {
 func (*WhoAmIResponse) ProtoMessage() {}
 
 func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[16]
+	mi := &file_threes_v1_threes_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1116,7 +1681,7 @@ func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIResponse.ProtoReflect.Descriptor instead.
 func (*WhoAmIResponse) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{16}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *WhoAmIResponse) GetPrincipal() string {
@@ -1229,7 +1794,39 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\x03kvs\x18\x02 \x03(\v2\r.threes.v1.KVR\x03kvs\";\n" +
 	"\x10DeleteKVsRequest\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x12\n" +
-	"\x04keys\x18\x02 \x03(\tR\x04keys\"\x0f\n" +
+	"\x04keys\x18\x02 \x03(\tR\x04keys\"7\n" +
+	"\fConsoleInput\x12\x13\n" +
+	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"#\n" +
+	"\rConsoleOutput\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"r\n" +
+	"\vImageUpload\x120\n" +
+	"\x06header\x18\x01 \x01(\v2\x16.threes.v1.ImageHeaderH\x00R\x06header\x12*\n" +
+	"\x04part\x18\x02 \x01(\v2\x14.threes.v1.ImagePartH\x00R\x04partB\x05\n" +
+	"\x03msg\";\n" +
+	"\vImageHeader\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\acmdline\x18\x02 \x01(\tR\acmdline\"I\n" +
+	"\tImagePart\x12(\n" +
+	"\x04file\x18\x01 \x01(\x0e2\x14.threes.v1.ImageFileR\x04file\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"\xe5\x01\n" +
+	"\x05Image\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1f\n" +
+	"\vdisk_format\x18\x03 \x01(\tR\n" +
+	"diskFormat\x12\x1d\n" +
+	"\n" +
+	"disk_bytes\x18\x04 \x01(\x04R\tdiskBytes\x12\x1d\n" +
+	"\n" +
+	"has_initrd\x18\x05 \x01(\bR\thasInitrd\x12\x18\n" +
+	"\acmdline\x18\x06 \x01(\tR\acmdline\x12;\n" +
+	"\vimported_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"importedAt\"\x1e\n" +
+	"\bImageRef\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x13\n" +
+	"\x11ListImagesRequest\">\n" +
+	"\x12ListImagesResponse\x12(\n" +
+	"\x06images\x18\x01 \x03(\v2\x10.threes.v1.ImageR\x06images\"\x0f\n" +
 	"\rWhoAmIRequest\"\x96\x01\n" +
 	"\x0eWhoAmIResponse\x12\x1c\n" +
 	"\tprincipal\x18\x01 \x01(\tR\tprincipal\x12\x14\n" +
@@ -1251,7 +1848,12 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\x10VM_STATE_RUNNING\x10\x02\x12\x14\n" +
 	"\x10VM_STATE_STOPPED\x10\x03\x12\x14\n" +
 	"\x10VM_STATE_CRASHED\x10\x04\x12\x14\n" +
-	"\x10VM_STATE_DELETED\x10\x052\xdb\x06\n" +
+	"\x10VM_STATE_DELETED\x10\x05*j\n" +
+	"\tImageFile\x12\x1a\n" +
+	"\x16IMAGE_FILE_UNSPECIFIED\x10\x00\x12\x13\n" +
+	"\x0fIMAGE_FILE_DISK\x10\x01\x12\x15\n" +
+	"\x11IMAGE_FILE_KERNEL\x10\x02\x12\x15\n" +
+	"\x11IMAGE_FILE_INITRD\x10\x032\xdf\b\n" +
 	"\x06Threes\x121\n" +
 	"\x06Create\x12\x18.threes.v1.CreateRequest\x1a\r.threes.v1.VM\x12&\n" +
 	"\x03Get\x12\x10.threes.v1.VMRef\x1a\r.threes.v1.VM\x12-\n" +
@@ -1267,7 +1869,12 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\fListNetworks\x12\x1e.threes.v1.ListNetworksRequest\x1a\x1f.threes.v1.ListNetworksResponse\x12*\n" +
 	"\x06GetKVs\x12\x10.threes.v1.VMRef\x1a\x0e.threes.v1.KVs\x12+\n" +
 	"\tUpsertKVs\x12\x0e.threes.v1.KVs\x1a\x0e.threes.v1.KVs\x128\n" +
-	"\tDeleteKVs\x12\x1b.threes.v1.DeleteKVsRequest\x1a\x0e.threes.v1.KVs\x12=\n" +
+	"\tDeleteKVs\x12\x1b.threes.v1.DeleteKVsRequest\x1a\x0e.threes.v1.KVs\x12@\n" +
+	"\aConsole\x12\x17.threes.v1.ConsoleInput\x1a\x18.threes.v1.ConsoleOutput(\x010\x01\x129\n" +
+	"\vImportImage\x12\x16.threes.v1.ImageUpload\x1a\x10.threes.v1.Image(\x01\x12I\n" +
+	"\n" +
+	"ListImages\x12\x1c.threes.v1.ListImagesRequest\x1a\x1d.threes.v1.ListImagesResponse\x12:\n" +
+	"\vDeleteImage\x12\x13.threes.v1.ImageRef\x1a\x16.google.protobuf.Empty\x12=\n" +
 	"\x06WhoAmI\x12\x18.threes.v1.WhoAmIRequest\x1a\x19.threes.v1.WhoAmIResponseB7Z5github.com/threes-dev/threes/proto/threes/v1;threesv1b\x06proto3"
 
 var (
@@ -1282,79 +1889,102 @@ func file_threes_v1_threes_proto_rawDescGZIP() []byte {
 	return file_threes_v1_threes_proto_rawDescData
 }
 
-var file_threes_v1_threes_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_threes_v1_threes_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_threes_v1_threes_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_threes_v1_threes_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_threes_v1_threes_proto_goTypes = []any{
 	(VMType)(0),                   // 0: threes.v1.VMType
 	(VMState)(0),                  // 1: threes.v1.VMState
-	(*VM)(nil),                    // 2: threes.v1.VM
-	(*CreateRequest)(nil),         // 3: threes.v1.CreateRequest
-	(*VMRef)(nil),                 // 4: threes.v1.VMRef
-	(*AllRequest)(nil),            // 5: threes.v1.AllRequest
-	(*GetIDRequest)(nil),          // 6: threes.v1.GetIDRequest
-	(*GetIDResponse)(nil),         // 7: threes.v1.GetIDResponse
-	(*PurgeRequest)(nil),          // 8: threes.v1.PurgeRequest
-	(*PurgeResponse)(nil),         // 9: threes.v1.PurgeResponse
-	(*NetworkRequest)(nil),        // 10: threes.v1.NetworkRequest
-	(*Network)(nil),               // 11: threes.v1.Network
-	(*ListNetworksRequest)(nil),   // 12: threes.v1.ListNetworksRequest
-	(*ListNetworksResponse)(nil),  // 13: threes.v1.ListNetworksResponse
-	(*KV)(nil),                    // 14: threes.v1.KV
-	(*KVs)(nil),                   // 15: threes.v1.KVs
-	(*DeleteKVsRequest)(nil),      // 16: threes.v1.DeleteKVsRequest
-	(*WhoAmIRequest)(nil),         // 17: threes.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),        // 18: threes.v1.WhoAmIResponse
-	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),         // 20: google.protobuf.Empty
+	(ImageFile)(0),                // 2: threes.v1.ImageFile
+	(*VM)(nil),                    // 3: threes.v1.VM
+	(*CreateRequest)(nil),         // 4: threes.v1.CreateRequest
+	(*VMRef)(nil),                 // 5: threes.v1.VMRef
+	(*AllRequest)(nil),            // 6: threes.v1.AllRequest
+	(*GetIDRequest)(nil),          // 7: threes.v1.GetIDRequest
+	(*GetIDResponse)(nil),         // 8: threes.v1.GetIDResponse
+	(*PurgeRequest)(nil),          // 9: threes.v1.PurgeRequest
+	(*PurgeResponse)(nil),         // 10: threes.v1.PurgeResponse
+	(*NetworkRequest)(nil),        // 11: threes.v1.NetworkRequest
+	(*Network)(nil),               // 12: threes.v1.Network
+	(*ListNetworksRequest)(nil),   // 13: threes.v1.ListNetworksRequest
+	(*ListNetworksResponse)(nil),  // 14: threes.v1.ListNetworksResponse
+	(*KV)(nil),                    // 15: threes.v1.KV
+	(*KVs)(nil),                   // 16: threes.v1.KVs
+	(*DeleteKVsRequest)(nil),      // 17: threes.v1.DeleteKVsRequest
+	(*ConsoleInput)(nil),          // 18: threes.v1.ConsoleInput
+	(*ConsoleOutput)(nil),         // 19: threes.v1.ConsoleOutput
+	(*ImageUpload)(nil),           // 20: threes.v1.ImageUpload
+	(*ImageHeader)(nil),           // 21: threes.v1.ImageHeader
+	(*ImagePart)(nil),             // 22: threes.v1.ImagePart
+	(*Image)(nil),                 // 23: threes.v1.Image
+	(*ImageRef)(nil),              // 24: threes.v1.ImageRef
+	(*ListImagesRequest)(nil),     // 25: threes.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),    // 26: threes.v1.ListImagesResponse
+	(*WhoAmIRequest)(nil),         // 27: threes.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),        // 28: threes.v1.WhoAmIResponse
+	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),         // 30: google.protobuf.Empty
 }
 var file_threes_v1_threes_proto_depIdxs = []int32{
 	0,  // 0: threes.v1.VM.type:type_name -> threes.v1.VMType
 	1,  // 1: threes.v1.VM.state:type_name -> threes.v1.VMState
-	19, // 2: threes.v1.VM.created_at:type_name -> google.protobuf.Timestamp
-	19, // 3: threes.v1.VM.updated_at:type_name -> google.protobuf.Timestamp
-	19, // 4: threes.v1.VM.deleted_at:type_name -> google.protobuf.Timestamp
+	29, // 2: threes.v1.VM.created_at:type_name -> google.protobuf.Timestamp
+	29, // 3: threes.v1.VM.updated_at:type_name -> google.protobuf.Timestamp
+	29, // 4: threes.v1.VM.deleted_at:type_name -> google.protobuf.Timestamp
 	0,  // 5: threes.v1.CreateRequest.type:type_name -> threes.v1.VMType
-	14, // 6: threes.v1.CreateRequest.kvs:type_name -> threes.v1.KV
-	19, // 7: threes.v1.Network.created_at:type_name -> google.protobuf.Timestamp
-	11, // 8: threes.v1.ListNetworksResponse.networks:type_name -> threes.v1.Network
-	14, // 9: threes.v1.KVs.kvs:type_name -> threes.v1.KV
-	3,  // 10: threes.v1.Threes.Create:input_type -> threes.v1.CreateRequest
-	4,  // 11: threes.v1.Threes.Get:input_type -> threes.v1.VMRef
-	5,  // 12: threes.v1.Threes.All:input_type -> threes.v1.AllRequest
-	6,  // 13: threes.v1.Threes.GetID:input_type -> threes.v1.GetIDRequest
-	4,  // 14: threes.v1.Threes.Start:input_type -> threes.v1.VMRef
-	4,  // 15: threes.v1.Threes.Stop:input_type -> threes.v1.VMRef
-	4,  // 16: threes.v1.Threes.Restart:input_type -> threes.v1.VMRef
-	4,  // 17: threes.v1.Threes.Delete:input_type -> threes.v1.VMRef
-	8,  // 18: threes.v1.Threes.Purge:input_type -> threes.v1.PurgeRequest
-	10, // 19: threes.v1.Threes.CreateNetwork:input_type -> threes.v1.NetworkRequest
-	10, // 20: threes.v1.Threes.DeleteNetwork:input_type -> threes.v1.NetworkRequest
-	12, // 21: threes.v1.Threes.ListNetworks:input_type -> threes.v1.ListNetworksRequest
-	4,  // 22: threes.v1.Threes.GetKVs:input_type -> threes.v1.VMRef
-	15, // 23: threes.v1.Threes.UpsertKVs:input_type -> threes.v1.KVs
-	16, // 24: threes.v1.Threes.DeleteKVs:input_type -> threes.v1.DeleteKVsRequest
-	17, // 25: threes.v1.Threes.WhoAmI:input_type -> threes.v1.WhoAmIRequest
-	2,  // 26: threes.v1.Threes.Create:output_type -> threes.v1.VM
-	2,  // 27: threes.v1.Threes.Get:output_type -> threes.v1.VM
-	2,  // 28: threes.v1.Threes.All:output_type -> threes.v1.VM
-	7,  // 29: threes.v1.Threes.GetID:output_type -> threes.v1.GetIDResponse
-	2,  // 30: threes.v1.Threes.Start:output_type -> threes.v1.VM
-	2,  // 31: threes.v1.Threes.Stop:output_type -> threes.v1.VM
-	2,  // 32: threes.v1.Threes.Restart:output_type -> threes.v1.VM
-	2,  // 33: threes.v1.Threes.Delete:output_type -> threes.v1.VM
-	9,  // 34: threes.v1.Threes.Purge:output_type -> threes.v1.PurgeResponse
-	11, // 35: threes.v1.Threes.CreateNetwork:output_type -> threes.v1.Network
-	20, // 36: threes.v1.Threes.DeleteNetwork:output_type -> google.protobuf.Empty
-	13, // 37: threes.v1.Threes.ListNetworks:output_type -> threes.v1.ListNetworksResponse
-	15, // 38: threes.v1.Threes.GetKVs:output_type -> threes.v1.KVs
-	15, // 39: threes.v1.Threes.UpsertKVs:output_type -> threes.v1.KVs
-	15, // 40: threes.v1.Threes.DeleteKVs:output_type -> threes.v1.KVs
-	18, // 41: threes.v1.Threes.WhoAmI:output_type -> threes.v1.WhoAmIResponse
-	26, // [26:42] is the sub-list for method output_type
-	10, // [10:26] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	15, // 6: threes.v1.CreateRequest.kvs:type_name -> threes.v1.KV
+	29, // 7: threes.v1.Network.created_at:type_name -> google.protobuf.Timestamp
+	12, // 8: threes.v1.ListNetworksResponse.networks:type_name -> threes.v1.Network
+	15, // 9: threes.v1.KVs.kvs:type_name -> threes.v1.KV
+	21, // 10: threes.v1.ImageUpload.header:type_name -> threes.v1.ImageHeader
+	22, // 11: threes.v1.ImageUpload.part:type_name -> threes.v1.ImagePart
+	2,  // 12: threes.v1.ImagePart.file:type_name -> threes.v1.ImageFile
+	29, // 13: threes.v1.Image.imported_at:type_name -> google.protobuf.Timestamp
+	23, // 14: threes.v1.ListImagesResponse.images:type_name -> threes.v1.Image
+	4,  // 15: threes.v1.Threes.Create:input_type -> threes.v1.CreateRequest
+	5,  // 16: threes.v1.Threes.Get:input_type -> threes.v1.VMRef
+	6,  // 17: threes.v1.Threes.All:input_type -> threes.v1.AllRequest
+	7,  // 18: threes.v1.Threes.GetID:input_type -> threes.v1.GetIDRequest
+	5,  // 19: threes.v1.Threes.Start:input_type -> threes.v1.VMRef
+	5,  // 20: threes.v1.Threes.Stop:input_type -> threes.v1.VMRef
+	5,  // 21: threes.v1.Threes.Restart:input_type -> threes.v1.VMRef
+	5,  // 22: threes.v1.Threes.Delete:input_type -> threes.v1.VMRef
+	9,  // 23: threes.v1.Threes.Purge:input_type -> threes.v1.PurgeRequest
+	11, // 24: threes.v1.Threes.CreateNetwork:input_type -> threes.v1.NetworkRequest
+	11, // 25: threes.v1.Threes.DeleteNetwork:input_type -> threes.v1.NetworkRequest
+	13, // 26: threes.v1.Threes.ListNetworks:input_type -> threes.v1.ListNetworksRequest
+	5,  // 27: threes.v1.Threes.GetKVs:input_type -> threes.v1.VMRef
+	16, // 28: threes.v1.Threes.UpsertKVs:input_type -> threes.v1.KVs
+	17, // 29: threes.v1.Threes.DeleteKVs:input_type -> threes.v1.DeleteKVsRequest
+	18, // 30: threes.v1.Threes.Console:input_type -> threes.v1.ConsoleInput
+	20, // 31: threes.v1.Threes.ImportImage:input_type -> threes.v1.ImageUpload
+	25, // 32: threes.v1.Threes.ListImages:input_type -> threes.v1.ListImagesRequest
+	24, // 33: threes.v1.Threes.DeleteImage:input_type -> threes.v1.ImageRef
+	27, // 34: threes.v1.Threes.WhoAmI:input_type -> threes.v1.WhoAmIRequest
+	3,  // 35: threes.v1.Threes.Create:output_type -> threes.v1.VM
+	3,  // 36: threes.v1.Threes.Get:output_type -> threes.v1.VM
+	3,  // 37: threes.v1.Threes.All:output_type -> threes.v1.VM
+	8,  // 38: threes.v1.Threes.GetID:output_type -> threes.v1.GetIDResponse
+	3,  // 39: threes.v1.Threes.Start:output_type -> threes.v1.VM
+	3,  // 40: threes.v1.Threes.Stop:output_type -> threes.v1.VM
+	3,  // 41: threes.v1.Threes.Restart:output_type -> threes.v1.VM
+	3,  // 42: threes.v1.Threes.Delete:output_type -> threes.v1.VM
+	10, // 43: threes.v1.Threes.Purge:output_type -> threes.v1.PurgeResponse
+	12, // 44: threes.v1.Threes.CreateNetwork:output_type -> threes.v1.Network
+	30, // 45: threes.v1.Threes.DeleteNetwork:output_type -> google.protobuf.Empty
+	14, // 46: threes.v1.Threes.ListNetworks:output_type -> threes.v1.ListNetworksResponse
+	16, // 47: threes.v1.Threes.GetKVs:output_type -> threes.v1.KVs
+	16, // 48: threes.v1.Threes.UpsertKVs:output_type -> threes.v1.KVs
+	16, // 49: threes.v1.Threes.DeleteKVs:output_type -> threes.v1.KVs
+	19, // 50: threes.v1.Threes.Console:output_type -> threes.v1.ConsoleOutput
+	23, // 51: threes.v1.Threes.ImportImage:output_type -> threes.v1.Image
+	26, // 52: threes.v1.Threes.ListImages:output_type -> threes.v1.ListImagesResponse
+	30, // 53: threes.v1.Threes.DeleteImage:output_type -> google.protobuf.Empty
+	28, // 54: threes.v1.Threes.WhoAmI:output_type -> threes.v1.WhoAmIResponse
+	35, // [35:55] is the sub-list for method output_type
+	15, // [15:35] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_threes_v1_threes_proto_init() }
@@ -1362,13 +1992,17 @@ func file_threes_v1_threes_proto_init() {
 	if File_threes_v1_threes_proto != nil {
 		return
 	}
+	file_threes_v1_threes_proto_msgTypes[17].OneofWrappers = []any{
+		(*ImageUpload_Header)(nil),
+		(*ImageUpload_Part)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_threes_v1_threes_proto_rawDesc), len(file_threes_v1_threes_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   17,
+			NumEnums:      3,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

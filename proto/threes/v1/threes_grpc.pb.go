@@ -38,6 +38,10 @@ const (
 	Threes_GetKVs_FullMethodName        = "/threes.v1.Threes/GetKVs"
 	Threes_UpsertKVs_FullMethodName     = "/threes.v1.Threes/UpsertKVs"
 	Threes_DeleteKVs_FullMethodName     = "/threes.v1.Threes/DeleteKVs"
+	Threes_Console_FullMethodName       = "/threes.v1.Threes/Console"
+	Threes_ImportImage_FullMethodName   = "/threes.v1.Threes/ImportImage"
+	Threes_ListImages_FullMethodName    = "/threes.v1.Threes/ListImages"
+	Threes_DeleteImage_FullMethodName   = "/threes.v1.Threes/DeleteImage"
 	Threes_WhoAmI_FullMethodName        = "/threes.v1.Threes/WhoAmI"
 )
 
@@ -77,6 +81,15 @@ type ThreesClient interface {
 	UpsertKVs(ctx context.Context, in *KVs, opts ...grpc.CallOption) (*KVs, error)
 	// DeleteKVs removes keys from a VM and returns what is left.
 	DeleteKVs(ctx context.Context, in *DeleteKVsRequest, opts ...grpc.CallOption) (*KVs, error)
+	// Console attaches to a VM's serial console. The first message names the VM;
+	// every message after carries keystrokes. Output streams back until either side ends.
+	Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput], error)
+	// ImportImage uploads a base image: first a header, then the files' bytes in parts.
+	ImportImage(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImageUpload, Image], error)
+	// ListImages returns every base image.
+	ListImages(ctx context.Context, in *ListImagesRequest, opts ...grpc.CallOption) (*ListImagesResponse, error)
+	// DeleteImage removes a base image no VM uses.
+	DeleteImage(ctx context.Context, in *ImageRef, opts ...grpc.CallOption) (*emptypb.Empty, error)
 	// WhoAmI says who the caller is and what role it has.
 	WhoAmI(ctx context.Context, in *WhoAmIRequest, opts ...grpc.CallOption) (*WhoAmIResponse, error)
 }
@@ -248,6 +261,52 @@ func (c *threesClient) DeleteKVs(ctx context.Context, in *DeleteKVsRequest, opts
 	return out, nil
 }
 
+func (c *threesClient) Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Threes_ServiceDesc.Streams[1], Threes_Console_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ConsoleInput, ConsoleOutput]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Threes_ConsoleClient = grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput]
+
+func (c *threesClient) ImportImage(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImageUpload, Image], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Threes_ServiceDesc.Streams[2], Threes_ImportImage_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ImageUpload, Image]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Threes_ImportImageClient = grpc.ClientStreamingClient[ImageUpload, Image]
+
+func (c *threesClient) ListImages(ctx context.Context, in *ListImagesRequest, opts ...grpc.CallOption) (*ListImagesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListImagesResponse)
+	err := c.cc.Invoke(ctx, Threes_ListImages_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *threesClient) DeleteImage(ctx context.Context, in *ImageRef, opts ...grpc.CallOption) (*emptypb.Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(emptypb.Empty)
+	err := c.cc.Invoke(ctx, Threes_DeleteImage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *threesClient) WhoAmI(ctx context.Context, in *WhoAmIRequest, opts ...grpc.CallOption) (*WhoAmIResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(WhoAmIResponse)
@@ -294,6 +353,15 @@ type ThreesServer interface {
 	UpsertKVs(context.Context, *KVs) (*KVs, error)
 	// DeleteKVs removes keys from a VM and returns what is left.
 	DeleteKVs(context.Context, *DeleteKVsRequest) (*KVs, error)
+	// Console attaches to a VM's serial console. The first message names the VM;
+	// every message after carries keystrokes. Output streams back until either side ends.
+	Console(grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]) error
+	// ImportImage uploads a base image: first a header, then the files' bytes in parts.
+	ImportImage(grpc.ClientStreamingServer[ImageUpload, Image]) error
+	// ListImages returns every base image.
+	ListImages(context.Context, *ListImagesRequest) (*ListImagesResponse, error)
+	// DeleteImage removes a base image no VM uses.
+	DeleteImage(context.Context, *ImageRef) (*emptypb.Empty, error)
 	// WhoAmI says who the caller is and what role it has.
 	WhoAmI(context.Context, *WhoAmIRequest) (*WhoAmIResponse, error)
 	mustEmbedUnimplementedThreesServer()
@@ -350,6 +418,18 @@ func (UnimplementedThreesServer) UpsertKVs(context.Context, *KVs) (*KVs, error) 
 }
 func (UnimplementedThreesServer) DeleteKVs(context.Context, *DeleteKVsRequest) (*KVs, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method DeleteKVs not implemented")
+}
+func (UnimplementedThreesServer) Console(grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]) error {
+	return status.Errorf(codes.Unimplemented, "method Console not implemented")
+}
+func (UnimplementedThreesServer) ImportImage(grpc.ClientStreamingServer[ImageUpload, Image]) error {
+	return status.Errorf(codes.Unimplemented, "method ImportImage not implemented")
+}
+func (UnimplementedThreesServer) ListImages(context.Context, *ListImagesRequest) (*ListImagesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListImages not implemented")
+}
+func (UnimplementedThreesServer) DeleteImage(context.Context, *ImageRef) (*emptypb.Empty, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DeleteImage not implemented")
 }
 func (UnimplementedThreesServer) WhoAmI(context.Context, *WhoAmIRequest) (*WhoAmIResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method WhoAmI not implemented")
@@ -638,6 +718,56 @@ func _Threes_DeleteKVs_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Threes_Console_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ThreesServer).Console(&grpc.GenericServerStream[ConsoleInput, ConsoleOutput]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Threes_ConsoleServer = grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]
+
+func _Threes_ImportImage_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ThreesServer).ImportImage(&grpc.GenericServerStream[ImageUpload, Image]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Threes_ImportImageServer = grpc.ClientStreamingServer[ImageUpload, Image]
+
+func _Threes_ListImages_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListImagesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ThreesServer).ListImages(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Threes_ListImages_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ThreesServer).ListImages(ctx, req.(*ListImagesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Threes_DeleteImage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ImageRef)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ThreesServer).DeleteImage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Threes_DeleteImage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ThreesServer).DeleteImage(ctx, req.(*ImageRef))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Threes_WhoAmI_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(WhoAmIRequest)
 	if err := dec(in); err != nil {
@@ -720,6 +850,14 @@ var Threes_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Threes_DeleteKVs_Handler,
 		},
 		{
+			MethodName: "ListImages",
+			Handler:    _Threes_ListImages_Handler,
+		},
+		{
+			MethodName: "DeleteImage",
+			Handler:    _Threes_DeleteImage_Handler,
+		},
+		{
 			MethodName: "WhoAmI",
 			Handler:    _Threes_WhoAmI_Handler,
 		},
@@ -729,6 +867,17 @@ var Threes_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "All",
 			Handler:       _Threes_All_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "Console",
+			Handler:       _Threes_Console_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "ImportImage",
+			Handler:       _Threes_ImportImage_Handler,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "threes/v1/threes.proto",

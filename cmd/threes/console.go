@@ -1,0 +1,117 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
+)
+
+// escapeKey (Ctrl-]) leaves an interactive console, as it does in virsh and telnet.
+const escapeKey = 0x1d
+
+type cmdConsole struct{ global *global }
+
+func (c *cmdConsole) command() *cobra.Command {
+	return &cobra.Command{
+		Use:   "console VM",
+		Short: "Attach to a VM's serial console (Ctrl-] to leave)",
+		Args:  exactArgs(1, "VM"),
+		RunE:  c.run,
+	}
+}
+
+func (c *cmdConsole) run(cmd *cobra.Command, args []string) error {
+	cl, ctx, err := c.global.connect(cmd)
+	if err != nil {
+		return err
+	}
+	id, err := resolveVM(ctx, cl, args[0])
+	if err != nil {
+		return err
+	}
+	// A console session lasts as long as the person wants, not --timeout-ms.
+	stream, err := cl.Console(cmd.Context())
+	if err != nil {
+		return err
+	}
+	if err := stream.Send(&threesv1.ConsoleInput{VmId: id}); err != nil {
+		return err
+	}
+	in := cmd.InOrStdin()
+	interactive := false
+	if f, ok := in.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		old, err := term.MakeRaw(int(f.Fd()))
+		if err != nil {
+			return fmt.Errorf("console: %w", err)
+		}
+		defer term.Restore(int(f.Fd()), old)
+		interactive = true
+		fmt.Fprintf(cmd.ErrOrStderr(), "Connected to %s's console. Ctrl-] leaves.\r\n", args[0])
+	}
+
+	// Keystrokes out. Piped input ends the input side at EOF, and the session
+	// stays open for the VM's output until the VM or the server ends it.
+	leave := make(chan struct{})
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := in.Read(buf)
+			if n > 0 {
+				data := buf[:n]
+				if interactive {
+					for i, b := range data {
+						if b == escapeKey {
+							data = data[:i]
+							close(leave)
+							break
+						}
+					}
+				}
+				if len(data) > 0 {
+					if stream.Send(&threesv1.ConsoleInput{Data: append([]byte(nil), data...)}) != nil {
+						return
+					}
+				}
+			}
+			select {
+			case <-leave:
+				stream.CloseSend()
+				return
+			default:
+			}
+			if err != nil {
+				stream.CloseSend()
+				return
+			}
+		}
+	}()
+	out := make(chan error, 1)
+	go func() {
+		for {
+			msg, err := stream.Recv()
+			if err != nil {
+				out <- err
+				return
+			}
+			if _, err := cmd.OutOrStdout().Write(msg.GetData()); err != nil {
+				out <- err
+				return
+			}
+		}
+	}()
+	select {
+	case <-leave:
+		return nil
+	case err := <-out:
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		return err
+	}
+}
