@@ -58,7 +58,7 @@ func fixture(n int, network string) (VM, VMConfig, Address) {
 	at := t0.Add(time.Duration(n) * time.Second)
 	vm := VM{
 		ID: id, Name: fmt.Sprintf("toy%d", n), Description: "a toy", Network: network,
-		Image: "arch", Type: "small", State: "creating", Host: "node1", CreatedAt: at,
+		Image: "arch", Type: "small", State: "creating", Desired: "running", Host: "node1", CreatedAt: at,
 	}
 	cfg := VMConfig{Hostname: vm.Name, Script: "#!/bin/sh\necho hi\n", PublicKey: "ssh-ed25519 AAAA", AuthKey: "tskey-auth-" + id}
 	addr := Address{IP: ip, MAC: mac, Hostname: vm.Name, LeasedAt: at}

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"time"
 )
 
@@ -19,7 +20,8 @@ type VM struct {
 	Type        string
 	MAC         string
 	IP          string
-	State       string
+	State       string // what libvirt last reported, or the create under way
+	Desired     string // what the VM's owner asked for; reconcile converges on it
 	Host        string
 	CreatedAt   time.Time
 	UpdatedAt   time.Time
@@ -78,7 +80,7 @@ func canonicalMAC(mac string) (string, error) {
 
 const vmColumns = `v.id, v.name, v.description, v.network, v.image, v.type,
 	COALESCE(a.mac, ''), COALESCE(a.ip, ''), v.state, v.host,
-	v.created_at, v.updated_at, v.deleted_at
+	v.created_at, v.updated_at, v.deleted_at, v.desired
 	FROM vms v LEFT JOIN addresses a ON a.vm_id = v.id`
 
 func scanVM(r row) VM {
@@ -86,6 +88,7 @@ func scanVM(r row) VM {
 		ID: r.str(0), Name: r.str(1), Description: r.str(2), Network: r.str(3),
 		Image: r.str(4), Type: r.str(5), MAC: r.str(6), IP: r.str(7), State: r.str(8),
 		Host: r.str(9), CreatedAt: r.time(10), UpdatedAt: r.time(11), DeletedAt: r.time(12),
+		Desired: r.str(13),
 	}
 }
 
@@ -138,9 +141,9 @@ func (db *DB) CreateVM(ctx context.Context, vm VM, cfg VMConfig, addr Address) e
 	}
 
 	_, err = db.exec(ctx,
-		q(`INSERT INTO vms (id, name, description, network, image, type, state, host, created_at, updated_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-			vm.ID, vm.Name, vm.Description, vm.Network, vm.Image, vm.Type, vm.State, vm.Host,
+		q(`INSERT INTO vms (id, name, description, network, image, type, state, desired, host, created_at, updated_at)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			vm.ID, vm.Name, vm.Description, vm.Network, vm.Image, vm.Type, vm.State, vm.Desired, vm.Host,
 			timeArg(vm.CreatedAt), timeArg(vm.UpdatedAt)),
 		q(`INSERT INTO vm_configs (vm_id, hostname, script, public_key, auth_key, auth_key_served_at, auth_key_id)
 			VALUES (?, ?, ?, ?, ?, ?, ?)`,
@@ -221,6 +224,46 @@ func (db *DB) SetVMState(ctx context.Context, id, state string, at time.Time) er
 		return fieldErr(FieldVMID, id, ErrNotFound)
 	}
 	return nil
+}
+
+// SetVMDesired records the state the VM's owner wants it in (live or
+// soft-deleted) at time at.
+func (db *DB) SetVMDesired(ctx context.Context, id, desired string, at time.Time) error {
+	if err := checkTime("desired time", at, true); err != nil {
+		return fmt.Errorf("set vm %s desired state: %w", id, err)
+	}
+	res, err := db.exec(ctx, q(`UPDATE vms SET desired = ?, updated_at = ? WHERE id = ?`, desired, timeArg(at), id))
+	if err != nil {
+		return fmt.Errorf("set vm %s desired state: %w", id, err)
+	}
+	if rowsAffected(res, 0) == 0 {
+		return fieldErr(FieldVMID, id, ErrNotFound)
+	}
+	return nil
+}
+
+// ObserveVMState records state, as the hypervisor reported it at time at, for
+// a live VM whose recorded state is neither state already nor one of keep
+// (such as a create still under way, whose own writes win). It reports
+// whether it changed the record; a deleted or unknown VM changes nothing
+// and is not an error, since reports about it may arrive late.
+func (db *DB) ObserveVMState(ctx context.Context, id, state string, keep []string, at time.Time) (bool, error) {
+	if err := checkTime("state time", at, true); err != nil {
+		return false, fmt.Errorf("observe vm %s state: %w", id, err)
+	}
+	sql := `UPDATE vms SET state = ?, updated_at = ? WHERE id = ? AND deleted_at IS NULL AND state <> ?`
+	args := []any{state, timeArg(at), id, state}
+	if len(keep) > 0 {
+		sql += ` AND state NOT IN (?` + strings.Repeat(`, ?`, len(keep)-1) + `)`
+		for _, k := range keep {
+			args = append(args, k)
+		}
+	}
+	res, err := db.exec(ctx, q(sql, args...))
+	if err != nil {
+		return false, fmt.Errorf("observe vm %s state: %w", id, err)
+	}
+	return rowsAffected(res, 0) > 0, nil
 }
 
 // MarkVMDeleted soft-deletes a live VM at time at, freeing its name (its

@@ -3,10 +3,12 @@ package embeddb
 import (
 	"context"
 	"errors"
+	"io/fs"
 	"net/netip"
 	"reflect"
 	"strings"
 	"testing"
+	"testing/fstest"
 	"time"
 )
 
@@ -221,6 +223,126 @@ func TestSetVMState(t *testing.T) {
 	}
 	wantErr(t, db.SetVMState(ctx, "nope", "running", at), ErrNotFound, FieldVMID)
 	wantErr(t, db.SetVMState(ctx, vm.ID, "running", time.Time{}), ErrInvalid, "")
+}
+
+func TestSetVMDesired(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := newDB(t)
+	mustNetwork(t, db, "cool")
+	vm := mustCreateVM(t, db, 1, "cool")
+	if vm.Desired != "running" {
+		t.Fatalf("fixture desired = %q", vm.Desired)
+	}
+	at := t0.Add(time.Minute)
+	if err := db.SetVMDesired(ctx, vm.ID, "stopped", at); err != nil {
+		t.Fatal(err)
+	}
+	got, err := db.GetVM(ctx, vm.ID)
+	if err != nil || got.Desired != "stopped" || got.State != vm.State || !got.UpdatedAt.Equal(at) {
+		t.Fatalf("after SetVMDesired: %+v, %v", got, err)
+	}
+	wantErr(t, db.SetVMDesired(ctx, "nope", "running", at), ErrNotFound, FieldVMID)
+	wantErr(t, db.SetVMDesired(ctx, vm.ID, "running", time.Time{}), ErrInvalid, "")
+}
+
+func TestObserveVMState(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := newDB(t)
+	mustNetwork(t, db, "cool")
+	creating := mustCreateVM(t, db, 1, "cool") // the fixture's state is "creating"
+	live := mustCreateVM(t, db, 2, "cool")
+	deleted := mustCreateVM(t, db, 3, "cool")
+	at := t0.Add(time.Hour)
+	for _, id := range []string{live.ID, deleted.ID} {
+		if err := db.SetVMState(ctx, id, "running", at); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.MarkVMDeleted(ctx, deleted.ID, at); err != nil {
+		t.Fatal(err)
+	}
+	keep := []string{"creating", "rebuilding"}
+	later := at.Add(time.Minute)
+	for _, c := range []struct {
+		id, state   string
+		changed     bool
+		wantState   string
+		wantUpdated time.Time
+	}{
+		{creating.ID, "running", false, "creating", creating.CreatedAt},
+		{live.ID, "running", false, "running", at}, // no change, no write
+		{live.ID, "crashed", true, "crashed", later},
+		{deleted.ID, "stopped", false, "running", at},
+		{"nope", "stopped", false, "", time.Time{}},
+	} {
+		changed, err := db.ObserveVMState(ctx, c.id, c.state, keep, later)
+		if err != nil || changed != c.changed {
+			t.Errorf("ObserveVMState(%s, %s) = %t, %v; want %t", c.id, c.state, changed, err, c.changed)
+		}
+		if c.id == "nope" {
+			continue
+		}
+		got, err := db.GetVM(ctx, c.id)
+		if err != nil || got.State != c.wantState || !got.UpdatedAt.Equal(c.wantUpdated) {
+			t.Errorf("after ObserveVMState(%s, %s): state %q updated %v (%v), want %q %v",
+				c.id, c.state, got.State, got.UpdatedAt, err, c.wantState, c.wantUpdated)
+		}
+	}
+	// No keep list: only deleted VMs are left alone.
+	if changed, err := db.ObserveVMState(ctx, creating.ID, "stopped", nil, later); err != nil || !changed {
+		t.Errorf("ObserveVMState without keep = %t, %v", changed, err)
+	}
+	if _, err := db.ObserveVMState(ctx, live.ID, "running", keep, time.Time{}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("ObserveVMState at zero time = %v, want ErrInvalid", err)
+	}
+}
+
+// TestDesiredMigration: a database from before desired states keeps its stopped and
+// deleted VMs stopped, and wants the rest running, as a restart used to treat them.
+func TestDesiredMigration(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	db, err := open(ctx, testConfig(t, t.TempDir()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	old := fstest.MapFS{}
+	for _, f := range []string{"migrations/0001_init.sql", "migrations/0002_auth_key_id.sql"} {
+		b, err := fs.ReadFile(migrationFS, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		old[f] = &fstest.MapFile{Data: b}
+	}
+	if _, err := db.migrate(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.exec(ctx, q(`INSERT INTO networks (name, created_at) VALUES ('cool', 1)`)); err != nil {
+		t.Fatal(err)
+	}
+	states := map[string]string{"vm-run": "running", "vm-stop": "stopped", "vm-crash": "crashed", "vm-new": "creating", "vm-del": "running"}
+	for id, st := range states {
+		if _, err := db.exec(ctx, q(`INSERT INTO vms (id, name, network, state, created_at, updated_at) VALUES (?, ?, 'cool', ?, 1, 1)`, id, id, st)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := db.exec(ctx, q(`UPDATE vms SET deleted_at = 2 WHERE id = 'vm-del'`)); err != nil {
+		t.Fatal(err)
+	}
+	if applied, err := db.migrate(ctx, migrationFS); err != nil || len(applied) == 0 {
+		t.Fatalf("migrate = %v, %v", applied, err)
+	}
+	want := map[string]string{"vm-run": "running", "vm-stop": "stopped", "vm-crash": "running", "vm-new": "running", "vm-del": "stopped"}
+	for id, desired := range want {
+		vm, err := db.GetVM(ctx, id)
+		if err != nil || vm.Desired != desired || vm.State != states[id] {
+			t.Errorf("%s after migration: state %q desired %q (%v), want %q %q", id, vm.State, vm.Desired, err, states[id], desired)
+		}
+	}
 }
 
 func TestTakeAuthKey(t *testing.T) {
