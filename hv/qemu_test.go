@@ -6,14 +6,19 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/vishvananda/netlink"
 
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/hvtest"
@@ -134,7 +139,8 @@ func nextEvent(t *testing.T, events <-chan hv.Event, id string, want hv.State, r
 // TestQEMU boots one VM from the test image under QEMU and takes it through
 // its life, each step checked with virsh as a witness: create (vCPUs,
 // memory, disk an overlay on the untouched base, clean-traffic on its
-// NIC, its ID in SMBIOS as the guest sees it), console both ways, graceful
+// NIC, its ID in SMBIOS as the guest sees it), console both ways, the
+// filter dropping a spoofed IP and MAC, graceful
 // stop through ACPI, start, restart and remove, with events for each.
 func TestQEMU(t *testing.T) {
 	q := hvtest.OpenQEMU(t, hv.Config{StopTimeout: 2 * time.Minute})
@@ -225,6 +231,31 @@ func TestQEMU(t *testing.T) {
 		c.WaitFor(t, "threes-42", bootTimeout)
 	})
 
+	t.Run("clean-traffic", func(t *testing.T) {
+		// The NIC's filter lets the VM talk from its own MAC and IP
+		// only. The test talks to it from the bridge, so only where
+		// nothing can leave this network namespace (scripts/testenv).
+		isolated(t)
+		must(t, netlink.AddrAdd(mustLink(t, q.Bridge), &netlink.Addr{IPNet: &net.IPNet{
+			IP: net.IPv4(10, 10, 0, 1), Mask: net.CIDRMask(16, 32)}}))
+		ping := func(n int, setup string) string {
+			t.Helper()
+			// The guest works out the marker's number and the rc, so
+			// the shell's echo of the command line cannot match.
+			c.Write(t, fmt.Sprintf("%s; ping -c 1 -W 3 10.10.0.1 >/dev/null; r=$?; echo threes-ping$((%d))-rc$r\n", setup, n))
+			return c.WaitForMatch(t, regexp.MustCompile(fmt.Sprintf(`threes-ping%d-rc(\d+)`, n)), bootTimeout)[1]
+		}
+		if rc := ping(1, "ifconfig eth0 10.10.7.9 netmask 255.255.0.0 up"); rc != "0" {
+			t.Fatalf("ping from the VM's own IP and MAC: exit status %s, want 0", rc)
+		}
+		if rc := ping(2, "ifconfig eth0 10.10.7.10"); rc == "0" {
+			t.Errorf("ping from a spoofed IP got through")
+		}
+		if rc := ping(3, "ifconfig eth0 down; ifconfig eth0 hw ether 52:54:00:de:ad:01; ifconfig eth0 10.10.7.9 up"); rc == "0" {
+			t.Errorf("ping from a spoofed MAC got through")
+		}
+	})
+
 	t.Run("stop", func(t *testing.T) {
 		must(t, h.Stop(ctx, s.ID))
 		// Graceful: the guest saw the power button and powered off.
@@ -272,6 +303,8 @@ func TestQEMU(t *testing.T) {
 		con, err := h.Console(ctx, s.ID)
 		must(t, err)
 		c = hvtest.WatchConsole(top, con)
+		// Input before the shell runs is lost: wait for it.
+		c.WaitFor(t, "threes-test: ready", bootTimeout)
 		c.Write(t, "echo threes-$((7*8))\n")
 		c.WaitFor(t, "threes-56", bootTimeout)
 	})
@@ -290,6 +323,26 @@ func TestQEMU(t *testing.T) {
 			t.Errorf("second Remove: %v, want ErrNotFound", err)
 		}
 	})
+}
+
+// isolated skips the test (fails it under CI=true) unless nothing can leave
+// this network namespace: it has no default route.
+func isolated(t *testing.T) {
+	t.Helper()
+	routes, err := netlink.RouteList(nil, netlink.FAMILY_ALL)
+	must(t, err)
+	for _, r := range routes {
+		if r.Dst == nil || r.Dst.IP.IsUnspecified() {
+			hvtest.Skip(t, "this network namespace has a default route (%v): run under scripts/testenv", r)
+		}
+	}
+}
+
+func mustLink(t *testing.T, name string) netlink.Link {
+	t.Helper()
+	l, err := netlink.LinkByName(name)
+	must(t, err)
+	return l
 }
 
 // TestQEMUBadInput checks that a Create that cannot work fails clearly and

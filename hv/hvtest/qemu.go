@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -232,22 +233,39 @@ func (c *Console) String() string {
 // output's tail if it does not within timeout or the console ends first.
 func (c *Console) WaitFor(tb testing.TB, want string, timeout time.Duration) {
 	tb.Helper()
+	c.wait(tb, fmt.Sprintf("%q", want), timeout, func(out string) bool { return strings.Contains(out, want) })
+}
+
+// WaitForMatch waits until re matches the output and returns the first
+// match's submatches, failing the test as WaitFor does.
+func (c *Console) WaitForMatch(tb testing.TB, re *regexp.Regexp, timeout time.Duration) []string {
+	tb.Helper()
+	var m []string
+	c.wait(tb, "/"+re.String()+"/", timeout, func(out string) bool {
+		m = re.FindStringSubmatch(out)
+		return m != nil
+	})
+	return m
+}
+
+func (c *Console) wait(tb testing.TB, what string, timeout time.Duration, done func(string) bool) {
+	tb.Helper()
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	for {
 		c.mu.Lock()
 		out, err, changed := c.buf.String(), c.err, c.changed
 		c.mu.Unlock()
-		if strings.Contains(out, want) {
+		if done(out) {
 			return
 		}
 		if err != nil {
-			tb.Fatalf("console ended (%v) before %q; it said:\n%s", err, want, tail(out))
+			tb.Fatalf("console ended (%v) before %s; it said:\n%s", err, what, tail(out))
 		}
 		select {
 		case <-changed:
 		case <-deadline.C:
-			tb.Fatalf("no %q on the console within %v; it said:\n%s", want, timeout, tail(out))
+			tb.Fatalf("no %s on the console within %v; it said:\n%s", what, timeout, tail(out))
 		}
 	}
 }
