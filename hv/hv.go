@@ -144,9 +144,12 @@ type Hypervisor interface {
 	// libvirt's states even across libvirtd restarts.
 	Events(ctx context.Context) (<-chan Event, error)
 	// Console attaches to the running domain's serial console: reads
-	// return what the guest writes, writes are the guest's input. It
-	// takes the console over from any other session, and ends at Close,
-	// when ctx ends, or when the domain stops (reads then return EOF).
+	// return what the guest writes, writes are the guest's input (what
+	// the guest gets before its shell reads the console may be lost). It
+	// takes the console over from any other session, whose reads then
+	// fail, and ends at Close, when ctx ends, or when the domain stops
+	// (reads then return io.EOF). It fails with ErrNotRunning for a
+	// domain that is not running.
 	Console(ctx context.Context, id string) (io.ReadWriteCloser, error)
 	// Accel reports how domains run: KVM or TCG, and why.
 	Accel(ctx context.Context) (Accel, error)

@@ -231,6 +231,23 @@ func TestQEMU(t *testing.T) {
 		c.WaitFor(t, "threes-42", bootTimeout)
 	})
 
+	t.Run("console takeover", func(t *testing.T) {
+		// A second session takes the console over: the first ends.
+		cctx, cancel := context.WithCancel(ctx)
+		con, err := h.Console(cctx, s.ID)
+		must(t, err)
+		second := hvtest.WatchConsole(t, con)
+		t.Logf("first session ended: %v", c.Ended(t, time.Minute))
+		second.Write(t, "echo threes-$((5*5))\n")
+		second.WaitFor(t, "threes-25", bootTimeout)
+		// Its context ending ends it too.
+		cancel()
+		t.Logf("second session ended: %v", second.Ended(t, time.Minute))
+		con, err = h.Console(ctx, s.ID)
+		must(t, err)
+		c = hvtest.WatchConsole(top, con)
+	})
+
 	t.Run("clean-traffic", func(t *testing.T) {
 		// The NIC's filter lets the VM talk from its own MAC and IP
 		// only. The test talks to it from the bridge, so only where
