@@ -23,6 +23,7 @@ import (
 
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/hvtest"
+	"github.com/threes-dev/threes/hv/images"
 )
 
 // witness opens a second, independent connection to test:///default on
@@ -674,5 +675,87 @@ func TestEventsReconnect(t *testing.T) {
 		case <-deadline:
 			t.Fatal("events still open a minute after Close")
 		}
+	}
+}
+
+// diskImage imports a small qcow2 disk image into a store of its own.
+func diskImage(t *testing.T) images.Image {
+	t.Helper()
+	if _, err := exec.LookPath("qemu-img"); err != nil {
+		hvtest.Skip(t, "no qemu-img (Debian package qemu-utils): %v", err)
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src.qcow2")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", src, "16M").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v\n%s", err, out)
+	}
+	store, err := images.Open(filepath.Join(dir, "images"))
+	must(t, err)
+	img, err := store.Import(context.Background(), "small", images.Source{Disk: src})
+	must(t, err)
+	return img
+}
+
+// TestDisks checks the VM disk's life on the test driver: Create makes an
+// overlay on the image, concurrent Creates of one ID make one disk, Remove
+// deletes it, and a disk left without a domain is listed and removable.
+func TestDisks(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "disks")
+	h := hvtest.OpenConfig(t, hv.Config{DiskDir: dir})
+	img := diskImage(t)
+	s := hvtest.Spec(t)
+	s.Image, s.DiskGiB = img, 1
+
+	const n = 4
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { errs[i] = h.Create(ctx, s) })
+	}
+	wg.Wait()
+	created := 0
+	for _, err := range errs {
+		switch {
+		case err == nil:
+			created++
+		case !errors.Is(err, hv.ErrExists):
+			t.Errorf("Create: %v, want nil or ErrExists", err)
+		}
+	}
+	if created != 1 {
+		t.Fatalf("%d of %d concurrent Creates succeeded, want 1", created, n)
+	}
+	disk := filepath.Join(dir, s.ID+".qcow2")
+	out, err := exec.Command("qemu-img", "info", "-U", disk).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "backing file: "+img.Disk) || !strings.Contains(string(out), "virtual size: 1 GiB") {
+		t.Errorf("qemu-img info %s: %v\n%s\nwant a 1 GiB overlay on %s", disk, err, out, img.Disk)
+	}
+	if ids, err := h.Disks(ctx); err != nil || !slices.Equal(ids, []string{s.ID}) {
+		t.Errorf("Disks = %v, %v; want [%s]", ids, err, s.ID)
+	}
+	// Stop keeps the disk (the appliance's delete); Remove deletes it.
+	must(t, h.Stop(ctx, s.ID))
+	if _, err := os.Stat(disk); err != nil {
+		t.Errorf("disk after Stop: %v", err)
+	}
+	must(t, h.Remove(ctx, s.ID))
+	if _, err := os.Stat(disk); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("disk after Remove: %v, want gone", err)
+	}
+
+	// A disk without a domain, as a crash between the two leaves.
+	must(t, os.WriteFile(disk, nil, 0o600))
+	if ids, err := h.Disks(ctx); err != nil || !slices.Equal(ids, []string{s.ID}) {
+		t.Errorf("Disks = %v, %v; want [%s]", ids, err, s.ID)
+	}
+	must(t, h.Remove(ctx, s.ID))
+	if err := h.Remove(ctx, s.ID); !errors.Is(err, hv.ErrNotFound) {
+		t.Errorf("Remove of nothing: %v, want ErrNotFound", err)
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil || len(ents) != 0 {
+		t.Errorf("disk directory holds %v, %v; want nothing", ents, err)
 	}
 }
