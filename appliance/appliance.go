@@ -52,6 +52,13 @@ type Options struct {
 
 	// Hypervisor replaces the one opened from LibvirtURI (tests pass one that cleans up).
 	Hypervisor hv.Hypervisor
+	// ReconcileInterval is how often libvirt and the disks are converged with the
+	// database after the pass at start; default DefaultReconcileInterval, negative
+	// for none.
+	ReconcileInterval time.Duration
+	// TestCrashAt makes Create exit the process with CrashExitCode at the end of
+	// the step it names (see CreateSteps), for the crash test; empty outside it.
+	TestCrashAt string
 	// Store replaces the tailnet node's state file (tests keep it in memory).
 	Store     ipn.StateStore
 	Logger    *slog.Logger
@@ -170,15 +177,14 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		return nil, err
 	}
 
-	// 5. The lifecycle, and recovery from whatever the last run left behind.
+	// 5. The lifecycle. Libvirt's events keep VMs' states current, and reconcile
+	// recovers from whatever the last run left behind, now and every interval.
 	if o.Plane == nil {
 		o.Logger.Warn("no control plane configured: networks are recorded but not written to the tailnet policy, and VMs get no auth keys")
 	}
 	a.life = &Lifecycle{db: a.db, hv: a.hv, ipam: pool, plane: o.Plane, ownerTag: o.OwnerTag,
-		images: a.images, bridge: o.Bridge, now: o.Now, log: o.Logger}
-	if err := a.life.Recover(ctx); err != nil {
-		return nil, err
-	}
+		images: a.images, bridge: o.Bridge, now: o.Now, log: o.Logger, crashAt: o.TestCrashAt}
+	a.closers = append(a.closers, a.life.watch(ctx, o.ReconcileInterval))
 
 	// 6. The tailnet node. The API listens on its tailnet addresses only.
 	a.ts = &tsnet.Server{

@@ -205,10 +205,9 @@ func TestRestartKeepsState(t *testing.T) {
 	must[*threesv1.Network](t)(c.CreateNetwork(ctx, &threesv1.NetworkRequest{Name: "lab"}))
 	vm := must[*threesv1.VM](t)(c.Create(ctx, &threesv1.CreateRequest{Name: "keeper", Network: "lab", Image: "base", Type: threesv1.VMType_VM_TYPE_MIDDY,
 		Kvs: []*threesv1.KV{{Key: "k", Value: "v"}}}))
-	// The host lost the domain's running state (as a reboot does).
-	if err := env.Options.Hypervisor.Stop(ctx, vm.GetId()); err != nil {
-		t.Fatal(err)
-	}
+	// The host lost the domain's running state (as a reboot does): a destroy, not a
+	// shutdown, which would be the guest's own wish to stay off.
+	behindBack(t, "destroy", vm.GetId())
 
 	env.Restart(t)
 	c = env.Local(t)

@@ -47,6 +47,9 @@ type Lifecycle struct {
 	now      func() time.Time
 	log      *slog.Logger
 	locks    keyedMutex
+	rec      reconciler
+	// crashAt is the crash test's hook (Options.TestCrashAt); empty outside tests.
+	crashAt string
 }
 
 // validate checks a create request field by field, naming the first bad one.
@@ -113,6 +116,11 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		return vm, err
 	}
 
+	now := l.now()
+	id := NewID(now)
+	// Held until the undo below has run: reconcile takes it before it judges a
+	// record, domain or disk with this ID.
+	defer l.locks.lock(id)()
 	var undo reverter
 	defer func() {
 		if err != nil {
@@ -120,8 +128,6 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		}
 	}()
 
-	now := l.now()
-	id := NewID(now)
 	mac := NewMAC()
 	hw, _ := net.ParseMAC(mac)
 	alloc, err := l.ipam.Reserve(hw, s.Name)
@@ -129,6 +135,7 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		return vm, fmt.Errorf("reserve address for %s: %w", s.Name, err)
 	}
 	undo.add("release address", func() error { return l.ipam.Release(hw) })
+	l.crashPoint(stepAddressReserved)
 
 	// The VM's key to join the tailnet, minted before the record so the record holds
 	// it. If the process dies before the record is written, the key was never handed
@@ -140,12 +147,13 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 			return vm, fmt.Errorf("create vm %s: auth key: %w", s.Name, err)
 		}
 		undo.add("revoke auth key", func() error { return l.plane.RevokeAuthKey(context.WithoutCancel(ctx), key.ID) })
+		l.crashPoint(stepKeyMinted)
 	}
 
 	vm = embeddb.VM{
 		ID: id, Name: s.Name, Description: s.Description, Network: s.Network,
 		Image: s.Image, Type: s.Type, MAC: mac, IP: alloc.IP.String(), State: StateCreating,
-		CreatedAt: now, UpdatedAt: now,
+		Desired: StateRunning, CreatedAt: now, UpdatedAt: now,
 	}
 	cfg := embeddb.VMConfig{VMID: vm.ID, Hostname: s.Name, Script: s.Script, PublicKey: s.PublicKey,
 		AuthKey: key.Key.Reveal(), AuthKeyID: key.ID}
@@ -156,6 +164,7 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 	// The record goes last on the way out: if the process dies before this undo runs,
 	// the creating state tells the next start what to clean up.
 	undo.add("remove record", func() error { return l.db.PurgeVM(context.WithoutCancel(ctx), vm.ID) })
+	l.crashPoint(stepRecordWritten)
 	// Persisted: DHCP may answer the VM from now on (a fast guest asks before the
 	// domain call returns).
 	if err := l.ipam.Commit(hw); err != nil {
@@ -165,6 +174,7 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		if err := l.db.UpsertKVs(ctx, vm.ID, s.KVs); err != nil {
 			return vm, err
 		}
+		l.crashPoint(stepKVsWritten)
 	}
 
 	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: mac, Bridge: l.bridge,
@@ -173,10 +183,12 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		return vm, fmt.Errorf("create vm %s: %w", vm.Name, err)
 	}
 	undo.add("remove domain", func() error { return l.hv.Remove(context.WithoutCancel(ctx), vm.ID) })
+	l.crashPoint(stepDomainCreated)
 
 	if err := l.setState(ctx, &vm, StateRunning); err != nil {
 		return vm, err
 	}
+	l.crashPoint(stepStateRunning)
 	return vm, nil
 }
 
@@ -246,6 +258,10 @@ func (l *Lifecycle) transition(ctx context.Context, id, to string, do func(conte
 	if vm.State == StateCreating {
 		return vm, fmt.Errorf("vm %s is still being created: %w", vm.Name, ErrState)
 	}
+	// The owner's intent first, so a crash during the call still honours it.
+	if err := l.setDesired(ctx, &vm, to); err != nil {
+		return vm, err
+	}
 	if err := do(ctx, id); err != nil {
 		return vm, fmt.Errorf("vm %s: %w", vm.Name, err)
 	}
@@ -264,6 +280,9 @@ func (l *Lifecycle) Delete(ctx context.Context, id string) (embeddb.VM, error) {
 	// changed yet and the delete can simply be tried again.
 	if err := l.leaveTailnet(ctx, vm); err != nil {
 		return vm, fmt.Errorf("delete vm %s: %w", vm.Name, err)
+	}
+	if err := l.setDesired(ctx, &vm, StateStopped); err != nil {
+		return vm, err
 	}
 	if err := l.hv.Stop(ctx, id); err != nil && !errors.Is(err, hv.ErrNotFound) {
 		return vm, fmt.Errorf("delete vm %s: %w", vm.Name, err)
@@ -336,6 +355,12 @@ func (l *Lifecycle) leaveTailnet(ctx context.Context, vm embeddb.VM) error {
 
 func (l *Lifecycle) purge(ctx context.Context, vm embeddb.VM) error {
 	defer l.locks.lock(vm.ID)()
+	return l.purgeLocked(ctx, vm)
+}
+
+// purgeLocked removes a VM whole: off the tailnet, domain, disk, record and address.
+// The caller holds the VM's lock.
+func (l *Lifecycle) purgeLocked(ctx context.Context, vm embeddb.VM) error {
 	// Delete took the VM off the tailnet; a half-created VM never got that far, and
 	// its key may still be usable.
 	if vm.DeletedAt.IsZero() {
@@ -357,36 +382,21 @@ func (l *Lifecycle) purge(ctx context.Context, vm embeddb.VM) error {
 	return nil
 }
 
-// Recover runs at start: a VM left half-created by a crash is removed whole, and a VM
-// that should be running is started again, as the original did when its server restarted.
-func (l *Lifecycle) Recover(ctx context.Context) error {
-	vms, err := l.db.ListVMs(ctx)
-	if err != nil {
-		return fmt.Errorf("recover: %w", err)
-	}
-	for _, vm := range vms {
-		switch {
-		case !vm.DeletedAt.IsZero():
-		case vm.State == StateCreating:
-			l.log.Info("removing half-created vm", "vm", vm.ID, "name", vm.Name)
-			if err := l.purge(ctx, vm); err != nil {
-				l.log.Error("remove half-created vm", "vm", vm.ID, "err", err)
-			}
-		case vm.State == StateRunning:
-			if err := l.hv.Start(ctx, vm.ID); err != nil {
-				l.log.Error("restart vm", "vm", vm.ID, "name", vm.Name, "err", err)
-			}
-		}
-	}
-	return nil
-}
-
 func (l *Lifecycle) setState(ctx context.Context, vm *embeddb.VM, state string) error {
 	now := l.now()
 	if err := l.db.SetVMState(ctx, vm.ID, state, now); err != nil {
 		return fmt.Errorf("vm %s: record state %s: %w", vm.Name, state, err)
 	}
 	vm.State, vm.UpdatedAt = state, now
+	return nil
+}
+
+func (l *Lifecycle) setDesired(ctx context.Context, vm *embeddb.VM, desired string) error {
+	now := l.now()
+	if err := l.db.SetVMDesired(ctx, vm.ID, desired, now); err != nil {
+		return fmt.Errorf("vm %s: record desired state %s: %w", vm.Name, desired, err)
+	}
+	vm.Desired, vm.UpdatedAt = desired, now
 	return nil
 }
 

@@ -127,6 +127,9 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 	for _, k := range []string{"TS_AUTHKEY", "TS_API_KEY", "TS_OAUTH_CLIENT_SECRET", "HEADSCALE_API_KEY"} {
 		os.Unsetenv(k)
 	}
+	// The crash test's hook, and the only place it is read: kill the process at a
+	// step of every create. No flag, so nobody finds it in --help.
+	c.opts.TestCrashAt = os.Getenv("THREES_TEST_CRASH_AT")
 	a, err := appliance.Start(cmd.Context(), c.opts)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)

@@ -1,0 +1,277 @@
+package appliance
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/hv"
+)
+
+// DefaultReconcileInterval is how often the appliance converges libvirt and the disk
+// files with the database when Options.ReconcileInterval is zero.
+const DefaultReconcileInterval = 30 * time.Second
+
+// ReconcileReport says what one reconcile pass found and did. IDs are VM IDs, which
+// are also the domains' and the disks' names.
+type ReconcileReport struct {
+	// Started are live VMs whose owner wants them running and whose domain was
+	// not (stopped, crashed or paused): the pass started them.
+	Started []string
+	// Removed are IDs the pass removed whole: VMs a crash left half-created, and
+	// domains or disks of this appliance that no VM record claims.
+	Removed []string
+	// Drift is what the pass found wrong and left alone.
+	Drift []Drift
+}
+
+// Drift is a difference between the database and the hypervisor that reconcile
+// does not fix by itself, such as a live VM whose domain is gone: making one up
+// would hide whatever removed it.
+type Drift struct {
+	// VMID and Name name the VM.
+	VMID, Name string
+	// Problem says what is wrong, e.g. "domain missing (disk present)".
+	Problem string
+}
+
+// reconciler is the lifecycle's part that runs in the background: libvirt's events
+// and the periodic reconcile.
+type reconciler struct {
+	// pass serialises reconcile passes: the periodic one and those asked for.
+	pass sync.Mutex
+	// bg tracks goroutines that events start, so Close waits for them.
+	bg sync.WaitGroup
+}
+
+// Reconcile runs one reconcile pass now; see Lifecycle.Reconcile.
+func (a *Appliance) Reconcile(ctx context.Context) (ReconcileReport, error) {
+	return a.life.Reconcile(ctx)
+}
+
+// Reconcile converges libvirt's domains and the disk files with the database, one VM
+// at a time under that VM's lock, so it never races a create or another change:
+//   - a live VM whose owner wants it running and whose domain is not is started;
+//   - a VM still "creating" (a create the process died in) is removed whole: domain,
+//     disk, tailnet key and device, record and address;
+//   - a domain or disk of this appliance with no VM record is removed;
+//   - a live VM whose domain is missing is reported as drift, not recreated.
+//
+// Every VM's state is also set to what libvirt reports, in case an event was missed.
+// Each fix and each drift is logged. A VM that cannot be fixed does not stop the pass;
+// the errors come back joined.
+func (l *Lifecycle) Reconcile(ctx context.Context) (ReconcileReport, error) {
+	l.rec.pass.Lock()
+	defer l.rec.pass.Unlock()
+	var rep ReconcileReport
+	// The hypervisor's view first, then the database's: a domain made after the
+	// listing has its record already, and an ID that seems to have none is checked
+	// again under its lock before anything is removed.
+	doms, err := l.hv.List(ctx)
+	if err != nil {
+		return rep, fmt.Errorf("reconcile: %w", err)
+	}
+	diskIDs, err := l.hv.Disks(ctx)
+	if err != nil {
+		return rep, fmt.Errorf("reconcile: %w", err)
+	}
+	vms, err := l.db.ListVMs(ctx)
+	if err != nil {
+		return rep, fmt.Errorf("reconcile: %w", err)
+	}
+	disks := map[string]bool{}
+	for _, id := range diskIDs {
+		disks[id] = true
+	}
+	var errs []error
+	known := map[string]bool{}
+	for _, vm := range vms {
+		known[vm.ID] = true
+		if err := l.reconcileVM(ctx, vm.ID, disks[vm.ID], &rep); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	var orphans []string
+	for _, d := range doms {
+		if !known[d.ID] {
+			orphans = append(orphans, d.ID)
+		}
+	}
+	for id := range disks {
+		if !known[id] {
+			orphans = append(orphans, id)
+		}
+	}
+	slices.Sort(orphans)
+	for _, id := range slices.Compact(orphans) {
+		if err := l.removeOrphan(ctx, id, &rep); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return rep, errors.Join(errs...)
+}
+
+// reconcileVM converges one VM that the database listed; hasDisk is whether the
+// listing found its disk.
+func (l *Lifecycle) reconcileVM(ctx context.Context, id string, hasDisk bool, rep *ReconcileReport) error {
+	defer l.locks.lock(id)()
+	// Read again under the lock: a create or purge may have finished meanwhile.
+	vm, err := l.db.GetVM(ctx, id)
+	switch {
+	case errors.Is(err, embeddb.ErrNotFound):
+		return nil
+	case err != nil:
+		return fmt.Errorf("reconcile vm %s: %w", id, err)
+	case !vm.Live():
+		return nil // its domain and disk stay until purge
+	case vm.State == StateCreating:
+		l.log.Warn("reconcile: removing vm a crash left half-created", "vm", vm.ID, "name", vm.Name)
+		if err := l.purgeLocked(ctx, vm); err != nil {
+			l.log.Error("reconcile: remove half-created vm", "vm", vm.ID, "name", vm.Name, "err", err)
+			return fmt.Errorf("reconcile: remove half-created vm %s (%s): %w", vm.Name, vm.ID, err)
+		}
+		rep.Removed = append(rep.Removed, vm.ID)
+		return nil
+	}
+
+	st, err := l.hv.State(ctx, id)
+	if errors.Is(err, hv.ErrNotFound) {
+		problem := "domain missing (disk missing too)"
+		if hasDisk {
+			problem = "domain missing (disk present)"
+		}
+		l.log.Warn("reconcile: drift: vm has no domain; not making one up", "vm", vm.ID, "name", vm.Name, "problem", problem)
+		rep.Drift = append(rep.Drift, Drift{VMID: vm.ID, Name: vm.Name, Problem: problem})
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reconcile vm %s (%s): %w", vm.Name, vm.ID, err)
+	}
+	if observed, ok := observedState(st); ok && observed != vm.State {
+		if _, err := l.db.ObserveVMState(ctx, id, observed, []string{StateCreating}, l.now()); err != nil {
+			return fmt.Errorf("reconcile vm %s (%s): %w", vm.Name, vm.ID, err)
+		}
+		l.log.Info("reconcile: vm state follows its domain", "vm", vm.ID, "name", vm.Name, "was", vm.State, "now", observed)
+	}
+	switch st {
+	case hv.StateStopped, hv.StateCrashed, hv.StatePaused:
+	default:
+		return nil
+	}
+	if vm.Desired != StateRunning {
+		return nil
+	}
+	l.log.Info("reconcile: starting vm that should run", "vm", vm.ID, "name", vm.Name, "domain", st)
+	if err := l.hv.Start(ctx, id); err != nil {
+		l.log.Error("reconcile: start vm", "vm", vm.ID, "name", vm.Name, "err", err)
+		return fmt.Errorf("reconcile: start vm %s (%s): %w", vm.Name, vm.ID, err)
+	}
+	rep.Started = append(rep.Started, vm.ID)
+	return l.setState(ctx, &vm, StateRunning)
+}
+
+// removeOrphan removes the domain and disk named id if, under its lock, still no VM
+// record claims them.
+func (l *Lifecycle) removeOrphan(ctx context.Context, id string, rep *ReconcileReport) error {
+	defer l.locks.lock(id)()
+	if _, err := l.db.GetVM(ctx, id); err == nil {
+		return nil // created since the listing
+	} else if !errors.Is(err, embeddb.ErrNotFound) {
+		return fmt.Errorf("reconcile %s: %w", id, err)
+	}
+	// No record, so no name beyond the ID.
+	l.log.Warn("reconcile: removing domain and disk that no vm record claims", "vm", id, "name", "")
+	if err := l.hv.Remove(ctx, id); err != nil && !errors.Is(err, hv.ErrNotFound) {
+		l.log.Error("reconcile: remove orphan", "vm", id, "err", err)
+		return fmt.Errorf("reconcile: remove orphan %s: %w", id, err)
+	}
+	rep.Removed = append(rep.Removed, id)
+	return nil
+}
+
+// observedState maps what libvirt reports onto the states the database records;
+// false for passing states (stopping, paused) and unknown ones, which leave the
+// record as it is.
+func observedState(st hv.State) (string, bool) {
+	switch st {
+	case hv.StateRunning:
+		return StateRunning, true
+	case hv.StateStopped:
+		return StateStopped, true
+	case hv.StateCrashed:
+		return StateCrashed, true
+	}
+	return "", false
+}
+
+// watch keeps the database following libvirt until the returned stop is called:
+// it applies libvirt's events from now on, runs a reconcile pass before returning
+// (recovery from whatever the last run left), and another every interval (none if
+// interval is negative).
+func (l *Lifecycle) watch(ctx context.Context, interval time.Duration) (stop func() error) {
+	bg, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	// Events first, so a change during the first pass is not missed.
+	wg.Go(func() { l.followEvents(bg) })
+	if _, err := l.Reconcile(ctx); err != nil {
+		l.log.Error("reconcile at start; trying again in the background", "err", err)
+	}
+	if interval >= 0 {
+		if interval == 0 {
+			interval = DefaultReconcileInterval
+		}
+		wg.Go(func() {
+			t := time.NewTicker(interval)
+			defer t.Stop()
+			for {
+				select {
+				case <-bg.Done():
+					return
+				case <-t.C:
+				}
+				if _, err := l.Reconcile(bg); err != nil && bg.Err() == nil {
+					l.log.Error("reconcile", "err", err)
+				}
+			}
+		})
+	}
+	return func() error {
+		cancel()
+		wg.Wait()
+		l.rec.bg.Wait()
+		return nil
+	}
+}
+
+// Create's steps, in order, at whose end Options.TestCrashAt can stop the process.
+const (
+	stepAddressReserved = "address-reserved"
+	stepKeyMinted       = "key-minted" // only with a control plane
+	stepRecordWritten   = "record-written"
+	stepKVsWritten      = "kvs-written" // only with key/values
+	stepDomainCreated   = "domain-created"
+	stepStateRunning    = "state-running"
+)
+
+// CreateSteps returns the names of Create's steps, in order, that Options.TestCrashAt
+// accepts.
+func CreateSteps() []string {
+	return []string{stepAddressReserved, stepKeyMinted, stepRecordWritten, stepKVsWritten, stepDomainCreated, stepStateRunning}
+}
+
+// CrashExitCode is the exit status of a process that Options.TestCrashAt stopped.
+const CrashExitCode = 86
+
+// crashPoint is the crash test's hook: it ends the process, as a crash or a power
+// cut would, at the end of Create's step when Options.TestCrashAt names it.
+func (l *Lifecycle) crashPoint(step string) {
+	if l.crashAt != "" && l.crashAt == step {
+		l.log.Error("test hook: exiting in the middle of a create", "step", step)
+		os.Exit(CrashExitCode)
+	}
+}
