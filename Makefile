@@ -7,7 +7,7 @@ PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1
 # Fuzz targets and how long each runs in `make test`.
 FUZZTIME ?= 20s
 
-.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled clean
+.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled testimage clean
 
 build:
 	$(GO) build -o $(BIN)/threes ./cmd/threes
@@ -27,13 +27,19 @@ tailscaled: $(BIN)/tailscaled
 $(BIN)/tailscaled: tools/tailscaled/go.mod
 	cd tools/tailscaled && $(GO) build -o $(BIN)/tailscaled tailscale.com/cmd/tailscaled
 
+# testimage is a tiny direct-kernel VM image made from Debian packages (kernel and
+# busybox), which the QEMU tests boot under TCG, plus a 1 GiB disk for the create bench.
+testimage: $(BIN)/testimage/vmlinuz
+$(BIN)/testimage/vmlinuz: scripts/mkimage
+	scripts/mkimage $(BIN)/testimage
+
 # test runs the whole suite as root inside a fresh network namespace that holds only
 # loopback, its own libvirtd, and what the tests add (see scripts/testenv).
-test: build headscale tailscaled
+test: build headscale tailscaled testimage
 	scripts/testenv $(MAKE) --no-print-directory test-go fuzz
 
 test-go:
-	THREES_BIN=$(BIN)/threes THREES_HEADSCALE=$(BIN)/headscale THREES_TAILSCALED=$(BIN)/tailscaled $(GO) test -count=1 -timeout 40m ./...
+	THREES_BIN=$(BIN)/threes THREES_HEADSCALE=$(BIN)/headscale THREES_TAILSCALED=$(BIN)/tailscaled THREES_TESTIMAGE=$(BIN)/testimage $(GO) test -count=1 -timeout 40m ./...
 
 fuzz:
 	@set -e; for t in $$(grep -rlE '^func Fuzz' --include='*_test.go' . | xargs -n1 dirname | sort -u); do \
@@ -46,8 +52,8 @@ fuzz:
 # bench runs the Go benchmarks (API over the tailnet vs loopback, database, IPAM, DHCP,
 # hypervisor), then the side-by-side DHCP and metadata benchmark against Kea, dnsmasq
 # and wrk (bench/netboot/run.sh). Needs root.
-bench: build
-	scripts/testenv $(GO) test -run '^$$' -bench . -benchtime 2s ./...
+bench: build testimage
+	THREES_TESTIMAGE=$(BIN)/testimage scripts/testenv $(GO) test -run '^$$' -bench . -benchtime 2s ./...
 	bash bench/netboot/run.sh
 
 lint:
