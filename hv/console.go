@@ -12,16 +12,7 @@ import (
 
 // Console attaches to the domain's serial console; see Hypervisor.
 func (h *Libvirt) Console(ctx context.Context, id string) (io.ReadWriteCloser, error) {
-	var dom libvirt.Domain
-	var st libvirt.DomainState
-	err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
-		var err error
-		if dom, err = lookup(conn, id); err != nil {
-			return err
-		}
-		st, err = domainState(conn, dom)
-		return err
-	})
+	dom, st, err := h.domainAndState(ctx, id)
 	if err == nil && st != libvirt.DomainRunning && st != libvirt.DomainBlocked && st != libvirt.DomainPaused {
 		err = ErrNotRunning
 	}

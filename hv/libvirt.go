@@ -446,6 +446,19 @@ func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
 	return nil
 }
 
+// domainAndState looks a domain up by ID and reads its state, in one retried call.
+func (h *Libvirt) domainAndState(ctx context.Context, id string) (dom libvirt.Domain, st libvirt.DomainState, err error) {
+	err = h.call(ctx, true, func(conn *libvirt.Libvirt) error {
+		var err error
+		if dom, err = lookup(conn, id); err != nil {
+			return err
+		}
+		st, err = domainState(conn, dom)
+		return err
+	})
+	return dom, st, err
+}
+
 // Start starts, resumes or restarts the domain; see Hypervisor.
 func (h *Libvirt) Start(ctx context.Context, id string) error {
 	if err := h.start(ctx, id); err != nil {
@@ -455,16 +468,7 @@ func (h *Libvirt) Start(ctx context.Context, id string) error {
 }
 
 func (h *Libvirt) start(ctx context.Context, id string) error {
-	var dom libvirt.Domain
-	var st libvirt.DomainState
-	err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
-		var err error
-		if dom, err = lookup(conn, id); err != nil {
-			return err
-		}
-		st, err = domainState(conn, dom)
-		return err
-	})
+	dom, st, err := h.domainAndState(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -508,16 +512,7 @@ func (h *Libvirt) Stop(ctx context.Context, id string) error {
 }
 
 func (h *Libvirt) stop(ctx context.Context, id string) error {
-	var dom libvirt.Domain
-	var st libvirt.DomainState
-	err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
-		var err error
-		if dom, err = lookup(conn, id); err != nil {
-			return err
-		}
-		st, err = domainState(conn, dom)
-		return err
-	})
+	dom, st, err := h.domainAndState(ctx, id)
 	if err != nil {
 		return err
 	}
@@ -612,16 +607,7 @@ func (h *Libvirt) Remove(ctx context.Context, id string) error {
 }
 
 func (h *Libvirt) remove(ctx context.Context, id string) error {
-	var dom libvirt.Domain
-	var st libvirt.DomainState
-	err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
-		var err error
-		if dom, err = lookup(conn, id); err != nil {
-			return err
-		}
-		st, err = domainState(conn, dom)
-		return err
-	})
+	dom, st, err := h.domainAndState(ctx, id)
 	if err != nil {
 		return err
 	}
