@@ -11,7 +11,11 @@ package control
 import (
 	"context"
 	"errors"
+	"fmt"
+	"slices"
 	"time"
+
+	"github.com/threes-dev/threes/tsauth/policy"
 )
 
 // Plane is a tailnet control plane that holds threes' networks, keys and devices.
@@ -83,3 +87,42 @@ var ErrPolicyConflict = errors.New("policy changed concurrently")
 
 // ErrConfig means a backend was configured wrongly.
 var ErrConfig = errors.New("invalid control plane configuration")
+
+// policyBackend is what the network half of Plane needs from a backend: a
+// read-modify-write of its policy, and its devices.
+type policyBackend interface {
+	editPolicy(ctx context.Context, edit func([]byte) ([]byte, error)) error
+	devices(ctx context.Context) ([]Device, error)
+}
+
+// ensureNetwork implements Plane.EnsureNetwork for either backend.
+func ensureNetwork(ctx context.Context, b policyBackend, backend string, opts policy.Options, red redactor, name string) error {
+	err := b.editPolicy(ctx, func(p []byte) ([]byte, error) { return policy.AddNetwork(p, name, opts) })
+	if err != nil {
+		return red.err(fmt.Errorf("%s: ensure network %s: %w", backend, name, err))
+	}
+	return nil
+}
+
+// removeNetwork implements Plane.RemoveNetwork for either backend: it refuses while
+// a device still carries the network's tag.
+func removeNetwork(ctx context.Context, b policyBackend, backend string, opts policy.Options, red redactor, name string) error {
+	tag, err := policy.NetworkTag(opts.OwnerTag, name)
+	if err != nil {
+		return err
+	}
+	devs, err := b.devices(ctx)
+	if err != nil {
+		return fmt.Errorf("%s: remove network %s: %w", backend, name, err)
+	}
+	for _, d := range devs {
+		if slices.Contains(d.Tags, tag) {
+			return fmt.Errorf("%s: remove network %s: device %s (%s) has %s: %w", backend, name, d.Hostname, d.ID, tag, ErrNetworkInUse)
+		}
+	}
+	err = b.editPolicy(ctx, func(p []byte) ([]byte, error) { return policy.RemoveNetwork(p, name, opts) })
+	if err != nil {
+		return red.err(fmt.Errorf("%s: remove network %s: %w", backend, name, err))
+	}
+	return nil
+}

@@ -9,7 +9,6 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -157,34 +156,13 @@ func (h *Headscale) call(ctx context.Context, method, path string, in, out any) 
 
 // EnsureNetwork merges network name into headscale's policy.
 func (h *Headscale) EnsureNetwork(ctx context.Context, name string) error {
-	err := h.editPolicy(ctx, func(p []byte) ([]byte, error) { return policy.AddNetwork(p, name, h.opts) })
-	if err != nil {
-		return h.redact.err(fmt.Errorf("headscale: ensure network %s: %w", name, err))
-	}
-	return nil
+	return ensureNetwork(ctx, h, "headscale", h.opts, h.redact, name)
 }
 
 // RemoveNetwork takes network name out of headscale's policy unless a node still
 // carries its tag.
 func (h *Headscale) RemoveNetwork(ctx context.Context, name string) error {
-	tag, err := policy.NetworkTag(h.opts.OwnerTag, name)
-	if err != nil {
-		return err
-	}
-	devs, err := h.devices(ctx)
-	if err != nil {
-		return fmt.Errorf("headscale: remove network %s: %w", name, err)
-	}
-	for _, d := range devs {
-		if slices.Contains(d.Tags, tag) {
-			return fmt.Errorf("headscale: remove network %s: node %s (%s) has %s: %w", name, d.Hostname, d.ID, tag, ErrNetworkInUse)
-		}
-	}
-	err = h.editPolicy(ctx, func(p []byte) ([]byte, error) { return policy.RemoveNetwork(p, name, h.opts) })
-	if err != nil {
-		return h.redact.err(fmt.Errorf("headscale: remove network %s: %w", name, err))
-	}
-	return nil
+	return removeNetwork(ctx, h, "headscale", h.opts, h.redact, name)
 }
 
 type hsPolicy struct {

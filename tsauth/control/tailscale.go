@@ -135,34 +135,13 @@ func (o *oauthAuth) HTTPClient(orig *http.Client, baseURL string) *http.Client {
 // EnsureNetwork merges network name into the tailnet policy, retrying on 412
 // when someone else changed it in between.
 func (t *Tailscale) EnsureNetwork(ctx context.Context, name string) error {
-	err := t.editPolicy(ctx, func(p []byte) ([]byte, error) { return policy.AddNetwork(p, name, t.opts) })
-	if err != nil {
-		return t.redact.err(fmt.Errorf("tailscale: ensure network %s: %w", name, err))
-	}
-	return nil
+	return ensureNetwork(ctx, t, "tailscale", t.opts, t.redact, name)
 }
 
 // RemoveNetwork takes network name out of the tailnet policy unless a device
 // still carries its tag.
 func (t *Tailscale) RemoveNetwork(ctx context.Context, name string) error {
-	tag, err := policy.NetworkTag(t.opts.OwnerTag, name)
-	if err != nil {
-		return err
-	}
-	devs, err := t.devices(ctx)
-	if err != nil {
-		return fmt.Errorf("tailscale: remove network %s: %w", name, err)
-	}
-	for _, d := range devs {
-		if slices.Contains(d.Tags, tag) {
-			return fmt.Errorf("tailscale: remove network %s: device %s (%s) has %s: %w", name, d.Hostname, d.ID, tag, ErrNetworkInUse)
-		}
-	}
-	err = t.editPolicy(ctx, func(p []byte) ([]byte, error) { return policy.RemoveNetwork(p, name, t.opts) })
-	if err != nil {
-		return t.redact.err(fmt.Errorf("tailscale: remove network %s: %w", name, err))
-	}
-	return nil
+	return removeNetwork(ctx, t, "tailscale", t.opts, t.redact, name)
 }
 
 // editPolicy reads the policy with its ETag, applies edit, and writes the result
