@@ -147,11 +147,15 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		return nil, fmt.Errorf("open database: %w", err)
 	}
 
-	// 3. The hypervisor.
+	// 3. The image store and the hypervisor. Base images live beside the disks
+	// made from them; any kernel among them lets hv check that KVM really boots.
+	if a.images, err = images.Open(filepath.Join(o.StateDir, "images")); err != nil {
+		return nil, fmt.Errorf("image store: %w", err)
+	}
 	a.hv = o.Hypervisor
 	if a.hv == nil {
 		lv, err := hv.Open(ctx, hv.Config{URI: o.LibvirtURI, Owner: "threes/" + o.Hostname, Lazy: true,
-			DiskDir: filepath.Join(o.StateDir, "disks")})
+			DiskDir: filepath.Join(o.StateDir, "disks"), ProbeKernel: probeKernel(a.images)})
 		if err != nil {
 			return nil, fmt.Errorf("open hypervisor %s: %w", o.LibvirtURI, err)
 		}
@@ -161,10 +165,6 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		o.Logger.Warn("hypervisor not reachable yet: VM calls fail until it is (is libvirtd running?)", "uri", o.LibvirtURI, "err", err)
 	} else {
 		o.Logger.Info("hypervisor", "uri", o.LibvirtURI, "domain_type", accel.DomainType, "why", accel.Reason)
-	}
-	// Base images live beside the disks made from them.
-	if a.images, err = images.Open(filepath.Join(o.StateDir, "images")); err != nil {
-		return nil, fmt.Errorf("image store: %w", err)
 	}
 
 	// 4. The IPAM, from the addresses the database holds.
@@ -266,6 +266,18 @@ func listenSocket(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("chmod %s: %w", path, err)
 	}
 	return ln, nil
+}
+
+// probeKernel returns a kernel from the image store, or "" (then hv uses TCG
+// rather than trust a KVM it has not seen boot).
+func probeKernel(store *images.Store) string {
+	imgs, _ := store.List()
+	for _, img := range imgs {
+		if img.Kernel != "" {
+			return img.Kernel
+		}
+	}
+	return ""
 }
 
 func loadIPAM(ctx context.Context, db *embeddb.DB, prefix netip.Prefix) (*ipam.IPAM, error) {
