@@ -45,16 +45,20 @@ func (l *Lifecycle) observe(ctx context.Context, ev hv.Event) {
 	if !ok {
 		return
 	}
-	// Conditional: a create that began since the read above keeps its state.
-	changed, err := l.db.ObserveVMState(ctx, vm.ID, state, []string{StateCreating}, l.now())
-	if err != nil {
-		if ctx.Err() == nil {
-			l.log.Error("record vm state from event", "vm", vm.ID, "name", vm.Name, "state", state, "err", err)
+	// Most events (the sync at every subscription above all) change nothing: skip
+	// their write, which costs a Raft entry. The write itself is conditional, so a
+	// VM deleted since the read keeps its last state.
+	if state != vm.State {
+		changed, err := l.db.ObserveVMState(ctx, vm.ID, state, []string{StateCreating}, l.now())
+		if err != nil {
+			if ctx.Err() == nil {
+				l.log.Error("record vm state from event", "vm", vm.ID, "name", vm.Name, "state", state, "err", err)
+			}
+			return
 		}
-		return
-	}
-	if changed {
-		l.log.Info("vm state", "vm", vm.ID, "name", vm.Name, "state", state, "reason", ev.Reason)
+		if changed {
+			l.log.Info("vm state", "vm", vm.ID, "name", vm.Name, "state", state, "reason", ev.Reason)
+		}
 	}
 	if ev.State == hv.StateStopped && ev.Reason == "shutdown" {
 		// Out of line: it takes the VM's lock, which a lifecycle call may hold
