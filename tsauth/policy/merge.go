@@ -90,7 +90,9 @@ func layoutOf(s seq, parentIndent string, parentMultiline bool) layout {
 	return l
 }
 
-func isBlank(s string) bool { return strings.Trim(s, " \t") == "" }
+// isBlank reports whether s is only spaces, tabs and carriage returns: the
+// indentation or line ending around entries, never an owner's content.
+func isBlank(s string) bool { return strings.Trim(s, " \t\r") == "" }
 
 // appendManaged appends items to s, each preceded by a comment holding marker.
 func appendManaged(s seq, l layout, marker string, items []any) {
