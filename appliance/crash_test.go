@@ -186,10 +186,10 @@ func TestCreateCrash(t *testing.T) {
 	t.Run("tailnet", func(t *testing.T) {
 		tn := tailnettest.Start(t)
 		for _, step := range appliance.CreateSteps() {
+			if step == "key-minted" {
+				continue // no control plane here to mint keys: the headscale cases do
+			}
 			t.Run(step, func(t *testing.T) {
-				if step == "key-minted" {
-					t.Skip("no control plane to mint keys (the headscale cases do)")
-				}
 				crashCreate(t, newCrashRig(t, bin, tn.ControlURL), step)
 			})
 		}
