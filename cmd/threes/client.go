@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -114,5 +113,3 @@ func looksLikeID(s string) bool {
 	}
 	return true
 }
-
-var errNoArgs = errors.New("missing argument")
