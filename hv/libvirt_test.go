@@ -301,25 +301,10 @@ func TestCreateExisting(t *testing.T) {
 
 func TestCreateConcurrently(t *testing.T) {
 	t.Parallel()
-	ctx := context.Background()
 	h := hvtest.Open(t)
 	s := hvtest.Spec(t)
 	const n = 8
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Go(func() { errs[i] = h.Create(ctx, s) })
-	}
-	wg.Wait()
-	created := 0
-	for _, err := range errs {
-		switch {
-		case err == nil:
-			created++
-		case !errors.Is(err, hv.ErrExists):
-			t.Errorf("Create: %v, want nil or ErrExists", err)
-		}
-	}
+	created := createConcurrently(t, h, s, n)
 	if created != 1 {
 		t.Errorf("%d of %d concurrent Creates of one ID succeeded, want 1", created, n)
 	}
@@ -709,21 +694,7 @@ func TestDisks(t *testing.T) {
 	s.Image, s.DiskGiB = img, 1
 
 	const n = 4
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Go(func() { errs[i] = h.Create(ctx, s) })
-	}
-	wg.Wait()
-	created := 0
-	for _, err := range errs {
-		switch {
-		case err == nil:
-			created++
-		case !errors.Is(err, hv.ErrExists):
-			t.Errorf("Create: %v, want nil or ErrExists", err)
-		}
-	}
+	created := createConcurrently(t, h, s, n)
 	if created != 1 {
 		t.Fatalf("%d of %d concurrent Creates succeeded, want 1", created, n)
 	}
@@ -758,4 +729,26 @@ func TestDisks(t *testing.T) {
 	if err != nil || len(ents) != 0 {
 		t.Errorf("disk directory holds %v, %v; want nothing", ents, err)
 	}
+}
+
+// createConcurrently runs n Creates of s at once and returns how many succeeded;
+// the others must fail with ErrExists.
+func createConcurrently(t *testing.T, h *hv.Libvirt, s hv.Spec, n int) int {
+	t.Helper()
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { errs[i] = h.Create(context.Background(), s) })
+	}
+	wg.Wait()
+	created := 0
+	for _, err := range errs {
+		switch {
+		case err == nil:
+			created++
+		case !errors.Is(err, hv.ErrExists):
+			t.Errorf("Create: %v, want nil or ErrExists", err)
+		}
+	}
+	return created
 }
