@@ -115,8 +115,14 @@ func (n *NS) Bridge(t testing.TB, name, addr string) {
 // eth0 unless empty.
 func (n *NS) Plug(t testing.TB, bridge, prefix string, mac net.HardwareAddr, addr string) *NS {
 	t.Helper()
+	return n.PlugPort(t, bridge, "v"+suffix(), prefix, mac, addr)
+}
+
+// PlugPort is Plug with the bridge's end of the veth named port, as a VM's
+// tap would be.
+func (n *NS) PlugPort(t testing.TB, bridge, port, prefix string, mac net.HardwareAddr, addr string) *NS {
+	t.Helper()
 	c := NewNS(t, prefix)
-	port := "v" + suffix()
 	n.Run(t, "ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", c.Name)
 	n.Run(t, "ip", "link", "set", port, "master", bridge)
 	n.Run(t, "ip", "link", "set", port, "up")
