@@ -52,7 +52,8 @@ func reportSideBySide(b *testing.B, n int, overlay, full, small time.Duration) {
 // (what hv does) against a full copy of the image (what the original did),
 // side by side in each iteration, plus an overlay on the 64 MiB test disk to
 // show that an overlay's cost does not grow with the image. The Spec has an
-// IP, as the appliance's do, so the clean-traffic filter is set up in full.
+// IP, as the appliance's do, so the tap's anti-spoofing rules are set up in
+// full.
 // Removing the VMs is not timed.
 func BenchmarkCreate1GiB(b *testing.B) {
 	ctx := context.Background()

@@ -22,6 +22,9 @@ type vmMetadata struct {
 	XMLName xml.Name `xml:"https://github.com/threes-dev/threes/xmlns/vm/1 vm"`
 	Owner   string   `xml:"owner,attr"`
 	Name    string   `xml:"name,attr"`
+	// IP is the VM's address, kept so that its anti-spoofing rules can
+	// be rebuilt from the domain alone.
+	IP string `xml:"ip,attr,omitempty"`
 }
 
 // validate reports what is wrong with s, if anything.
@@ -96,6 +99,9 @@ type xmlOptions struct {
 	// relabels no file at all (hv gives the VM's disk that owner), so the
 	// shared base images, kernels and initrds stay root's and read-only.
 	dacLabel string
+	// tap names the NIC's tap device, which package guard's rules
+	// match; empty lets libvirt pick (the test driver has no taps).
+	tap string
 }
 
 // domainXML returns the libvirt definition of s.
@@ -103,7 +109,7 @@ func domainXML(s Spec, o xmlOptions) (string, error) {
 	if err := s.validate(); err != nil {
 		return "", err
 	}
-	meta, err := xml.Marshal(vmMetadata{Owner: o.owner, Name: s.Name})
+	meta, err := xml.Marshal(vmMetadata{Owner: o.owner, Name: s.Name, IP: s.IP})
 	if err != nil {
 		return "", fmt.Errorf("marshal metadata of domain %s: %w", s.ID, err)
 	}
@@ -157,14 +163,8 @@ func domainXML(s Spec, o xmlOptions) (string, error) {
 			}},
 		},
 	}
-	if o.domainType != "test" {
-		// libvirt's nwfilter: only the NIC's own MAC, IP (given or
-		// learnt) and ARP claims leave the VM.
-		ref := &libvirtxml.DomainInterfaceFilterRef{Filter: "clean-traffic"}
-		if s.IP != "" {
-			ref.Parameters = []libvirtxml.DomainInterfaceFilterParam{{Name: "IP", Value: s.IP}}
-		}
-		d.Devices.Interfaces[0].FilterRef = ref
+	if o.tap != "" {
+		d.Devices.Interfaces[0].Target = &libvirtxml.DomainInterfaceTarget{Dev: o.tap}
 	}
 	if o.dacLabel != "" {
 		d.SecLabel = []libvirtxml.DomainSecLabel{{Type: "static", Model: "dac", Relabel: "no", Label: o.dacLabel}}

@@ -60,10 +60,10 @@ type Spec struct {
 	MAC string
 	// Bridge is the host bridge the NIC is attached to.
 	Bridge string
-	// IP is the VM's IPv4 address on the bridge. QEMU domains' NICs get
-	// libvirt's clean-traffic filter, which drops frames from any other
-	// MAC, IP or ARP claim; without IP, libvirt learns the address from
-	// the VM's first packets instead.
+	// IP is the VM's IPv4 address on the bridge. A QEMU domain's tap is
+	// guarded (package guard): frames from any other MAC, IPv4 source or
+	// ARP claim, and anything but IPv4 and ARP, never leave the VM.
+	// Without IP only the MAC is held to.
 	IP string
 	// Image is what the VM boots. The zero Image makes a domain with no
 	// disk and no kernel, which only the test driver has use for.

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+
+	"github.com/threes-dev/threes/hv/guard"
 )
 
 // Config says which libvirtd and driver to use and how.
@@ -52,6 +54,10 @@ type Config struct {
 	// StopTimeout is how long Stop waits for the guest to power off
 	// after the ACPI power button before forcing it off; zero means 30s.
 	StopTimeout time.Duration
+	// BridgeNetNS names the network namespace (as ip netns does) that
+	// holds the bridge, and so libvirtd and the VMs' taps, when it is not
+	// this process's; the anti-spoofing rules (package guard) go there.
+	BridgeNetNS string
 }
 
 const (
@@ -112,6 +118,9 @@ type Libvirt struct {
 	probeTimeout time.Duration
 	diskDir      string
 	copyDisks    bool // full copies instead of overlays, for a benchmark
+	// guard holds each QEMU domain's anti-spoofing rules; nil for the
+	// test driver, whose domains have no taps.
+	guard *guard.Table
 
 	mu     sync.Mutex
 	conn   *libvirt.Libvirt // nil until connected, and after a broken call
@@ -171,8 +180,15 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 		}
 		h.diskDir = filepath.Clean(h.diskDir)
 	}
+	if !h.flavour.test {
+		if h.guard, err = newGuard(h.owner, cfg.BridgeNetNS); err != nil {
+			return nil, err
+		}
+	}
 	if _, err := h.client(ctx); err != nil {
 		if cfg.Lazy && errors.Is(err, ErrUnavailable) {
+			// Each Create and Start sets its domain's rules, so
+			// they are whole once domains run again.
 			return h, nil
 		}
 		return nil, err
@@ -180,6 +196,12 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 	// Detected now rather than at the first Create, which should not
 	// wait for a probe.
 	if _, err := h.Accel(ctx); err != nil && !(cfg.Lazy && errors.Is(err, ErrUnavailable)) {
+		h.Close()
+		return nil, err
+	}
+	// After a reboot the kernel has no rules at all; after a crash it
+	// may hold some for domains that are gone.
+	if err := h.syncGuard(ctx); err != nil && !(cfg.Lazy && errors.Is(err, ErrUnavailable)) {
 		h.Close()
 		return nil, err
 	}
@@ -411,6 +433,11 @@ func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
 			return err
 		})
 	}
+	var port guard.Port
+	if h.guard != nil {
+		port = portOf(s, h.guard.Prefix())
+		opts.tap = port.Dev
+	}
 	doc, err := domainXML(s, opts)
 	if err != nil {
 		return err
@@ -436,6 +463,15 @@ func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
 		}
 		return nil
 	})
+	if h.guard != nil {
+		// Before the tap exists, so the VM's first frame is checked.
+		if err := h.guard.Set(ctx, port); err != nil {
+			return err
+		}
+		undo = append(undo, func(ctx context.Context) error {
+			return h.guard.Delete(ctx, port.Dev)
+		})
+	}
 	err = h.call(ctx, false, func(conn *libvirt.Libvirt) error {
 		return conn.DomainCreate(dom)
 	})
@@ -477,6 +513,9 @@ func (h *Libvirt) start(ctx context.Context, id string) error {
 		return nil
 	case libvirt.DomainShutdown:
 		return errors.New("domain is shutting down")
+	}
+	if err := h.guardDomain(ctx, dom); err != nil {
+		return err
 	}
 	err = h.call(ctx, false, func(conn *libvirt.Libvirt) error {
 		switch st {
@@ -616,9 +655,15 @@ func (h *Libvirt) remove(ctx context.Context, id string) error {
 			return err
 		}
 	}
-	return h.call(ctx, false, func(conn *libvirt.Libvirt) error {
+	if err := h.call(ctx, false, func(conn *libvirt.Libvirt) error {
 		return conn.DomainUndefineFlags(dom, h.flavour.undefineFlags)
-	})
+	}); err != nil {
+		return err
+	}
+	if h.guard != nil {
+		return h.guard.Delete(ctx, guard.DevName(h.guard.Prefix(), id))
+	}
+	return nil
 }
 
 // State reports the domain's state; see Hypervisor.

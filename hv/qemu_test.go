@@ -138,9 +138,9 @@ func nextEvent(t *testing.T, events <-chan hv.Event, id string, want hv.State, r
 
 // TestQEMU boots one VM from the test image under QEMU and takes it through
 // its life, each step checked with virsh as a witness: create (vCPUs,
-// memory, disk an overlay on the untouched base, clean-traffic on its
-// NIC, its ID in SMBIOS as the guest sees it), console both ways, the
-// filter dropping a spoofed IP and MAC, graceful
+// memory, disk an overlay on the untouched base, its tap guarded by its
+// own nftables rules, its ID in SMBIOS as the guest sees it), console both
+// ways, the guard dropping a spoofed IP and MAC, graceful
 // stop through ACPI, start, restart and remove, with events for each.
 func TestQEMU(t *testing.T) {
 	q := hvtest.OpenQEMU(t, hv.Config{StopTimeout: 2 * time.Minute})
@@ -193,12 +193,17 @@ func TestQEMU(t *testing.T) {
 		if !strings.Contains(xml, "<domain type='"+acc.DomainType+"'") {
 			t.Errorf("domain type is not %s:\n%s", acc.DomainType, xml)
 		}
-		if !strings.Contains(xml, "<filterref filter='clean-traffic'>") ||
-			!strings.Contains(xml, "<parameter name='IP' value='10.10.7.9'/>") {
-			t.Errorf("NIC has no clean-traffic filter with IP 10.10.7.9:\n%s", xml)
+		// The NIC's tap has a name of ours, and its rules hold the
+		// VM to its MAC and IP (what they do is shown below).
+		m := regexp.MustCompile(`<target dev='(t3[a-z0-9]{13})'/>`).FindStringSubmatch(xml)
+		if m == nil || strings.Contains(xml, "<filterref") {
+			t.Fatalf("NIC has no tap of ours, or has a libvirt filter:\n%s", xml)
 		}
-		if bindings, err := hvtest.Virsh(t, "nwfilter-binding-list"); err != nil || !strings.Contains(bindings, "clean-traffic") {
-			t.Errorf("virsh nwfilter-binding-list = %q, %v; want a clean-traffic binding", bindings, err)
+		rules, err := exec.Command("nft", "list", "ruleset", "bridge").CombinedOutput()
+		if err != nil || !strings.Contains(string(rules), `"`+m[1]+`" : goto vm_`+m[1]) ||
+			!strings.Contains(string(rules), "ip saddr != 10.10.7.9 counter") ||
+			!strings.Contains(string(rules), "ether saddr != "+s.MAC+" counter") {
+			t.Errorf("nft list ruleset bridge: %v, no rules for tap %s with MAC %s and IP 10.10.7.9:\n%s", err, m[1], s.MAC, rules)
 		}
 		blk, err := hvtest.Virsh(t, "domblklist", s.ID)
 		must(t, err)
@@ -248,8 +253,8 @@ func TestQEMU(t *testing.T) {
 		c = hvtest.WatchConsole(top, con)
 	})
 
-	t.Run("clean-traffic", func(t *testing.T) {
-		// The NIC's filter lets the VM talk from its own MAC and IP
+	t.Run("anti-spoofing", func(t *testing.T) {
+		// The tap's rules let the VM talk from its own MAC and IP
 		// only. The test talks to it from the bridge, so only where
 		// nothing can leave this network namespace (scripts/testenv).
 		isolated(t)
@@ -457,4 +462,98 @@ func TestQEMUBadInput(t *testing.T) {
 		must(t, q.H.Remove(ctx, s.ID))
 		noDomainNoDisk(t, s.ID)
 	})
+}
+
+// tapOf returns the tap device name in the domain's definition.
+func tapOf(t *testing.T, id string) string {
+	t.Helper()
+	xml, err := hvtest.Virsh(t, "dumpxml", "--inactive", id)
+	must(t, err)
+	m := regexp.MustCompile(`<target dev='(t3[a-z0-9]{13})'/>`).FindStringSubmatch(xml)
+	if m == nil {
+		t.Fatalf("domain %s has no tap of ours:\n%s", id, xml)
+	}
+	return m[1]
+}
+
+// guarded reports whether the bridge rules hold a chain for tap.
+func guarded(t *testing.T, tap string) bool {
+	t.Helper()
+	out, err := exec.Command("nft", "list", "ruleset", "bridge").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list ruleset bridge: %v\n%s", err, out)
+	}
+	return strings.Contains(string(out), `"`+tap+`" : goto vm_`+tap)
+}
+
+// dropTableOf deletes the nftables table guarding tap, as a firewall
+// reload or a reboot would; other tests' tables are left alone.
+func dropTableOf(t *testing.T, tap string) {
+	t.Helper()
+	out, err := exec.Command("nft", "list", "tables", "bridge").CombinedOutput()
+	must(t, err)
+	for _, f := range strings.Fields(string(out)) {
+		if !strings.HasPrefix(f, "threes_") {
+			continue
+		}
+		tbl, err := exec.Command("nft", "list", "table", "bridge", f).CombinedOutput()
+		must(t, err)
+		if strings.Contains(string(tbl), tap) {
+			if out, err := exec.Command("nft", "delete", "table", "bridge", f).CombinedOutput(); err != nil {
+				t.Fatalf("nft delete table bridge %s: %v\n%s", f, err, out)
+			}
+			return
+		}
+	}
+	t.Fatalf("no table guards tap %s", tap)
+}
+
+// TestAntiSpoofFollowsDomains checks that a domain's tap rules come with
+// Create, go with Remove, come back at Start and Open after the table was
+// lost, and that Open drops the rules of a domain undefined behind hv's
+// back.
+func TestAntiSpoofFollowsDomains(t *testing.T) {
+	// A guest still booting may miss the power button: a short Stop.
+	q := hvtest.OpenQEMU(t, hv.Config{DomainType: "qemu", StopTimeout: time.Second})
+	ctx := context.Background()
+	s1, s2 := q.Spec(t), q.Spec(t)
+	s1.IP, s2.IP = "10.10.7.21", "10.10.7.22"
+	must(t, q.H.Create(ctx, s1))
+	must(t, q.H.Create(ctx, s2))
+	tap1, tap2 := tapOf(t, s1.ID), tapOf(t, s2.ID)
+	if tap1 == tap2 || !guarded(t, tap1) || !guarded(t, tap2) {
+		t.Fatalf("after Create: taps %s and %s, guarded %v and %v", tap1, tap2, guarded(t, tap1), guarded(t, tap2))
+	}
+
+	must(t, q.H.Remove(ctx, s2.ID))
+	if guarded(t, tap2) {
+		t.Errorf("tap %s still has rules after Remove", tap2)
+	}
+
+	must(t, q.H.Stop(ctx, s1.ID))
+	dropTableOf(t, tap1)
+	must(t, q.H.Start(ctx, s1.ID))
+	if !guarded(t, tap1) {
+		t.Errorf("tap %s has no rules after Start on a host that lost them", tap1)
+	}
+
+	dropTableOf(t, tap1)
+	h2, err := hv.Open(ctx, q.Config)
+	must(t, err)
+	defer h2.Close()
+	if !guarded(t, tap1) {
+		t.Errorf("tap %s has no rules after Open on a host that lost them", tap1)
+	}
+
+	// Undefined behind hv's back: the next Open prunes its rules.
+	_, err = hvtest.Virsh(t, "destroy", s1.ID)
+	must(t, err)
+	_, err = hvtest.Virsh(t, "undefine", s1.ID)
+	must(t, err)
+	h3, err := hv.Open(ctx, q.Config)
+	must(t, err)
+	defer h3.Close()
+	if guarded(t, tap1) {
+		t.Errorf("tap %s of an undefined domain still has rules after Open", tap1)
+	}
 }

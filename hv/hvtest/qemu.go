@@ -108,6 +108,9 @@ type QEMU struct {
 	// Dir is the temporary directory holding the store ("images") and
 	// the VMs' disks ("disks"), reachable by QEMU's user.
 	Dir string
+	// Config is what H was opened with, for opening another Libvirt
+	// that sees the same domains.
+	Config hv.Config
 }
 
 // OpenQEMU returns a QEMU with cfg's StopTimeout and DomainType; it probes
@@ -149,6 +152,7 @@ func OpenQEMU(tb testing.TB, cfg hv.Config) *QEMU {
 		cfg.ProbeKernel = q.Image.Kernel
 	}
 	q.H = OpenSwept(tb, cfg)
+	q.Config = cfg
 	return q
 }
 

@@ -1,0 +1,149 @@
+package hv
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base32"
+	"encoding/hex"
+	"encoding/xml"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+
+	"github.com/digitalocean/go-libvirt"
+	"github.com/vishvananda/netns"
+	"libvirt.org/go/libvirtxml"
+
+	"github.com/threes-dev/threes/hv/guard"
+	"github.com/threes-dev/threes/internal/nsdo"
+)
+
+// newGuard returns the anti-spoofing table of the domains of owner. Each
+// owner has a table and tap prefix of its own, so that appliances (or
+// tests) sharing a host never rewrite or cut off each other's VMs.
+func newGuard(owner, netnsName string) (*guard.Table, error) {
+	sum := sha256.Sum256([]byte(owner))
+	tag := strings.ToLower(base32.StdEncoding.EncodeToString(sum[:]))[:2]
+	cfg := guard.Config{Name: "threes_" + hex.EncodeToString(sum[:4]), Prefix: "t3" + tag}
+	if netnsName != "" {
+		cfg.Run = func(ctx context.Context, script string) error {
+			ns, err := netns.GetFromName(netnsName)
+			if err != nil {
+				return fmt.Errorf("bridge namespace %s: %w", netnsName, err)
+			}
+			defer ns.Close()
+			// nft forks from the thread that nsdo switched into ns,
+			// so it inherits that namespace.
+			return nsdo.Do(ns, func() error { return guard.RunNFT(ctx, script) })
+		}
+	}
+	return guard.New(cfg)
+}
+
+// portOf returns the guarded port of the VM s (validated) under prefix.
+func portOf(s Spec, prefix string) guard.Port {
+	mac, _ := net.ParseMAC(s.MAC)
+	ip, _ := netip.ParseAddr(s.IP) // empty: the zero Addr, any source IP
+	return guard.Port{Dev: guard.DevName(prefix, s.ID), MAC: mac, IP: ip}
+}
+
+// portFromXML reads a domain's guarded port back from its definition; ok
+// is false for a domain whose NIC has no tap name of ours.
+func portFromXML(doc, prefix string) (p guard.Port, ok bool, err error) {
+	var d libvirtxml.Domain
+	if err := d.Unmarshal(doc); err != nil {
+		return p, false, fmt.Errorf("parse domain XML: %w", err)
+	}
+	if d.Devices == nil || len(d.Devices.Interfaces) == 0 {
+		return p, false, nil
+	}
+	nic := d.Devices.Interfaces[0]
+	if nic.Target == nil || !strings.HasPrefix(nic.Target.Dev, prefix) || nic.MAC == nil {
+		return p, false, nil
+	}
+	if p.MAC, err = net.ParseMAC(nic.MAC.Address); err != nil {
+		return p, false, fmt.Errorf("domain %s: MAC %q: %w", d.Name, nic.MAC.Address, err)
+	}
+	p.Dev = nic.Target.Dev
+	if d.Metadata != nil {
+		// The metadata element may sit among others a user added.
+		var all struct {
+			VM []vmMetadata `xml:"https://github.com/threes-dev/threes/xmlns/vm/1 vm"`
+		}
+		if xml.Unmarshal([]byte("<m>"+d.Metadata.XML+"</m>"), &all) == nil && len(all.VM) > 0 && all.VM[0].IP != "" {
+			if p.IP, err = netip.ParseAddr(all.VM[0].IP); err != nil {
+				return p, false, fmt.Errorf("domain %s: IP %q: %w", d.Name, all.VM[0].IP, err)
+			}
+		}
+	}
+	return p, true, nil
+}
+
+// guardDomain sets the rules of dom's tap again before it starts, in case
+// they went (a reboot, a firewall reload that flushed every table).
+func (h *Libvirt) guardDomain(ctx context.Context, dom libvirt.Domain) error {
+	if h.guard == nil {
+		return nil
+	}
+	var doc string
+	err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
+		var err error
+		doc, err = conn.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	p, ok, err := portFromXML(doc, h.guard.Prefix())
+	if err != nil || !ok {
+		return err
+	}
+	return h.guard.Set(ctx, p)
+}
+
+// syncGuard rebuilds the whole table from this owner's domains.
+func (h *Libvirt) syncGuard(ctx context.Context) error {
+	if h.guard == nil {
+		return nil
+	}
+	var ports []guard.Port
+	err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
+		ports = ports[:0]
+		doms, _, err := conn.ConnectListAllDomains(1, 0)
+		if err != nil {
+			return err
+		}
+		for _, dom := range doms {
+			mine, err := h.owns(conn, dom)
+			if hasCode(err, libvirt.ErrNoDomain) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			if !mine {
+				continue
+			}
+			doc, err := conn.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
+			if hasCode(err, libvirt.ErrNoDomain) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			p, ok, err := portFromXML(doc, h.guard.Prefix())
+			if err != nil {
+				return err
+			}
+			if ok {
+				ports = append(ports, p)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("anti-spoofing rules: list domains: %w", err)
+	}
+	return h.guard.Sync(ctx, ports)
+}
