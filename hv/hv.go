@@ -118,8 +118,9 @@ type Hypervisor interface {
 	// Start starts a stopped domain, resumes a paused one and restarts
 	// a crashed one; it does nothing if the domain is running.
 	Start(ctx context.Context, id string) error
-	// Stop asks the guest to power off (ACPI power button), waits for it
-	// up to Config.StopTimeout and then powers it off by force; a paused
+	// Stop asks the guest to power off (ACPI power button, pressed again
+	// every 2s for a guest still booting), waits for it up to
+	// Config.StopTimeout and then powers it off by force; a paused
 	// or crashed guest, which cannot see the button, is powered off at
 	// once. It does nothing if the domain is stopped.
 	Stop(ctx context.Context, id string) error

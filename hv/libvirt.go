@@ -67,6 +67,10 @@ const (
 	defaultProbeTime   = 10 * time.Second
 	// pollInterval is how often Stop checks whether the guest is off.
 	pollInterval = 50 * time.Millisecond
+	// pressInterval is how often Stop presses the power button again: a
+	// guest that is still booting has no ACPI handler yet and loses the
+	// press.
+	pressInterval = 2 * time.Second
 )
 
 // flavour holds what differs between libvirt drivers.
@@ -575,6 +579,8 @@ func (h *Libvirt) stop(ctx context.Context, id string) error {
 	defer deadline.Stop()
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
+	press := time.NewTicker(pressInterval)
+	defer press.Stop()
 	for {
 		off, err := h.isOff(ctx, dom)
 		if err != nil || off {
@@ -585,6 +591,12 @@ func (h *Libvirt) stop(ctx context.Context, id string) error {
 			return fmt.Errorf("wait for shutdown: %w", ctx.Err())
 		case <-deadline.C:
 			return h.destroy(ctx, dom)
+		case <-press.C:
+			// An error here is the guest going off meanwhile, which
+			// the next poll sees.
+			h.call(ctx, false, func(conn *libvirt.Libvirt) error {
+				return conn.DomainShutdownFlags(dom, h.flavour.shutdownFlags)
+			})
 		case <-tick.C:
 		}
 	}

@@ -557,3 +557,18 @@ func TestAntiSpoofFollowsDomains(t *testing.T) {
 		t.Errorf("tap %s of an undefined domain still has rules after Open", tap1)
 	}
 }
+
+// TestStopWhileBooting stops a VM right after Create, before its kernel
+// has an ACPI handler: the first press of the power button is lost, so
+// Stop must press again, and the guest then powers itself off well
+// before the deadline instead of being forced off.
+func TestStopWhileBooting(t *testing.T) {
+	q := hvtest.OpenQEMU(t, hv.Config{DomainType: "qemu", StopTimeout: 3 * time.Minute})
+	ctx := context.Background()
+	s := q.Spec(t)
+	must(t, q.H.Create(ctx, s))
+	must(t, q.H.Stop(ctx, s.ID))
+	if got := virshState(t, s.ID); got != "shut off (shutdown)" {
+		t.Errorf("virsh domstate = %q, want shut off (shutdown): the guest should power itself off", got)
+	}
+}
