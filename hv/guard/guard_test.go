@@ -112,6 +112,30 @@ func (r *rig) seen(match func(f []byte) bool) bool {
 	}
 }
 
+// before waits for a frame that marker accepts and reports whether a frame
+// that bad accepts came before it. Frames sent before the marker arrive
+// before it, so a missing bad frame was dropped, not late.
+func (r *rig) before(t *testing.T, bad, marker func([]byte) bool) bool {
+	t.Helper()
+	got := false
+	if !r.seen(func(f []byte) bool {
+		got = got || bad(f)
+		return marker(f)
+	}) {
+		t.Fatal("the marker frame did not arrive")
+	}
+	return got
+}
+
+// arpArrives sends an ARP from ns claiming ip and reports whether it
+// reached the host with the sender MAC mac.
+func (r *rig) arpArrives(t *testing.T, ns *netnstest.NS, mac net.HardwareAddr, ip string) bool {
+	t.Helper()
+	r.drain()
+	arping(t, ns, ip)
+	return r.seen(arpFrom(mac, ip))
+}
+
 // drain empties the frame queue, so a later seen looks only at new frames.
 func (r *rig) drain() {
 	for {
@@ -199,9 +223,7 @@ func TestGuard(t *testing.T) {
 		if !ping(r.other, "10.10.0.1") {
 			t.Error("an unguarded port was cut off")
 		}
-		r.drain()
-		arping(t, r.vm, "10.10.0.9")
-		if !r.seen(arpFrom(macVM, "10.10.0.9")) {
+		if !r.arpArrives(t, r.vm, macVM, "10.10.0.9") {
 			t.Error("ARP claiming the VM's own address did not get through")
 		}
 	})
@@ -228,21 +250,11 @@ func TestGuard(t *testing.T) {
 		r.drain()
 		arping(t, r.vm, "10.10.0.10") // the neighbour's address
 		arping(t, r.vm, "10.10.0.9")  // then its own, as a marker
-		got := false
-		match := arpFrom(macVM, "10.10.0.10")
-		if !r.seen(func(f []byte) bool {
-			got = got || match(f)
-			return arpFrom(macVM, "10.10.0.9")(f)
-		}) {
-			t.Fatal("the marker ARP did not arrive")
-		}
-		if got {
+		if r.before(t, arpFrom(macVM, "10.10.0.10"), arpFrom(macVM, "10.10.0.9")) {
 			t.Error("ARP claiming the neighbour's address got through")
 		}
 		// Control: the unguarded neighbour can claim any address.
-		r.drain()
-		arping(t, r.other, "10.10.0.77")
-		if !r.seen(arpFrom(macOther, "10.10.0.77")) {
+		if !r.arpArrives(t, r.other, macOther, "10.10.0.77") {
 			t.Error("control: an unguarded port's ARP did not arrive")
 		}
 	})
@@ -277,14 +289,7 @@ func TestGuard(t *testing.T) {
 		r.drain()
 		r.vm.Command("busybox", "ping", "-6", "-c", "1", "-W", "1", "-I", "eth0", "ff02::1").Run()
 		r.other.Command("busybox", "ping", "-6", "-c", "1", "-W", "1", "-I", "eth0", "ff02::1").Run()
-		got := false
-		if !r.seen(func(f []byte) bool {
-			got = got || etherFrom(macVM, 0x86dd)(f)
-			return etherFrom(macOther, 0x86dd)(f)
-		}) {
-			t.Fatal("control: the unguarded port's IPv6 did not arrive")
-		}
-		if got {
+		if r.before(t, etherFrom(macVM, 0x86dd), etherFrom(macOther, 0x86dd)) {
 			t.Error("IPv6 from the guarded VM got through")
 		}
 	})
