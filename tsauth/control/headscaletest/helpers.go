@@ -74,11 +74,15 @@ func (s *Server) HasNode(t testing.TB, name string) bool {
 	return false
 }
 
-// PreauthKey makes a single-use key for User (the first user, ID 1), tagged with
+// PreauthKey makes a reusable key for User (the first user, ID 1), tagged with
 // tags when given: a tagged key makes a node owned by its tags.
 func (s *Server) PreauthKey(t testing.TB, tags ...string) string {
 	t.Helper()
-	args := []string{"preauthkeys", "create", "-u", "1", "-e", "1h"}
+	// Reusable: under load a client may time out on its register request
+	// and send it again, which headscale refuses for a used one-off key
+	// ("authkey already used"); what these tests check does not hang on
+	// the key being single-use.
+	args := []string{"preauthkeys", "create", "-u", "1", "-e", "1h", "--reusable"}
 	if len(tags) > 0 {
 		args = append(args, "--tags", strings.Join(tags, ","))
 	}
