@@ -49,13 +49,21 @@ func portOf(s Spec, prefix string) guard.Port {
 }
 
 // portFromXML reads a domain's guarded port back from its definition; ok
-// is false for a domain whose NIC has no tap name of ours.
-func portFromXML(doc, prefix string) (p guard.Port, ok bool, err error) {
+// is false for a domain of another owner, or whose NIC has no tap name of
+// ours.
+func portFromXML(doc, owner, prefix string) (p guard.Port, ok bool, err error) {
 	var d libvirtxml.Domain
 	if err := d.Unmarshal(doc); err != nil {
 		return p, false, fmt.Errorf("parse domain XML: %w", err)
 	}
-	if d.Devices == nil || len(d.Devices.Interfaces) == 0 {
+	// The metadata element may sit among others a user added.
+	var meta struct {
+		VM []vmMetadata `xml:"https://github.com/threes-dev/threes/xmlns/vm/1 vm"`
+	}
+	if d.Metadata != nil {
+		xml.Unmarshal([]byte("<m>"+d.Metadata.XML+"</m>"), &meta)
+	}
+	if len(meta.VM) == 0 || meta.VM[0].Owner != owner || d.Devices == nil || len(d.Devices.Interfaces) == 0 {
 		return p, false, nil
 	}
 	nic := d.Devices.Interfaces[0]
@@ -66,15 +74,9 @@ func portFromXML(doc, prefix string) (p guard.Port, ok bool, err error) {
 		return p, false, fmt.Errorf("domain %s: MAC %q: %w", d.Name, nic.MAC.Address, err)
 	}
 	p.Dev = nic.Target.Dev
-	if d.Metadata != nil {
-		// The metadata element may sit among others a user added.
-		var all struct {
-			VM []vmMetadata `xml:"https://github.com/threes-dev/threes/xmlns/vm/1 vm"`
-		}
-		if xml.Unmarshal([]byte("<m>"+d.Metadata.XML+"</m>"), &all) == nil && len(all.VM) > 0 && all.VM[0].IP != "" {
-			if p.IP, err = netip.ParseAddr(all.VM[0].IP); err != nil {
-				return p, false, fmt.Errorf("domain %s: IP %q: %w", d.Name, all.VM[0].IP, err)
-			}
+	if ip := meta.VM[0].IP; ip != "" {
+		if p.IP, err = netip.ParseAddr(ip); err != nil {
+			return p, false, fmt.Errorf("domain %s: IP %q: %w", d.Name, ip, err)
 		}
 	}
 	return p, true, nil
@@ -95,7 +97,7 @@ func (h *Libvirt) guardDomain(ctx context.Context, dom libvirt.Domain) error {
 	if err != nil {
 		return err
 	}
-	p, ok, err := portFromXML(doc, h.guard.Prefix())
+	p, ok, err := portFromXML(doc, h.owner, h.guard.Prefix())
 	if err != nil || !ok {
 		return err
 	}
@@ -115,16 +117,7 @@ func (h *Libvirt) syncGuard(ctx context.Context) error {
 			return err
 		}
 		for _, dom := range doms {
-			mine, err := h.owns(conn, dom)
-			if hasCode(err, libvirt.ErrNoDomain) {
-				continue
-			}
-			if err != nil {
-				return err
-			}
-			if !mine {
-				continue
-			}
+			// One call per domain: the definition names its owner.
 			doc, err := conn.DomainGetXMLDesc(dom, libvirt.DomainXMLInactive)
 			if hasCode(err, libvirt.ErrNoDomain) {
 				continue
@@ -132,7 +125,7 @@ func (h *Libvirt) syncGuard(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			p, ok, err := portFromXML(doc, h.guard.Prefix())
+			p, ok, err := portFromXML(doc, h.owner, h.guard.Prefix())
 			if err != nil {
 				return err
 			}
