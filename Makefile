@@ -12,9 +12,10 @@ FUZZTIME ?= 20s
 build:
 	$(GO) build -o $(BIN)/threes ./cmd/threes
 
-# run starts the appliance on this host with its defaults (needs root and libvirtd).
+# run starts the appliance on this host (needs root; libvirtd and the bridge for VMs).
+# Pass serve's flags in ARGS, e.g. make run ARGS='--control-url https://hs.example.com'.
 run: build
-	$(BIN)/threes serve
+	$(BIN)/threes serve $(ARGS)
 
 # headscale is a real control server the tests run on loopback; built from its own
 # module in tools/headscale so its dependencies stay out of ours.
