@@ -7,14 +7,27 @@ PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1
 # Fuzz targets and how long each runs in `make test`.
 FUZZTIME ?= 20s
 
-.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled testimage clean
+.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled testimage clean modules prereqs-run prereqs-test prereqs-bench
 
 build:
 	$(GO) build -o $(BIN)/threes ./cmd/threes
 
+# prereqs-run, -test, -bench check in seconds what each target needs on this host, and
+# install the missing Debian packages (as root; see scripts/prereqs).
+prereqs-run prereqs-test prereqs-bench:
+	@scripts/prereqs $(@:prereqs-%=%)
+
+# modules fetches every module the build, the tests and the tools need, so that nothing
+# is downloaded once the tests run in their offline network namespace.
+modules:
+	$(GO) mod download
+	$(GO) list -deps -test ./... >/dev/null
+	cd tools/headscale && $(GO) mod download
+	cd tools/tailscaled && $(GO) mod download
+
 # run starts the appliance on this host (needs root; libvirtd and the bridge for VMs).
 # Pass serve's flags in ARGS, e.g. make run ARGS='--control-url https://hs.example.com'.
-run: build
+run: prereqs-run build
 	$(BIN)/threes serve $(ARGS)
 
 # headscale is a real control server the tests run on loopback; built from its own
@@ -36,11 +49,11 @@ $(BIN)/testimage/vmlinuz: scripts/mkimage
 
 # test runs the whole suite as root inside a fresh network namespace that holds only
 # loopback, its own libvirtd, and what the tests add (see scripts/testenv).
-test: build headscale tailscaled testimage
+test: prereqs-test modules build headscale tailscaled testimage
 	scripts/testenv $(MAKE) --no-print-directory test-go fuzz
 
 test-go:
-	THREES_BIN=$(BIN)/threes THREES_HEADSCALE=$(BIN)/headscale THREES_TAILSCALED=$(BIN)/tailscaled THREES_TESTIMAGE=$(BIN)/testimage $(GO) test -count=1 -timeout 40m ./...
+	THREES_BIN=$(BIN)/threes THREES_HEADSCALE=$(BIN)/headscale THREES_TAILSCALED=$(BIN)/tailscaled THREES_TESTIMAGE=$(BIN)/testimage GOPROXY=off $(GO) test -count=1 -timeout 40m ./...
 
 fuzz:
 	@set -e; for t in $$(grep -rlE '^func Fuzz' --include='*_test.go' . | xargs -n1 dirname | sort -u); do \
@@ -53,7 +66,7 @@ fuzz:
 # bench runs the Go benchmarks (API over the tailnet vs loopback, database, IPAM, DHCP,
 # hypervisor), then the side-by-side DHCP and metadata benchmark against Kea, dnsmasq
 # and wrk (bench/netboot/run.sh). Needs root.
-bench: build testimage
+bench: prereqs-bench modules build testimage
 	THREES_TESTIMAGE=$(BIN)/testimage scripts/testenv $(GO) test -run '^$$' -bench . -benchtime 2s ./...
 	bash bench/netboot/run.sh
 
