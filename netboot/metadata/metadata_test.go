@@ -325,6 +325,21 @@ func TestMetadata(t *testing.T) {
 	}
 }
 
+// TestTwoVMs has two VMs fetch their metadata in turns: each gets its own,
+// whatever the other's traffic taught the kernel in between.
+func TestTwoVMs(t *testing.T) {
+	l := newLab(t)
+	a := client(l.srv.Plug(t, bridge, "a", macA, ipA.String()+"/16"))
+	b := client(l.srv.Plug(t, bridge, "b", macB, ipB.String()+"/16"))
+	for i := range 5 {
+		for c, want := range map[*http.Client]string{a: "vm-a", b: "vm-b"} {
+			if r := do(t, c, "GET", l.plain+"/v1/hostname"); r != (resp{200, want}) {
+				t.Fatalf("round %d: %s got %+v", i, want, r)
+			}
+		}
+	}
+}
+
 // BenchmarkServeHTTP measures one request through the handler, with the
 // neighbour check (over a real bridge's table, entry permanent) and without.
 func BenchmarkServeHTTP(b *testing.B) {

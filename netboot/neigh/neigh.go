@@ -186,7 +186,7 @@ func (c *Checker) reload() error {
 	c.table = make(map[netip.Addr]Entry, len(ns))
 	for _, n := range ns {
 		if ip, ok := netip.AddrFromSlice(n.IP.To4()); ok {
-			c.table[ip] = Entry{MAC: n.HardwareAddr, State: n.State}
+			c.table[ip] = entryOf(n)
 		}
 	}
 	return nil
@@ -242,7 +242,7 @@ func (c *Checker) drain(fd int) {
 			if m.Header.Type == unix.RTM_DELNEIGH {
 				delete(c.table, ip)
 			} else {
-				c.table[ip] = Entry{MAC: nb.HardwareAddr, State: nb.State}
+				c.table[ip] = entryOf(*nb)
 			}
 		}
 	}
@@ -307,6 +307,12 @@ type Entry struct {
 // Confirmed reports whether the kernel verified the MAC recently.
 func (e Entry) Confirmed() bool { return e.State&confirmed != 0 }
 
+// entryOf copies n's MAC: netlink hands it out as a slice of the receive
+// buffer, which the next message overwrites.
+func entryOf(n netlink.Neigh) Entry {
+	return Entry{MAC: append(net.HardwareAddr(nil), n.HardwareAddr...), State: n.State}
+}
+
 // Query asks the kernel for ip's entry on the bridge (RTM_GETNEIGH for that
 // one entry, not a dump), bypassing the event-fed table Lookup reads. It
 // costs two syscalls and a kernel lookup per call, which is why Verify
@@ -356,7 +362,7 @@ func (c *Checker) Query(ip netip.Addr) (Entry, bool, error) {
 				if n.LinkIndex != c.ifindex {
 					return Entry{}, false, nil
 				}
-				return Entry{MAC: n.HardwareAddr, State: n.State}, true, nil
+				return entryOf(*n), true, nil
 			}
 		}
 	}

@@ -177,6 +177,40 @@ func TestVerify(t *testing.T) {
 	})
 }
 
+// TestTwoVMs puts two VMs on the bridge, one after the other: the second
+// one's neighbour events must not change what is known of the first.
+func TestTwoVMs(t *testing.T) {
+	l := newLab(t)
+	c := l.checker(t, ProbeUnsure)
+	ctx := context.Background()
+	a := l.srv.Plug(t, bridge, "a", macA, ipA.String()+"/16")
+	b := l.srv.Plug(t, bridge, "b", macB, ipB.String()+"/16")
+	l.connect(t, a)
+	if err := c.Verify(ctx, ipA, macA); err != nil {
+		t.Fatalf("a alone: %v", err)
+	}
+	l.connect(t, b)
+	for _, tc := range []struct {
+		ip  netip.Addr
+		mac net.HardwareAddr
+		ok  bool
+	}{
+		{ipA, macA, true}, {ipB, macB, true},
+		// The latest event's MAC must not pass for another address.
+		{ipA, macB, false}, {ipB, macA, false},
+	} {
+		err := c.Verify(ctx, tc.ip, tc.mac)
+		if tc.ok && err != nil || !tc.ok && !errors.Is(err, ErrMismatch) {
+			t.Errorf("Verify(%s, %s) = %v, want ok %v", tc.ip, tc.mac, err, tc.ok)
+		}
+	}
+	for ip, mac := range map[netip.Addr]net.HardwareAddr{ipA: macA, ipB: macB} {
+		if e, ok, err := c.Lookup(ip); err != nil || !ok || e.MAC.String() != mac.String() {
+			t.Errorf("Lookup(%s) = %+v %v %v, want %s", ip, e, ok, err, mac)
+		}
+	}
+}
+
 // BenchmarkVerify measures the per-request cost of a table lookup over a
 // confirmed entry, what the metadata server pays on each request.
 func BenchmarkVerify(b *testing.B) {
