@@ -97,6 +97,9 @@ const (
 	VMState_VM_STATE_CRASHED  VMState = 4
 	// DELETED: soft-deleted; Purge removes it.
 	VMState_VM_STATE_DELETED VMState = 5
+	// MISSING: live, but libvirt has no domain for it (lost behind threes' back);
+	// threes does not make one up.
+	VMState_VM_STATE_MISSING VMState = 6
 )
 
 // Enum value maps for VMState.
@@ -108,6 +111,7 @@ var (
 		3: "VM_STATE_STOPPED",
 		4: "VM_STATE_CRASHED",
 		5: "VM_STATE_DELETED",
+		6: "VM_STATE_MISSING",
 	}
 	VMState_value = map[string]int32{
 		"VM_STATE_UNSPECIFIED": 0,
@@ -116,6 +120,7 @@ var (
 		"VM_STATE_STOPPED":     3,
 		"VM_STATE_CRASHED":     4,
 		"VM_STATE_DELETED":     5,
+		"VM_STATE_MISSING":     6,
 	}
 )
 
@@ -1841,14 +1846,15 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\rVM_TYPE_SMALL\x10\x02\x12\x11\n" +
 	"\rVM_TYPE_MIDDY\x10\x03\x12\x12\n" +
 	"\x0eVM_TYPE_BIGGUN\x10\x04\x12\x12\n" +
-	"\x0eVM_TYPE_FATLAD\x10\x05*\x92\x01\n" +
+	"\x0eVM_TYPE_FATLAD\x10\x05*\xa8\x01\n" +
 	"\aVMState\x12\x18\n" +
 	"\x14VM_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11VM_STATE_CREATING\x10\x01\x12\x14\n" +
 	"\x10VM_STATE_RUNNING\x10\x02\x12\x14\n" +
 	"\x10VM_STATE_STOPPED\x10\x03\x12\x14\n" +
 	"\x10VM_STATE_CRASHED\x10\x04\x12\x14\n" +
-	"\x10VM_STATE_DELETED\x10\x05*j\n" +
+	"\x10VM_STATE_DELETED\x10\x05\x12\x14\n" +
+	"\x10VM_STATE_MISSING\x10\x06*j\n" +
 	"\tImageFile\x12\x1a\n" +
 	"\x16IMAGE_FILE_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fIMAGE_FILE_DISK\x10\x01\x12\x15\n" +
