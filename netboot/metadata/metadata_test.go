@@ -346,6 +346,10 @@ func BenchmarkServeHTTP(b *testing.B) {
 	netnstest.Require(b)
 	srv := netnstest.NewNS(b, "metab")
 	srv.Bridge(b, bridge, "10.10.0.1/16")
+	// The check wants the bridge to forward to macA through a port.
+	srv.PlugPort(b, bridge, "tap-a", "a", nil, "")
+	srv.Run(b, "bridge", "fdb", "add", macA.String(), "dev", "tap-a", "master", "static")
+	// After the port: a bridge taking a port's MAC flushes its neighbours.
 	srv.Run(b, "ip", "neigh", "add", ipA.String(), "lladdr", macA.String(), "nud", "permanent", "dev", bridge)
 	im, err := ipam.New(ipam.Config{}, []ipam.Allocation{{MAC: macA, Hostname: "vm-a", IP: ipA}})
 	if err != nil {

@@ -30,6 +30,36 @@ var ErrNoEntry = errors.New("no confirmed neighbour entry")
 // ErrMismatch means the address is answered by another MAC than expected.
 var ErrMismatch = errors.New("neighbour mac mismatch")
 
+// ErrWrongPort means the MAC is not behind the bridge port it belongs to.
+var ErrWrongPort = errors.New("mac behind the wrong bridge port")
+
+// PortError says where the bridge forwards frames for a MAC, when that is
+// not the port the MAC belongs to.
+type PortError struct {
+	IP  netip.Addr
+	MAC net.HardwareAddr
+	// Want is the port the MAC belongs to; "" when any VM port would do.
+	Want string
+	// Got is the port the bridge's forwarding entry names; "" when the
+	// bridge has no entry for the MAC on any port.
+	Got string
+}
+
+// Error describes where the MAC was found.
+func (e *PortError) Error() string {
+	got := "on no port"
+	if e.Got != "" {
+		got = "behind port " + e.Got
+	}
+	if e.Want == "" {
+		return fmt.Sprintf("%s at %s: bridge has the mac %s", e.IP, e.MAC, got)
+	}
+	return fmt.Sprintf("%s at %s: bridge has the mac %s, want port %s", e.IP, e.MAC, got, e.Want)
+}
+
+// Unwrap makes errors.Is(err, ErrWrongPort) hold.
+func (e *PortError) Unwrap() error { return ErrWrongPort }
+
 // MismatchError says which MAC was seen where another was expected.
 type MismatchError struct {
 	IP        netip.Addr
@@ -72,6 +102,12 @@ type Config struct {
 	Probe Probe
 	// ProbeTimeout bounds one ARP probe; 200 ms when zero.
 	ProbeTimeout time.Duration
+	// PortOf names the bridge port (the VM's tap) that the VM holding ip
+	// and mac is plugged into; "" when it does not know. With a name,
+	// Verify also requires the bridge's forwarding entry for mac to be on
+	// that port, which a VM forging another's MAC and IP (both at layer
+	// 2) cannot fake. Without one, the entry must be on some port.
+	PortOf func(ip netip.Addr, mac net.HardwareAddr) string
 }
 
 // Checker looks addresses up. It is safe for concurrent use.
@@ -387,7 +423,7 @@ func (c *Checker) Verify(ctx context.Context, ip netip.Addr, want net.HardwareAd
 		return &MismatchError{IP: ip, Want: want, Got: e.MAC}
 	}
 	if ok && len(e.MAC) == 6 && e.Confirmed() && c.cfg.Probe != ProbeAlways {
-		return nil
+		return c.checkPort(ip, want)
 	}
 	if c.cfg.Probe == ProbeNever {
 		return fmt.Errorf("%s: state %s: %w", ip, stateName(e.State), ErrNoEntry)
@@ -399,7 +435,87 @@ func (c *Checker) Verify(ctx context.Context, ip netip.Addr, want net.HardwareAd
 	if got.String() != want.String() {
 		return &MismatchError{IP: ip, Want: want, Got: got, Probed: true}
 	}
+	return c.checkPort(ip, want)
+}
+
+// checkPort requires the bridge's forwarding entry for mac to be on the
+// port PortOf names (or, without a name, on a port at all). The neighbour
+// table and ARP only say what the sender claims; the forwarding entry says
+// where frames from mac actually came in. It is learnt from the frame that
+// carried the request (or the probe's reply), so it is there for a VM
+// speaking as itself.
+func (c *Checker) checkPort(ip netip.Addr, mac net.HardwareAddr) error {
+	var want string
+	if c.cfg.PortOf != nil {
+		want = c.cfg.PortOf(ip, mac)
+	}
+	idx, err := c.fdbPort(mac)
+	if err != nil {
+		return fmt.Errorf("check port of %s at %s: %w", ip, mac, err)
+	}
+	if idx == 0 || idx == c.ifindex {
+		// No entry, or the bridge's own address: no VM sent as mac.
+		return &PortError{IP: ip, MAC: mac, Want: want}
+	}
+	if want == "" {
+		return nil
+	}
+	link, err := c.links.LinkByIndex(idx)
+	if err != nil {
+		return &PortError{IP: ip, MAC: mac, Want: want, Got: fmt.Sprintf("#%d", idx)}
+	}
+	if got := link.Attrs().Name; got != want {
+		return &PortError{IP: ip, MAC: mac, Want: want, Got: got}
+	}
 	return nil
+}
+
+// fdbPort returns the index of the bridge port whose forwarding entry
+// holds mac (the bridge's own index for a local entry), or 0 without one:
+// one RTM_GETNEIGH for that entry, not a dump of the table.
+func (c *Checker) fdbPort(mac net.HardwareAddr) (int, error) {
+	var s *nl.NetlinkSocket
+	select {
+	case s = <-c.socks:
+	case <-c.done:
+		return 0, errors.New("neighbour checker closed")
+	}
+	defer func() { c.socks <- s }()
+	req := nl.NewNetlinkRequest(unix.RTM_GETNEIGH, 0)
+	req.AddData(&netlink.Ndmsg{Family: unix.AF_BRIDGE})
+	req.AddData(nl.NewRtAttr(netlink.NDA_LLADDR, []byte(mac)))
+	req.AddData(nl.NewRtAttr(netlink.NDA_MASTER, nl.Uint32Attr(uint32(c.ifindex))))
+	if err := s.Send(req); err != nil {
+		return 0, fmt.Errorf("ask forwarding entry: %w", err)
+	}
+	for {
+		msgs, _, err := s.Receive()
+		if err != nil {
+			return 0, fmt.Errorf("read forwarding entry: %w", err)
+		}
+		for _, m := range msgs {
+			if m.Header.Seq != req.Seq {
+				continue // a late answer to an earlier, failed request
+			}
+			switch m.Header.Type {
+			case unix.NLMSG_ERROR:
+				if len(m.Data) < 4 {
+					return 0, errors.New("read forwarding entry: short error")
+				}
+				errno := -int32(binary.NativeEndian.Uint32(m.Data[:4]))
+				if errno == int32(unix.ENOENT) {
+					return 0, nil
+				}
+				return 0, fmt.Errorf("read forwarding entry: %w", syscall.Errno(errno))
+			case unix.RTM_NEWNEIGH:
+				n, err := netlink.NeighDeserialize(m.Data)
+				if err != nil {
+					return 0, fmt.Errorf("parse forwarding entry: %w", err)
+				}
+				return n.LinkIndex, nil
+			}
+		}
+	}
 }
 
 func (c *Checker) openARP() error {
@@ -427,9 +543,17 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 func (c *Checker) readARP() {
 	buf := make([]byte, 128)
 	for {
-		n, err := c.arp.Read(buf)
-		if err != nil {
-			return
+		var n int
+		var from unix.Sockaddr
+		var rerr error
+		if err := c.arpRaw.Read(func(fd uintptr) bool {
+			n, from, rerr = unix.Recvfrom(int(fd), buf, 0)
+			return rerr != unix.EAGAIN
+		}); err != nil {
+			return // closed
+		}
+		if rerr != nil {
+			continue
 		}
 		p := buf[:n]
 		// htype 1, ptype IPv4, hlen 6, plen 4, op reply.
@@ -437,6 +561,11 @@ func (c *Checker) readARP() {
 			continue
 		}
 		sha := append(net.HardwareAddr(nil), p[8:14]...)
+		// The sender MAC inside ARP is whatever the sender wrote; a reply
+		// whose frame came from another MAC speaks for someone else.
+		if ll, ok := from.(*unix.SockaddrLinklayer); !ok || ll.Halen != 6 || net.HardwareAddr(ll.Addr[:6]).String() != sha.String() {
+			continue
+		}
 		spa := netip.AddrFrom4([4]byte(p[14:18]))
 		c.mu.Lock()
 		ws := c.waiters[spa]

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/threes-dev/threes/internal/netnstest"
 )
 
@@ -211,12 +213,135 @@ func TestTwoVMs(t *testing.T) {
 	}
 }
 
+// portsOf returns a Config.PortOf over a fixed map of ports.
+func portsOf(m map[netip.Addr]string) func(netip.Addr, net.HardwareAddr) string {
+	return func(ip netip.Addr, _ net.HardwareAddr) string { return m[ip] }
+}
+
+// TestStoppedVMForged has a hostile VM take a stopped VM's MAC and IP at
+// layer 2 (what the bridge guard stops, when it is there): only the
+// bridge's forwarding entry, on the hostile VM's port, gives it away.
+func TestStoppedVMForged(t *testing.T) {
+	l := newLab(t)
+	ports := map[netip.Addr]string{ipA: "tap-a", ipB: "tap-b"}
+	var named, any *Checker
+	if err := l.srv.Do(func() (err error) {
+		if named, err = New(Config{Interface: bridge, PortOf: portsOf(ports)}); err != nil {
+			return err
+		}
+		any, err = New(Config{Interface: bridge})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { named.Close(); any.Close() })
+	ctx := context.Background()
+
+	a := l.srv.PlugPort(t, bridge, "tap-a", "a", macA, ipA.String()+"/16")
+	l.connect(t, a)
+	b := l.srv.PlugPort(t, bridge, "tap-b", "b", macB, ipB.String()+"/16")
+	l.connect(t, b)
+	for _, c := range []*Checker{named, any} {
+		if err := c.Verify(ctx, ipA, macA); err != nil {
+			t.Fatalf("a on its own port: %v", err)
+		}
+	}
+	// a stops: its tap goes, and the bridge forgets what it learnt there.
+	l.srv.Run(t, "ip", "link", "del", "tap-a")
+	for _, c := range []*Checker{named, any} {
+		// Refused by the port check if the table still says
+		// reachable, else by the probe nobody answers.
+		if err := c.Verify(ctx, ipA, macA); !errors.Is(err, ErrWrongPort) && !errors.Is(err, ErrNoEntry) {
+			t.Errorf("a stopped: %v, want refused", err)
+		}
+		if err := c.Verify(ctx, ipB, macB); err != nil {
+			t.Errorf("b running beside: %v", err)
+		}
+	}
+	h := l.srv.PlugPort(t, bridge, "tap-h", "h", macA, ipA.String()+"/16")
+	l.connect(t, h)
+	var pe *PortError
+	if err := named.Verify(ctx, ipA, macA); !errors.As(err, &pe) || pe.Got != "tap-h" || pe.Want != "tap-a" {
+		t.Errorf("hostile as a, port known: %v, want refused as behind tap-h", err)
+	}
+	// Without the port's name the check cannot tell: what the README says.
+	if err := any.Verify(ctx, ipA, macA); err != nil {
+		t.Errorf("hostile as a, port unknown: %v", err)
+	}
+}
+
+// TestForgedARPReply has a hostile VM answer probes for a's address with
+// a's MAC inside the ARP payload, sent from its own: the probe must not
+// take the payload's word for it.
+func TestForgedARPReply(t *testing.T) {
+	l := newLab(t)
+	c := l.checker(t, ProbeUnsure)
+	h := l.srv.Plug(t, bridge, "h", macS, "")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	frame := make([]byte, 14+28)
+	copy(frame[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(frame[6:12], macS)
+	frame[12], frame[13] = 0x08, 0x06
+	copy(frame[14:22], []byte{0, 1, 8, 0, 6, 4, 0, 2})
+	copy(frame[22:28], macA)
+	copy(frame[28:32], ipA.AsSlice())
+	copy(frame[32:38], macS)
+	copy(frame[38:42], []byte{10, 10, 0, 1})
+	var fd int
+	if err := h.Do(func() (err error) {
+		fd, err = unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	ifi, err := nsInterfaceIndex(h, "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	to := &unix.SockaddrLinklayer{Ifindex: ifi, Halen: 6, Addr: [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}}
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		for ctx.Err() == nil {
+			if err := unix.Sendto(fd, frame, 0, to); err != nil {
+				t.Errorf("send forged reply: %v", err)
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	got, err := c.ProbeARP(ctx, ipA)
+	if !errors.Is(err, ErrNoEntry) {
+		t.Errorf("probe answered only by forged replies: %s, %v", got, err)
+	}
+	cancel()
+	<-sent
+}
+
+// nsInterfaceIndex returns the index of name inside ns.
+func nsInterfaceIndex(ns *netnstest.NS, name string) (idx int, err error) {
+	err = ns.Do(func() error {
+		ifi, err := net.InterfaceByName(name)
+		if err == nil {
+			idx = ifi.Index
+		}
+		return err
+	})
+	return idx, err
+}
+
 // BenchmarkVerify measures the per-request cost of a table lookup over a
 // confirmed entry, what the metadata server pays on each request.
 func BenchmarkVerify(b *testing.B) {
 	netnstest.Require(b)
 	srv := netnstest.NewNS(b, "neighb")
 	srv.Bridge(b, bridge, "10.10.0.1/16")
+	// The check wants the bridge to forward to macA through a port.
+	srv.PlugPort(b, bridge, "tap-a", "a", nil, "")
+	srv.Run(b, "bridge", "fdb", "add", macA.String(), "dev", "tap-a", "master", "static")
+	// After the port: a bridge taking a port's MAC flushes its neighbours.
 	srv.Run(b, "ip", "neigh", "add", ipA.String(), "lladdr", macA.String(), "nud", "permanent", "dev", bridge)
 	var c *Checker
 	if err := srv.Do(func() (err error) {
