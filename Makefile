@@ -7,7 +7,7 @@ PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1
 # Fuzz targets and how long each runs in `make test`.
 FUZZTIME ?= 20s
 
-.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled testimage clean modules prereqs-run prereqs-test prereqs-bench
+.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled testimage clean mutation modules prereqs-run prereqs-test prereqs-bench
 
 build:
 	$(GO) build -o $(BIN)/threes ./cmd/threes
@@ -69,6 +69,14 @@ fuzz:
 bench: prereqs-bench modules build testimage
 	THREES_TESTIMAGE=$(BIN)/testimage scripts/testenv $(GO) test -run '^$$' -bench . -benchtime 2s ./...
 	bash bench/netboot/run.sh
+
+# mutation measures the tests' efficacy against planted bugs (gremlins) on the
+# security-critical packages, one at a time in a namespace with only loopback, and
+# prints a table (scripts/mutation). Slow, so not part of test. Needs root.
+GREMLINS := github.com/go-gremlins/gremlins/cmd/gremlins@v0.5.0
+mutation:
+	GOBIN=$(TOOLS) $(GO) install $(GREMLINS)
+	scripts/mutation
 
 lint:
 	$(GO) vet ./...
