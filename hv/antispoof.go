@@ -6,10 +6,12 @@ import (
 	"encoding/base32"
 	"encoding/hex"
 	"encoding/xml"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"strings"
+	"time"
 
 	"github.com/digitalocean/go-libvirt"
 	"github.com/vishvananda/netns"
@@ -22,20 +24,24 @@ import (
 // newGuard returns the anti-spoofing table of the domains of owner. Each
 // owner has a table and tap prefix of its own, so that appliances (or
 // tests) sharing a host never rewrite or cut off each other's VMs.
-func newGuard(owner, netnsName string) (*guard.Table, error) {
+func newGuard(owner, netnsName string, cross bool) (*guard.Table, error) {
 	sum := sha256.Sum256([]byte(owner))
 	tag := strings.ToLower(base32.StdEncoding.EncodeToString(sum[:]))[:2]
-	cfg := guard.Config{Name: "threes_" + hex.EncodeToString(sum[:4]), Prefix: "t3" + tag}
+	cfg := guard.Config{Name: "threes_" + hex.EncodeToString(sum[:4]), Prefix: "t3" + tag, CrossNetwork: cross}
 	if netnsName != "" {
-		cfg.Run = func(ctx context.Context, script string) error {
+		cfg.Run = func(ctx context.Context, script string) (out string, err error) {
 			ns, err := netns.GetFromName(netnsName)
 			if err != nil {
-				return fmt.Errorf("bridge namespace %s: %w", netnsName, err)
+				return "", fmt.Errorf("bridge namespace %s: %w", netnsName, err)
 			}
 			defer ns.Close()
 			// nft forks from the thread that nsdo switched into ns,
 			// so it inherits that namespace.
-			return nsdo.Do(ns, func() error { return guard.RunNFT(ctx, script) })
+			err = nsdo.Do(ns, func() (err error) {
+				out, err = guard.RunNFT(ctx, script)
+				return err
+			})
+			return out, err
 		}
 	}
 	return guard.New(cfg)
@@ -45,7 +51,7 @@ func newGuard(owner, netnsName string) (*guard.Table, error) {
 func portOf(s Spec, prefix string) guard.Port {
 	mac, _ := net.ParseMAC(s.MAC)
 	ip, _ := netip.ParseAddr(s.IP) // empty: the zero Addr, any source IP
-	return guard.Port{Dev: guard.DevName(prefix, s.ID), MAC: mac, IP: ip}
+	return guard.Port{Dev: guard.DevName(prefix, s.ID), MAC: mac, IP: ip, Network: s.Network}
 }
 
 // portFromXML reads a domain's guarded port back from its definition; ok
@@ -74,6 +80,7 @@ func portFromXML(doc, owner, prefix string) (p guard.Port, ok bool, err error) {
 		return p, false, fmt.Errorf("domain %s: MAC %q: %w", d.Name, nic.MAC.Address, err)
 	}
 	p.Dev = nic.Target.Dev
+	p.Network = meta.VM[0].Network
 	if ip := meta.VM[0].IP; ip != "" {
 		if p.IP, err = netip.ParseAddr(ip); err != nil {
 			return p, false, fmt.Errorf("domain %s: IP %q: %w", d.Name, ip, err)
@@ -101,7 +108,55 @@ func (h *Libvirt) guardDomain(ctx context.Context, dom libvirt.Domain) error {
 	if err != nil || !ok {
 		return err
 	}
-	return h.guard.Set(ctx, p)
+	return h.setGuard(ctx, p)
+}
+
+// setGuard sets p's rules. When the table is not as hv left it (flushed
+// by a firewall reload, say), patching in p alone would leave the other
+// running VMs without rules, and the prefix rule would then cut them off:
+// the table is rebuilt from every domain instead, p's included since its
+// domain is defined.
+func (h *Libvirt) setGuard(ctx context.Context, p guard.Port) error {
+	err := h.guard.Set(ctx, p)
+	if errors.Is(err, guard.ErrNotIntact) {
+		return h.syncGuard(ctx)
+	}
+	return err
+}
+
+// unguard drops the rules of dev, whose domain is undefined; on a table
+// that is not as hv left it, it rebuilds the table from every domain.
+func (h *Libvirt) unguard(ctx context.Context, dev string) error {
+	err := h.guard.Delete(ctx, dev)
+	if errors.Is(err, guard.ErrNotIntact) {
+		return h.syncGuard(ctx)
+	}
+	return err
+}
+
+// defaultGuardCheck is how often hv checks that the guard table is as it
+// left it: a firewall reload between two checks leaves VMs unguarded
+// until the next.
+const defaultGuardCheck = 10 * time.Second
+
+// checkGuard rebuilds the table from every domain whenever it is not as
+// hv left it, until Close.
+func (h *Libvirt) checkGuard() {
+	for {
+		t := time.NewTimer(time.Duration(h.guardEvery.Load()))
+		select {
+		case <-h.done:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		if err := h.guard.Intact(ctx); err != nil {
+			// Unreachable libvirtd or nft: tried again next time.
+			h.syncGuard(ctx)
+		}
+		cancel()
+	}
 }
 
 // syncGuard rebuilds the whole table from this owner's domains.

@@ -25,6 +25,8 @@ type vmMetadata struct {
 	// IP is the VM's address, kept so that its anti-spoofing rules can
 	// be rebuilt from the domain alone.
 	IP string `xml:"ip,attr,omitempty"`
+	// Network is the VM's network, for the same reason.
+	Network string `xml:"network,attr,omitempty"`
 }
 
 // validate reports what is wrong with s, if anything.
@@ -109,7 +111,7 @@ func domainXML(s Spec, o xmlOptions) (string, error) {
 	if err := s.validate(); err != nil {
 		return "", err
 	}
-	meta, err := xml.Marshal(vmMetadata{Owner: o.owner, Name: s.Name, IP: s.IP})
+	meta, err := xml.Marshal(vmMetadata{Owner: o.owner, Name: s.Name, IP: s.IP, Network: s.Network})
 	if err != nil {
 		return "", fmt.Errorf("marshal metadata of domain %s: %w", s.ID, err)
 	}

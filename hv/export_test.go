@@ -1,6 +1,9 @@
 package hv
 
-import "context"
+import (
+	"context"
+	"time"
+)
 
 // SetCopyDisks makes h create VMs' disks as full copies of their images,
 // as the original did, for benchmarks to compare overlays against.
@@ -17,3 +20,6 @@ func RemoveDisk(h *Libvirt, id string) error {
 	_, err := h.removeDisk(id)
 	return err
 }
+
+// SetGuardCheck makes h check its guard table every d.
+func SetGuardCheck(h *Libvirt, d time.Duration) { h.guardEvery.Store(int64(d)) }

@@ -65,6 +65,11 @@ type Spec struct {
 	// ARP claim, and anything but IPv4 and ARP, never leave the VM.
 	// Without IP only the MAC is held to.
 	IP string
+	// Network is the VM's network: the bridge does not forward frames
+	// between VMs of different networks (they talk over the tailnet,
+	// where the rules are) unless Config.CrossNetwork. The gateway
+	// (DHCP, metadata) stays reachable from all.
+	Network string
 	// Image is what the VM boots. The zero Image makes a domain with no
 	// disk and no kernel, which only the test driver has use for.
 	Image images.Image

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
@@ -58,6 +59,9 @@ type Config struct {
 	// holds the bridge, and so libvirtd and the VMs' taps, when it is not
 	// this process's; the anti-spoofing rules (package guard) go there.
 	BridgeNetNS string
+	// CrossNetwork lets the bridge forward frames between VMs of
+	// different networks (Spec.Network); by default it does not.
+	CrossNetwork bool
 }
 
 const (
@@ -125,6 +129,11 @@ type Libvirt struct {
 	// guard holds each QEMU domain's anti-spoofing rules; nil for the
 	// test driver, whose domains have no taps.
 	guard *guard.Table
+	// guardEvery is how often checkGuard looks at the guard table, in
+	// nanoseconds; tests shorten it.
+	guardEvery atomic.Int64
+	// done is closed by Close, ending checkGuard.
+	done chan struct{}
 
 	mu     sync.Mutex
 	conn   *libvirt.Libvirt // nil until connected, and after a broken call
@@ -147,7 +156,9 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 		probeKernel:  cfg.ProbeKernel,
 		probeTimeout: cfg.ProbeTimeout,
 		diskDir:      cfg.DiskDir,
+		done:         make(chan struct{}),
 	}
+	h.guardEvery.Store(int64(defaultGuardCheck))
 	if h.probeTimeout <= 0 {
 		h.probeTimeout = defaultProbeTime
 	}
@@ -185,14 +196,14 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 		h.diskDir = filepath.Clean(h.diskDir)
 	}
 	if !h.flavour.test {
-		if h.guard, err = newGuard(h.owner, cfg.BridgeNetNS); err != nil {
+		if h.guard, err = newGuard(h.owner, cfg.BridgeNetNS, cfg.CrossNetwork); err != nil {
 			return nil, err
 		}
 	}
 	if _, err := h.client(ctx); err != nil {
 		if cfg.Lazy && errors.Is(err, ErrUnavailable) {
-			// Each Create and Start sets its domain's rules, so
-			// they are whole once domains run again.
+			// checkGuard builds the table once libvirtd is there.
+			h.startCheckGuard()
 			return h, nil
 		}
 		return nil, err
@@ -209,7 +220,14 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 		h.Close()
 		return nil, err
 	}
+	h.startCheckGuard()
 	return h, nil
+}
+
+func (h *Libvirt) startCheckGuard() {
+	if h.guard != nil {
+		go h.checkGuard()
+	}
 }
 
 // Close disconnects from libvirtd; later calls fail.
@@ -220,6 +238,7 @@ func (h *Libvirt) Close() error {
 		return nil
 	}
 	h.closed = true
+	close(h.done)
 	if h.conn == nil {
 		return nil
 	}
@@ -469,11 +488,11 @@ func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
 	})
 	if h.guard != nil {
 		// Before the tap exists, so the VM's first frame is checked.
-		if err := h.guard.Set(ctx, port); err != nil {
+		if err := h.setGuard(ctx, port); err != nil {
 			return err
 		}
 		undo = append(undo, func(ctx context.Context) error {
-			return h.guard.Delete(ctx, port.Dev)
+			return h.unguard(ctx, port.Dev)
 		})
 	}
 	err = h.call(ctx, false, func(conn *libvirt.Libvirt) error {
@@ -673,7 +692,7 @@ func (h *Libvirt) remove(ctx context.Context, id string) error {
 		return err
 	}
 	if h.guard != nil {
-		return h.guard.Delete(ctx, guard.DevName(h.guard.Prefix(), id))
+		return h.unguard(ctx, guard.DevName(h.guard.Prefix(), id))
 	}
 	return nil
 }

@@ -37,19 +37,29 @@ func newRig(t *testing.T) *rig {
 	netnstest.Require(t, "nft", "busybox")
 	host := netnstest.NewNS(t, "guard")
 	host.Bridge(t, "br0", "10.10.0.1/16")
-	tbl, err := guard.New(guard.Config{Name: "threes_test", Prefix: "t3zz",
-		Run: func(ctx context.Context, script string) error {
-			return host.Do(func() error { return guard.RunNFT(ctx, script) })
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := &rig{host: host, table: tbl}
+	r := &rig{host: host, table: newTable(t, host, false)}
 	r.port = guard.Port{Dev: guard.DevName("t3zz", "vm-1"), MAC: macVM, IP: ipVM}
 	r.vm = host.PlugPort(t, "br0", r.port.Dev, "gvm", macVM, "10.10.0.9/16")
 	r.other = host.Plug(t, "br0", "goth", macOther, "10.10.0.10/16")
 	r.frames = sniff(t, host, "br0")
 	return r
+}
+
+// newTable returns a table in host's namespace.
+func newTable(t *testing.T, host *netnstest.NS, cross bool) *guard.Table {
+	t.Helper()
+	tbl, err := guard.New(guard.Config{Name: "threes_test", Prefix: "t3zz", CrossNetwork: cross,
+		Run: func(ctx context.Context, script string) (out string, err error) {
+			err = host.Do(func() (err error) {
+				out, err = guard.RunNFT(ctx, script)
+				return err
+			})
+			return out, err
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tbl
 }
 
 // sniff delivers every frame that reaches the bridge device of ns: what the
@@ -216,6 +226,11 @@ func TestGuard(t *testing.T) {
 	ctx := context.Background()
 
 	t.Run("honest", func(t *testing.T) {
+		// Set patches a table it wrote; Sync writes the first.
+		if err := r.table.Set(ctx, r.port); !errors.Is(err, guard.ErrNotIntact) {
+			t.Fatalf("Set before any Sync = %v, want ErrNotIntact", err)
+		}
+		must(t, r.table.Sync(ctx, nil))
 		must(t, r.table.Set(ctx, r.port))
 		if !ping(r.vm, "10.10.0.1") {
 			t.Fatal("ping from the VM's own MAC and IP did not get through")
@@ -317,16 +332,23 @@ func TestGuard(t *testing.T) {
 	})
 
 	t.Run("set after a flush", func(t *testing.T) {
-		// A firewall reload that flushes every table takes ours too;
-		// the next Set puts it back whole.
+		// A firewall reload that flushes every table takes ours too.
+		// Set then refuses to build a table with its port alone, which
+		// would cut off every other VM; Sync puts it back whole.
 		r.host.Run(t, "nft", "flush", "ruleset")
-		must(t, r.table.Set(ctx, r.port))
+		if err := r.table.Set(ctx, r.port); !errors.Is(err, guard.ErrNotIntact) {
+			t.Fatalf("Set after a flush = %v, want ErrNotIntact", err)
+		}
+		if out, err := r.host.Command("nft", "list", "table", "bridge", "threes_test").CombinedOutput(); err == nil {
+			t.Errorf("Set after a flush wrote a table:\n%s", out)
+		}
+		must(t, r.table.Sync(ctx, []guard.Port{r.port}))
 		out := r.host.Run(t, "nft", "list", "table", "bridge", "threes_test")
 		if strings.Count(out, "iifname vmap @ports") != 1 || !strings.Contains(out, r.port.Dev) {
-			t.Errorf("table after Set:\n%s", out)
+			t.Errorf("table after Sync:\n%s", out)
 		}
 		if !ping(r.vm, "10.10.0.1") {
-			t.Error("after Set, ping did not get through")
+			t.Error("after Sync, ping did not get through")
 		}
 	})
 }
@@ -335,9 +357,9 @@ func TestGuard(t *testing.T) {
 // before nft runs.
 func TestBadInput(t *testing.T) {
 	ran := false
-	tbl, err := guard.New(guard.Config{Name: "threes", Prefix: "t3", Run: func(context.Context, string) error {
+	tbl, err := guard.New(guard.Config{Name: "threes", Prefix: "t3", Run: func(context.Context, string) (string, error) {
 		ran = true
-		return nil
+		return "", nil
 	}})
 	must(t, err)
 	ctx := context.Background()
@@ -375,7 +397,7 @@ func TestBadInput(t *testing.T) {
 // TestNFTMissing checks the error when nft is not installed.
 func TestNFTMissing(t *testing.T) {
 	t.Setenv("PATH", t.TempDir())
-	err := guard.RunNFT(context.Background(), "")
+	_, err := guard.RunNFT(context.Background(), "")
 	if !errors.Is(err, exec.ErrNotFound) || !strings.Contains(err.Error(), "nftables") {
 		t.Errorf("RunNFT without nft = %v, want ErrNotFound naming the nftables package", err)
 	}
