@@ -178,7 +178,7 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 	}
 
 	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: mac, Bridge: l.bridge,
-		IP: vm.IP, Image: img, DiskGiB: max(size.DiskGiB, int((img.DiskBytes+1<<30-1)>>30))}
+		IP: vm.IP, Network: vm.Network, Image: img, DiskGiB: max(size.DiskGiB, int((img.DiskBytes+1<<30-1)>>30))}
 	if err := l.hv.Create(ctx, spec); err != nil {
 		return vm, fmt.Errorf("create vm %s: %w", vm.Name, err)
 	}
