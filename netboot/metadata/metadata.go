@@ -25,6 +25,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -92,6 +93,9 @@ const (
 	SessionTTLHeader = "X-Threes-Session-TTL-Seconds"
 	// MaxSessionTTL bounds a session token's lifetime.
 	MaxSessionTTL = 6 * time.Hour
+	// DefaultMaxConnsPerSource is Config.MaxConnsPerSource's default: far
+	// more than cloud-init or an agent opens, far less than a flood.
+	DefaultMaxConnsPerSource = 32
 )
 
 // Config configures a Server.
@@ -104,9 +108,17 @@ type Config struct {
 	// which only benchmarks should do.
 	Neighbours Verifier
 	// RequireSession makes every /v1 request carry a session token, as
-	// EC2's IMDSv2 does. The cloud-init routes stay open: cloud-init's
+	// EC2's IMDSv2 does; the token's reply leaves with IP TTL 1, so a
+	// container or anything the VM routes for cannot get one. Off by
+	// default: guests written for the original threes protocol fetch
+	// /v1/config without a session, and the flavor header already stops
+	// URL-only SSRF. The cloud-init routes stay open: cloud-init's
 	// NoCloud datasource cannot fetch a token, and they hold no secrets.
 	RequireSession bool
+	// MaxConnsPerSource bounds the connections one source address holds
+	// open at once; DefaultMaxConnsPerSource when zero. Past it new ones
+	// are closed at once, so one VM cannot exhaust the server's sockets.
+	MaxConnsPerSource int
 	// Log receives refusals; slog.Default when nil. Secrets never reach it.
 	Log *slog.Logger
 	// Now is the clock; time.Now when nil.
@@ -118,6 +130,11 @@ type Server struct {
 	cfg Config
 	key [32]byte // signs session tokens; new at each start
 	mux *http.ServeMux
+
+	// Open connections per source address; an address leaves the map
+	// with its last connection, so VMs that are gone leave nothing.
+	connsMu sync.Mutex
+	conns   map[netip.Addr]int
 }
 
 // New returns a Server for cfg.
@@ -131,7 +148,10 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	s := &Server{cfg: cfg, mux: http.NewServeMux()}
+	if cfg.MaxConnsPerSource <= 0 {
+		cfg.MaxConnsPerSource = DefaultMaxConnsPerSource
+	}
+	s := &Server{cfg: cfg, mux: http.NewServeMux(), conns: map[netip.Addr]int{}}
 	if _, err := rand.Read(s.key[:]); err != nil {
 		return nil, fmt.Errorf("new metadata server: session key: %w", err)
 	}
@@ -160,10 +180,82 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	stop := context.AfterFunc(ctx, func() { hs.Close() })
 	defer stop()
-	if err := hs.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err := hs.Serve(&capListener{Listener: ln, s: s}); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("serve metadata on %s: %w", ln.Addr(), err)
 	}
 	return nil
+}
+
+// capListener closes, as soon as they are accepted, the connections of a
+// source that already holds Config.MaxConnsPerSource open.
+type capListener struct {
+	net.Listener
+	s *Server
+}
+
+func (l *capListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		ap, err := netip.ParseAddrPort(c.RemoteAddr().String())
+		if err != nil {
+			return c, nil // not TCP/IP: nothing to count by
+		}
+		ip := ap.Addr().Unmap()
+		if !l.s.open(ip) {
+			c.Close()
+			continue
+		}
+		return &countedConn{Conn: c, release: sync.OnceFunc(func() { l.s.closed(ip) })}, nil
+	}
+}
+
+// open counts a connection from ip, or reports false when ip holds the
+// most it may; the first refusal in a row is logged.
+func (s *Server) open(ip netip.Addr) bool {
+	s.connsMu.Lock()
+	defer s.connsMu.Unlock()
+	n := s.conns[ip]
+	if n >= s.cfg.MaxConnsPerSource {
+		return false
+	}
+	s.conns[ip] = n + 1
+	if n+1 == s.cfg.MaxConnsPerSource {
+		s.cfg.Log.Warn("metadata connections capped", "from", ip.String(), "open", n+1)
+	}
+	return true
+}
+
+func (s *Server) closed(ip netip.Addr) {
+	s.connsMu.Lock()
+	defer s.connsMu.Unlock()
+	if s.conns[ip] <= 1 {
+		delete(s.conns, ip)
+		return
+	}
+	s.conns[ip]--
+}
+
+// countedConn gives its slot back once, when closed.
+type countedConn struct {
+	net.Conn
+	release func()
+}
+
+func (c *countedConn) Close() error {
+	c.release()
+	return c.Conn.Close()
+}
+
+// SyscallConn reaches the socket under the count, for the session's TTL.
+func (c *countedConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.New("connection has no socket")
+	}
+	return sc.SyscallConn()
 }
 
 // caller is a request that passed the checks, with its VM.
@@ -184,7 +276,8 @@ func (s *Server) routes() {
 	s.handle("GET /v1/public_key", false, text(func(i Instance) string { return i.PublicKey }))
 	s.handle("GET /v1/token", true, s.token)
 	s.handle("GET /v1/kv", false, s.kvs)
-	s.handle("GET /v1/kv/{key}", false, s.kv)
+	// Keys may hold "/": the rest of the path is the key.
+	s.handle("GET /v1/kv/{key...}", false, s.kv)
 	s.handle("GET /cloud-init/meta-data", false, s.metaData)
 	s.handle("GET /cloud-init/user-data", false, s.userData)
 	s.handle("GET /cloud-init/vendor-data", false, s.vendorData)
@@ -198,10 +291,13 @@ func (s *Server) routes() {
 // ServeHTTP refuses forwarded requests and then routes.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// A proxy inside the VM (or anywhere) is not the VM: the source address
-	// would not be the caller's, so refuse rather than trust either.
-	if r.Header.Get("X-Forwarded-For") != "" || r.Header.Get("Forwarded") != "" {
-		s.refuse(w, r, netip.Addr{}, nil, "forwarded request")
-		return
+	// would not be the caller's, so refuse rather than trust either. An
+	// empty header is still a proxy's.
+	for _, h := range []string{"X-Forwarded-For", "Forwarded"} {
+		if _, ok := r.Header[h]; ok {
+			s.refuse(w, r, netip.Addr{}, nil, "forwarded request ("+h+" header)")
+			return
+		}
 	}
 	s.mux.ServeHTTP(w, r)
 }
@@ -212,8 +308,11 @@ func (s *Server) refuse(w http.ResponseWriter, r *http.Request, ip netip.Addr, e
 		args[1] = ip.String()
 	}
 	var me *neigh.MismatchError
+	var pe *neigh.PortError
 	if errors.As(err, &me) {
 		args = append(args, "want_mac", me.Want.String(), "seen_mac", me.Got.String(), "by_arp", me.Probed)
+	} else if errors.As(err, &pe) {
+		args = append(args, "mac", pe.MAC.String(), "want_port", pe.Want, "seen_port", pe.Got)
 	} else if err != nil {
 		args = append(args, "err", err.Error())
 	}

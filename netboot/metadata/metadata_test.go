@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/threes-dev/threes/internal/netnstest"
 	"github.com/threes-dev/threes/netboot/ipam"
@@ -83,9 +84,18 @@ func (s *syncBuffer) String() string {
 
 type lab struct {
 	srv     *netnstest.NS
+	portsMu sync.Mutex
+	ports   map[netip.Addr]string // the VMs' bridge ports, by address
 	logs    *syncBuffer
 	plain   string // base URL of a server without sessions
 	session string // base URL of one requiring sessions
+
+	src  *memSource
+	im   *ipam.IPAM
+	chk  *neigh.Checker
+	log  *slog.Logger
+	ctx  context.Context
+	wg   sync.WaitGroup
 }
 
 func newLab(t *testing.T) *lab {
@@ -103,50 +113,68 @@ func newLab(t *testing.T) *lab {
 	src := &memSource{
 		byIP: map[netip.Addr]Instance{
 			ipA: {ID: "vm-a-id", Hostname: "vm-a", Script: "echo hello > /tmp/hello\n", PublicKey: "ssh-ed25519 AAAAC3Nza test@a",
-				KVs: []KV{{Key: "colour", Value: "blue"}, {Key: "dbpass", Value: secretVal, Secret: true}}},
+				KVs: []KV{{Key: "colour", Value: "blue"}, {Key: "dbpass", Value: secretVal, Secret: true}, {Key: "app/db/url", Value: "postgres://db/app"}}},
 			ipB: {ID: "vm-b-id", Hostname: "vm-b", Script: "#cloud-config\npackages: [jq]\n"},
 		},
 		keys:  map[string]string{"vm-a-id": authKey, "vm-b-id": authKey + "-b"},
 		taken: map[string]bool{},
 	}
-	l := &lab{srv: srv, logs: &syncBuffer{}}
-	log := slog.New(slog.NewTextHandler(l.logs, nil))
-	var chk *neigh.Checker
-	var lnPlain, lnSession net.Listener
+	l := &lab{srv: srv, logs: &syncBuffer{}, ports: map[netip.Addr]string{}, src: src, im: im}
+	l.log = slog.New(slog.NewTextHandler(l.logs, nil))
 	if err := srv.Do(func() (err error) {
-		if chk, err = neigh.New(neigh.Config{Interface: bridge}); err != nil {
-			return err
-		}
-		if lnPlain, err = net.Listen("tcp4", "10.10.0.1:0"); err != nil {
-			return err
-		}
-		lnSession, err = net.Listen("tcp4", "10.10.0.1:0")
+		l.chk, err = neigh.New(neigh.Config{Interface: bridge, PortOf: l.portOf})
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { chk.Close() })
+	t.Cleanup(func() { l.chk.Close() })
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	t.Cleanup(func() { cancel(); wg.Wait() })
-	for _, x := range []struct {
-		ln      net.Listener
-		session bool
-	}{{lnPlain, false}, {lnSession, true}} {
-		s, err := New(Config{Source: src, IPAM: im, Neighbours: chk, RequireSession: x.session, Log: log})
-		if err != nil {
-			t.Fatal(err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := s.Serve(ctx, x.ln); err != nil {
-				t.Errorf("serve: %v", err)
-			}
-		}()
-	}
-	l.plain, l.session = "http://"+lnPlain.Addr().String(), "http://"+lnSession.Addr().String()
+	l.ctx = ctx
+	t.Cleanup(func() { cancel(); l.wg.Wait() })
+	l.plain, _ = l.serve(t, Config{})
+	l.session, _ = l.serve(t, Config{RequireSession: true})
 	return l
+}
+
+// serve starts a server on the gateway with cfg, the lab's source, IPAM,
+// neighbour check and log filled in, and returns its base URL.
+func (l *lab) serve(t *testing.T, cfg Config) (string, *Server) {
+	t.Helper()
+	cfg.Source, cfg.IPAM, cfg.Neighbours, cfg.Log = l.src, l.im, l.chk, l.log
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ln net.Listener
+	if err := l.srv.Do(func() (err error) {
+		ln, err = net.Listen("tcp4", "10.10.0.1:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		if err := s.Serve(l.ctx, ln); err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}()
+	return "http://" + ln.Addr().String(), s
+}
+
+// portOf is the lab's neigh.Config.PortOf, as the appliance's names taps.
+func (l *lab) portOf(ip netip.Addr, _ net.HardwareAddr) string {
+	l.portsMu.Lock()
+	defer l.portsMu.Unlock()
+	return l.ports[ip]
+}
+
+// plugVM plugs a VM at ip with mac into the port its IPAM entry names.
+func (l *lab) plugVM(t *testing.T, port string, mac net.HardwareAddr, ip netip.Addr) *http.Client {
+	l.portsMu.Lock()
+	l.ports[ip] = port
+	l.portsMu.Unlock()
+	return client(l.srv.PlugPort(t, bridge, port, port, mac, ip.String()+"/16"))
 }
 
 // client returns an HTTP client whose connections start in ns.
@@ -205,9 +233,16 @@ func TestMetadata(t *testing.T) {
 		{"/v1/kv/dbpass", nil, resp{403, "forbidden\n"}},
 		{"/v1/kv/dbpass", flavor, resp{200, secretVal}},
 		{"/v1/kv/nope", nil, resp{404, "no such key\n"}},
+		{"/v1/kv/app/db/url", nil, resp{200, "postgres://db/app"}},
+		{"/v1/kv/app%2Fdb%2Furl", nil, resp{200, "postgres://db/app"}},
+		{"/v1/kv/app/db", nil, resp{404, "no such key\n"}},
+		{"/v1/kv/app/db/url/x", nil, resp{404, "no such key\n"}},
 		{"/v1/token", nil, resp{403, "forbidden\n"}},
 		{"/v1/token", []string{FlavorHeader, "Google"}, resp{403, "forbidden\n"}},
 		{"/v1/hostname", []string{"X-Forwarded-For", "10.10.0.6"}, resp{403, "forbidden\n"}},
+		{"/v1/hostname", []string{"X-Forwarded-For", ""}, resp{403, "forbidden\n"}},
+		{"/v1/hostname", []string{"Forwarded", "for=10.10.0.6"}, resp{403, "forbidden\n"}},
+		{"/v1/hostname", []string{"Forwarded", ""}, resp{403, "forbidden\n"}},
 		{"/v1/token", []string{FlavorHeader, FlavorValue, "X-Forwarded-For", "1.2.3.4"}, resp{403, "forbidden\n"}},
 		{"/cloud-init/meta-data", nil, resp{200, "instance-id: \"vm-a-id\"\nlocal-hostname: \"vm-a\"\npublic-keys:\n  - \"ssh-ed25519 AAAAC3Nza test@a\"\n"}},
 		{"/cloud-init/user-data", nil, resp{200, "#!/bin/sh\necho hello > /tmp/hello\n"}},
@@ -221,11 +256,11 @@ func TestMetadata(t *testing.T) {
 	t.Run("key values", func(t *testing.T) {
 		var m map[string]string
 		json.Unmarshal([]byte(get("/v1/kv").body), &m)
-		if len(m) != 1 || m["colour"] != "blue" {
+		if len(m) != 2 || m["colour"] != "blue" || m["app/db/url"] != "postgres://db/app" {
 			t.Errorf("kv without header: %v", m)
 		}
 		json.Unmarshal([]byte(get("/v1/kv", flavor...).body), &m)
-		if len(m) != 2 || m["dbpass"] != secretVal {
+		if len(m) != 3 || m["dbpass"] != secretVal {
 			t.Errorf("kv with header: %v", m)
 		}
 	})
@@ -337,6 +372,84 @@ func TestTwoVMs(t *testing.T) {
 				t.Fatalf("round %d: %s got %+v", i, want, r)
 			}
 		}
+	}
+}
+
+// TestStoppedVMForged has a hostile VM take a stopped VM's MAC and IP (as
+// it can when the bridge guard is missing) and ask for its secrets.
+func TestStoppedVMForged(t *testing.T) {
+	l := newLab(t)
+	flavor := []string{FlavorHeader, FlavorValue}
+	a := l.plugVM(t, "tap-a", macA, ipA)
+	if r := do(t, a, "GET", l.plain+"/v1/hostname"); r != (resp{200, "vm-a"}) {
+		t.Fatalf("a on its own port: %+v", r)
+	}
+	l.plugVM(t, "tap-b", macB, ipB) // keeps the bridge up
+	l.srv.Run(t, "ip", "link", "del", "tap-a")
+	h := client(l.srv.PlugPort(t, bridge, "tap-h", "h", macA, ipA.String()+"/16"))
+	before := len(l.logs.String())
+	for _, path := range []string{"/v1/token", "/v1/kv/dbpass", "/v1/config"} {
+		if r := do(t, h, "GET", l.plain+path, flavor...); r.code != 403 || strings.Contains(r.body, authKey) || strings.Contains(r.body, secretVal) {
+			t.Errorf("hostile as stopped a: GET %s = %+v", path, r)
+		}
+	}
+	if line := l.logs.String()[before:]; !strings.Contains(line, "tap-h") {
+		t.Errorf("refusal log does not name the port: %q", line)
+	}
+}
+
+// open reports how many connections ip holds and how many addresses hold any.
+func (s *Server) openConns(ip netip.Addr) (n, sources int) {
+	s.connsMu.Lock()
+	defer s.connsMu.Unlock()
+	return s.conns[ip], len(s.conns)
+}
+
+// TestConnCap has one VM hold connections open: past the cap its new
+// ones are closed unanswered, another VM is still served, and once the
+// VM's connections are gone the server keeps nothing of it.
+func TestConnCap(t *testing.T) {
+	l := newLab(t)
+	url, s := l.serve(t, Config{MaxConnsPerSource: 3})
+	addr := strings.TrimPrefix(url, "http://")
+	ans := l.srv.Plug(t, bridge, "a", macA, ipA.String()+"/16")
+	a, b := client(ans), client(l.srv.Plug(t, bridge, "b", macB, ipB.String()+"/16"))
+	dial := func() net.Conn {
+		var c net.Conn
+		if err := ans.Do(func() (err error) {
+			c, err = net.Dial("tcp4", addr)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	var held []net.Conn
+	for range 3 {
+		held = append(held, dial())
+	}
+	netnstest.Eventually(t, 5*time.Second, "3 connections counted", func() bool { n, _ := s.openConns(ipA); return n == 3 })
+	over := dial()
+	over.Write([]byte("GET /v1/hostname HTTP/1.0\r\n\r\n"))
+	if got, _ := io.ReadAll(over); len(got) != 0 {
+		t.Errorf("connection past the cap answered: %q", got)
+	}
+	over.Close()
+	if n, _ := s.openConns(ipA); n != 3 {
+		t.Errorf("%d connections counted after a refused one, want 3", n)
+	}
+	if r := do(t, b, "GET", url+"/v1/hostname"); r != (resp{200, "vm-b"}) {
+		t.Errorf("other VM while a is capped: %+v", r)
+	}
+	if !strings.Contains(l.logs.String(), "metadata connections capped") {
+		t.Errorf("cap not logged")
+	}
+	for _, c := range held {
+		c.Close()
+	}
+	netnstest.Eventually(t, 5*time.Second, "no connection state left", func() bool { _, src := s.openConns(ipA); return src == 0 })
+	if r := do(t, a, "GET", url+"/v1/hostname"); r != (resp{200, "vm-a"}) {
+		t.Errorf("a after closing its connections: %+v", r)
 	}
 }
 
