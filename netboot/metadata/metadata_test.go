@@ -90,12 +90,12 @@ type lab struct {
 	plain   string // base URL of a server without sessions
 	session string // base URL of one requiring sessions
 
-	src  *memSource
-	im   *ipam.IPAM
-	chk  *neigh.Checker
-	log  *slog.Logger
-	ctx  context.Context
-	wg   sync.WaitGroup
+	src *memSource
+	im  *ipam.IPAM
+	chk *neigh.Checker
+	log *slog.Logger
+	ctx context.Context
+	wg  sync.WaitGroup
 }
 
 func newLab(t *testing.T) *lab {
