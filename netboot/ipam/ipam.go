@@ -71,12 +71,15 @@ func ParseMAC(s string) (net.HardwareAddr, error) {
 
 // ValidateMAC reports whether mac is a 6-byte unicast address other than zero.
 func ValidateMAC(mac net.HardwareAddr) error {
-	switch {
-	case len(mac) != 6:
+	// Plain ifs rather than a switch: coverage tools see case conditions as
+	// unexecuted, and these are the checks mutation testing must reach.
+	if len(mac) != 6 {
 		return fmt.Errorf("%w %s: %d bytes, want 6", ErrInvalidMAC, mac, len(mac))
-	case mac[0]&1 == 1:
+	}
+	if mac[0]&1 == 1 {
 		return fmt.Errorf("%w %s: multicast or broadcast bit set", ErrInvalidMAC, mac)
-	case MACKey(mac) == MACKey{}:
+	}
+	if MACKey(mac) == (MACKey{}) {
 		return fmt.Errorf("%w %s: all zero", ErrInvalidMAC, mac)
 	}
 	return nil
@@ -227,10 +230,8 @@ func (i *IPAM) Reserve(mac net.HardwareAddr, hostname string) (Allocation, error
 	}
 	// Rotate rather than reuse the lowest free address, so an address freed
 	// a moment ago is not handed to a new VM while neighbours still cache it.
+	// findClear wraps a hint past the end.
 	i.hint = off + 1
-	if i.hint >= i.size {
-		i.hint = 0
-	}
 	e := &entry{mac: k, hostname: hostname, off: off, pending: true}
 	i.byMAC[k] = e
 	i.byOff[off] = e
@@ -241,10 +242,14 @@ func (i *IPAM) Reserve(mac net.HardwareAddr, hostname string) (Allocation, error
 
 // Commit marks mac's pending allocation as persisted, so it is served.
 func (i *IPAM) Commit(mac net.HardwareAddr) error {
+	// Length first: converting a shorter slice to a MACKey panics.
+	if len(mac) != 6 {
+		return fmt.Errorf("commit address of %s: %w", mac, ErrNotFound)
+	}
 	i.mu.Lock()
 	defer i.mu.Unlock()
 	e, ok := i.byMAC[MACKey(mac)]
-	if !ok || len(mac) != 6 {
+	if !ok {
 		return fmt.Errorf("commit address of %s: %w", mac, ErrNotFound)
 	}
 	e.pending = false
@@ -323,12 +328,10 @@ func newBitmap(size uint32) bitmap {
 	nw := (size + 63) / 64
 	b := bitmap{size: size, words: make([]uint64, nw), full: make([]uint64, (nw+63)/64)}
 	// Bits past size in the last word count as used so they are never found.
+	// (Summary bits past the last word need no such care: nextNotFull never
+	// returns a word past its bound.)
 	if r := size % 64; r != 0 {
 		b.words[nw-1] = ^uint64(0) << r
-	}
-	// Summary bits past the last word count as full for the same reason.
-	if r := nw % 64; r != 0 {
-		b.full[len(b.full)-1] = ^uint64(0) << r
 	}
 	return b
 }
@@ -372,9 +375,10 @@ func (b *bitmap) findClear(from uint32) (uint32, bool) {
 	return 0, false
 }
 
-// nextNotFull returns the first word index in [from, to) with a clear bit.
+// nextNotFull returns the first word index in [from, to) with a clear bit;
+// to is at most len(b.words), so s stays inside b.full.
 func (b *bitmap) nextNotFull(from, to uint32) (uint32, bool) {
-	for s := from / 64; s < uint32(len(b.full)) && s*64 < to; s++ {
+	for s := from / 64; s*64 < to; s++ {
 		notFull := ^b.full[s]
 		if s == from/64 {
 			notFull &^= 1<<(from%64) - 1
