@@ -453,6 +453,40 @@ func TestConnCap(t *testing.T) {
 	}
 }
 
+// TestSessionHopLimit has a container behind VM a (NATed, as Docker
+// does) ask for metadata: it reads what the VM may read without a session,
+// but the session token's reply, sent with IP TTL 1, dies at the VM.
+func TestSessionHopLimit(t *testing.T) {
+	netnstest.Require(t, "nft")
+	l := newLab(t)
+	vm := l.srv.Plug(t, bridge, "a", macA, ipA.String()+"/16")
+	ctr := netnstest.NewNS(t, "ctr")
+	vm.Run(t, "ip", "link", "add", "c0", "type", "veth", "peer", "name", "eth0", "netns", ctr.Name)
+	vm.Run(t, "ip", "addr", "add", "172.31.0.1/24", "dev", "c0")
+	vm.Run(t, "ip", "link", "set", "c0", "up")
+	vm.Run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	vm.Run(t, "nft", "add table ip nat; add chain ip nat post { type nat hook postrouting priority 100; }; add rule ip nat post oifname eth0 masquerade")
+	ctr.Run(t, "ip", "addr", "add", "172.31.0.2/24", "dev", "eth0")
+	ctr.Run(t, "ip", "link", "set", "eth0", "up")
+	ctr.Run(t, "ip", "route", "add", "default", "via", "172.31.0.1")
+	c := client(ctr)
+	if r := do(t, c, "GET", l.plain+"/v1/hostname"); r != (resp{200, "vm-a"}) {
+		t.Fatalf("container, no session needed: %+v", r)
+	}
+	c.Timeout = 3 * time.Second
+	req, _ := http.NewRequest("PUT", l.session+"/v1/session", nil)
+	req.Header.Set(SessionTTLHeader, "60")
+	if r, err := c.Do(req); err == nil {
+		b, _ := io.ReadAll(r.Body)
+		r.Body.Close()
+		t.Errorf("container got a session reply: %d %q", r.StatusCode, b)
+	}
+	// The VM itself gets one.
+	if r := do(t, client(vm), "PUT", l.session+"/v1/session", SessionTTLHeader, "60"); r.code != 200 || r.body == "" {
+		t.Errorf("vm's own session: %+v", r)
+	}
+}
+
 // BenchmarkServeHTTP measures one request through the handler, with the
 // neighbour check (over a real bridge's table, entry permanent) and without.
 func BenchmarkServeHTTP(b *testing.B) {
