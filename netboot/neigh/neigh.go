@@ -453,8 +453,9 @@ func (c *Checker) checkPort(ip netip.Addr, mac net.HardwareAddr) error {
 	if err != nil {
 		return fmt.Errorf("check port of %s at %s: %w", ip, mac, err)
 	}
-	if idx == 0 || idx == c.ifindex {
-		// No entry, or the bridge's own address: no VM sent as mac.
+	if idx == 0 {
+		// No entry, or the address of the bridge or a port itself:
+		// no VM sent as mac.
 		return &PortError{IP: ip, MAC: mac, Want: want}
 	}
 	if want == "" {
@@ -471,8 +472,9 @@ func (c *Checker) checkPort(ip netip.Addr, mac net.HardwareAddr) error {
 }
 
 // fdbPort returns the index of the bridge port whose forwarding entry
-// holds mac (the bridge's own index for a local entry), or 0 without one:
-// one RTM_GETNEIGH for that entry, not a dump of the table.
+// holds mac, or 0 without one or for a local entry (the MAC of the bridge
+// or of a port device itself): one RTM_GETNEIGH for that entry, not a dump
+// of the table.
 func (c *Checker) fdbPort(mac net.HardwareAddr) (int, error) {
 	var s *nl.NetlinkSocket
 	select {
@@ -511,6 +513,9 @@ func (c *Checker) fdbPort(mac net.HardwareAddr) (int, error) {
 				n, err := netlink.NeighDeserialize(m.Data)
 				if err != nil {
 					return 0, fmt.Errorf("parse forwarding entry: %w", err)
+				}
+				if n.State&netlink.NUD_PERMANENT != 0 || n.LinkIndex == c.ifindex {
+					return 0, nil
 				}
 				return n.LinkIndex, nil
 			}
