@@ -90,6 +90,9 @@ func run(iface, macFile, cidr string, lease time.Duration, rl dhcp.RateLimit, wo
 		RateLimit: rl,
 		Workers:   workers,
 		Log:       logger,
+		// perfdhcp speaks as a relay agent for its many clients; the
+		// appliance leaves relays off.
+		Relays: true,
 	})
 	if err != nil {
 		return err

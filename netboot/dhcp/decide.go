@@ -90,6 +90,7 @@ const (
 	ReasonInformMismatch
 	ReasonUnparsable
 	ReasonRateLimited
+	ReasonRelayed
 	numReasons
 )
 
@@ -115,6 +116,7 @@ var reasonNames = [numReasons]string{
 	ReasonInformMismatch:   "inform_mismatch",
 	ReasonUnparsable:       "unparsable",
 	ReasonRateLimited:      "rate_limited",
+	ReasonRelayed:          "relayed",
 }
 
 // String returns the reason's metric name.
@@ -191,7 +193,9 @@ func Decide(req *dhcpv4.DHCPv4, b Bindings, cfg *Config) Decision {
 		d.Reason, d.Action = ReasonRelease, ActionRelease
 	case dhcpv4.MessageTypeDecline:
 		// RFC 2131 4.3.3: the declined address is in option 50; no reply.
-		if sid := addrOf(req.ServerIdentifier()); sid.IsValid() && sid != cfg.ServerIP {
+		// The client MUST name the server (table 5): a DECLINE that
+		// names another, or none, is not acted on.
+		if addrOf(req.ServerIdentifier()) != cfg.ServerIP {
 			d.Reason = ReasonOtherServer
 			return d
 		}

@@ -84,7 +84,11 @@ func TestDecide(t *testing.T) {
 		{"release", packet(t, knownMAC, dhcpv4.MessageTypeRelease, ci(vmIP), sid(serverIP)), ReasonRelease, ActionRelease, dhcpv4.MessageTypeNone, netip.AddrPort{}},
 		{"release other address", packet(t, knownMAC, dhcpv4.MessageTypeRelease, ci(otherIP)), ReasonReleaseMismatch, ActionNone, dhcpv4.MessageTypeNone, netip.AddrPort{}},
 		{"decline", packet(t, knownMAC, dhcpv4.MessageTypeDecline, reqIP(vmIP), sid(serverIP)), ReasonDecline, ActionDecline, dhcpv4.MessageTypeNone, netip.AddrPort{}},
-		{"decline other address", packet(t, knownMAC, dhcpv4.MessageTypeDecline, reqIP(otherIP)), ReasonDeclineMismatch, ActionNone, dhcpv4.MessageTypeNone, netip.AddrPort{}},
+		{"decline other address", packet(t, knownMAC, dhcpv4.MessageTypeDecline, reqIP(otherIP), sid(serverIP)), ReasonDeclineMismatch, ActionNone, dhcpv4.MessageTypeNone, netip.AddrPort{}},
+		// RFC 2131 table 5: a DECLINE MUST name the server; one naming
+		// another server, or none, is not ours to act on.
+		{"decline other server", packet(t, knownMAC, dhcpv4.MessageTypeDecline, reqIP(vmIP), sid(otherIP)), ReasonOtherServer, ActionNone, dhcpv4.MessageTypeNone, netip.AddrPort{}},
+		{"decline naming no server", packet(t, knownMAC, dhcpv4.MessageTypeDecline, reqIP(vmIP)), ReasonOtherServer, ActionNone, dhcpv4.MessageTypeNone, netip.AddrPort{}},
 		{"inform", packet(t, knownMAC, dhcpv4.MessageTypeInform, ci(vmIP)), ReasonAckInform, ActionNone, dhcpv4.MessageTypeAck, netip.AddrPortFrom(vmIP, 68)},
 		{"inform wrong address", packet(t, knownMAC, dhcpv4.MessageTypeInform, ci(otherIP)), ReasonInformMismatch, ActionNone, dhcpv4.MessageTypeNone, netip.AddrPort{}},
 		{"offer from a client", packet(t, knownMAC, dhcpv4.MessageTypeOffer), ReasonUnsupportedType, ActionNone, dhcpv4.MessageTypeNone, netip.AddrPort{}},

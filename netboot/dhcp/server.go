@@ -90,6 +90,11 @@ type ServerConfig struct {
 	RateLimit RateLimit
 	// DeclineHold is how long a declined address is not offered; 1 min when zero.
 	DeclineHold time.Duration
+	// Relays makes the server answer packets a DHCP relay agent forwarded
+	// (giaddr set), sending the reply to that agent. Off, such packets
+	// are dropped: on a bridge of VMs there is no relay, and any VM could
+	// claim to be one and have replies sent to any address.
+	Relays bool
 	// Workers is how many goroutines read the socket; GOMAXPROCS when zero.
 	Workers int
 	// Log receives one line per unusual event; slog.Default when nil.
@@ -108,7 +113,13 @@ type Server struct {
 	bucket map[ipam.MACKey]*bucket
 
 	stats [numReasons]atomic.Uint64
+
+	// pruneEvery is how often Serve drops the state of MACs the IPAM no
+	// longer knows, and rate buckets that are full again.
+	pruneEvery time.Duration
 }
+
+const defaultPruneEvery = time.Minute
 
 type bucket struct {
 	tokens float64
@@ -144,6 +155,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		conn:   cfg.Conn,
 		leases: map[ipam.MACKey]*Lease{},
 		bucket: map[ipam.MACKey]*bucket{},
+
+		pruneEvery: defaultPruneEvery,
 	}
 	if s.conn == nil {
 		c, err := server4.NewIPv4UDPConn(cfg.Interface, &net.UDPAddr{Port: serverPort})
@@ -173,6 +186,23 @@ func (s *Server) Serve(ctx context.Context) error {
 	for range s.cfg.Workers {
 		go func() { errc <- s.loop() }()
 	}
+	pruned := make(chan struct{})
+	defer func() { <-pruned }()
+	pctx, stopPrune := context.WithCancel(ctx)
+	defer stopPrune()
+	go func() {
+		defer close(pruned)
+		t := time.NewTicker(s.pruneEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-pctx.Done():
+				return
+			case <-t.C:
+				s.prune(s.cfg.Now())
+			}
+		}
+	}()
 	var first error
 	for range s.cfg.Workers {
 		if err := <-errc; first == nil {
@@ -214,6 +244,10 @@ func (s *Server) Handle(pkt []byte) ([]byte, netip.AddrPort, Reason) {
 	if err != nil {
 		s.stats[ReasonUnparsable].Add(1)
 		return nil, netip.AddrPort{}, ReasonUnparsable
+	}
+	if !s.cfg.Relays && addrOf(req.GatewayIPAddr).IsValid() {
+		s.stats[ReasonRelayed].Add(1)
+		return nil, netip.AddrPort{}, ReasonRelayed
 	}
 	// Only known MACs get a bucket, so a flood of invented MACs cannot grow
 	// the table; they are dropped by Decide as unknown and counted.
@@ -321,6 +355,43 @@ func (s *Server) Lease(mac net.HardwareAddr) (Lease, bool) {
 		return Lease{}, false
 	}
 	return *l, true
+}
+
+// prune drops the lease and rate bucket of every MAC the IPAM no longer
+// holds (a purged VM), and buckets that have refilled, which are the same
+// as none: the tables hold only what is live.
+func (s *Server) prune(now time.Time) {
+	s.mu.Lock()
+	keys := make([]ipam.MACKey, 0, len(s.leases)+len(s.bucket))
+	for k := range s.leases {
+		keys = append(keys, k)
+	}
+	for k := range s.bucket {
+		if _, ok := s.leases[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	s.mu.Unlock()
+	// The IPAM is asked without s.mu held: Handle takes them the other
+	// way round.
+	var gone []ipam.MACKey
+	for _, k := range keys {
+		if a, ok := s.cfg.IPAM.ByMAC(k[:]); !ok || a.Pending {
+			gone = append(gone, k)
+		}
+	}
+	rl := s.cfg.RateLimit
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, k := range gone {
+		delete(s.leases, k)
+		delete(s.bucket, k)
+	}
+	for k, b := range s.bucket {
+		if rl.Every > 0 && b.tokens+float64(now.Sub(b.last))/float64(rl.Every) >= float64(rl.Burst) {
+			delete(s.bucket, k)
+		}
+	}
 }
 
 // Forget drops mac's lease and rate limit state, as when its VM is purged.

@@ -1,12 +1,15 @@
 package dhcp
 
 import (
+	"context"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
 
+	"github.com/threes-dev/threes/internal/netnstest"
 	"github.com/threes-dev/threes/netboot/ipam"
 )
 
@@ -31,7 +34,8 @@ func newTestServer(t testing.TB, rl RateLimit) (*Server, *ipam.IPAM, *fakeClock)
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	s, err := NewServer(ServerConfig{Conn: conn, Reply: testCfg, IPAM: im, RateLimit: rl, Now: clk.now})
+	// Relays on: several tests speak through one, as a relay agent would.
+	s, err := NewServer(ServerConfig{Conn: conn, Reply: testCfg, IPAM: im, RateLimit: rl, Now: clk.now, Relays: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,6 +130,95 @@ func TestServerRateLimitPerMAC(t *testing.T) {
 	if _, _, r := s.Handle(flood); r != ReasonRateLimited {
 		t.Fatalf("one token earned, second packet: %s", r)
 	}
+}
+
+// TestServerRelays checks that a relayed packet (giaddr set) gets no
+// answer unless relays are on: on a bridge any VM can claim to be a relay
+// and have the reply sent to another VM, to broadcast or to a multicast
+// group.
+func TestServerRelays(t *testing.T) {
+	s, _, _ := newTestServer(t, RateLimit{})
+	s.cfg.Relays = false
+	for _, gi := range []net.IP{relayIP.AsSlice(), net.IPv4bcast, net.IPv4(224, 0, 0, 1), vmIP.AsSlice()} {
+		pkt := packet(t, knownMAC, dhcpv4.MessageTypeDiscover, dhcpv4.WithRelay(gi)).ToBytes()
+		if out, dest, r := s.Handle(pkt); out != nil || r != ReasonRelayed {
+			t.Errorf("relayed via %s, relays off: reply to %v, reason %s", gi, dest, r)
+		}
+	}
+	if got := s.Count(ReasonRelayed); got != 4 {
+		t.Errorf("relayed counted %d, want 4", got)
+	}
+	if _, ok := s.Lease(knownMAC); ok {
+		t.Error("a relayed packet made a lease with relays off")
+	}
+	// The client itself is still served.
+	if _, _, r := s.Handle(packet(t, knownMAC, dhcpv4.MessageTypeDiscover).ToBytes()); r != ReasonOffer {
+		t.Errorf("direct discover: %s", r)
+	}
+	s.cfg.Relays = true
+	pkt := packet(t, knownMAC, dhcpv4.MessageTypeDiscover, dhcpv4.WithRelay(relayIP.AsSlice())).ToBytes()
+	if out, dest, r := s.Handle(pkt); out == nil || r != ReasonOffer || dest.Addr() != relayIP {
+		t.Errorf("relayed, relays on: reply to %v, reason %s", dest, r)
+	}
+}
+
+// TestServerPrunes checks that Serve drops the lease and rate bucket of a
+// MAC the IPAM no longer holds, as after its VM is purged, and buckets
+// that refilled, while a live lease stays.
+func TestServerPrunes(t *testing.T) {
+	s, im, clk := newTestServer(t, RateLimit{Burst: 3, Every: time.Second})
+	purged := net.HardwareAddr{0x52, 0x54, 0, 0, 0, 9}
+	if _, err := im.Reserve(purged, "purged"); err != nil {
+		t.Fatal(err)
+	}
+	if err := im.Commit(purged); err != nil {
+		t.Fatal(err)
+	}
+	for _, mac := range []net.HardwareAddr{knownMAC, purged} {
+		if _, _, r := s.Handle(packet(t, mac, dhcpv4.MessageTypeDiscover).ToBytes()); r != ReasonOffer {
+			t.Fatalf("discover from %s: %s", mac, r)
+		}
+	}
+	if err := im.Release(purged); err != nil {
+		t.Fatal(err)
+	}
+	s.pruneEvery = 10 * time.Millisecond
+	// Serve's pruning reads the clock from its own goroutine.
+	var now atomic.Int64
+	now.Store(clk.t.UnixNano())
+	s.cfg.Now = func() time.Time { return time.Unix(0, now.Load()) }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}()
+	gone := func(mac net.HardwareAddr) bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		k := ipam.MACKey(mac)
+		return s.leases[k] == nil && s.bucket[k] == nil
+	}
+	netnstest.Eventually(t, 10*time.Second, "the purged VM's state to go", func() bool { return gone(purged) })
+	if _, ok := s.Lease(knownMAC); !ok {
+		t.Error("a live VM's lease was pruned")
+	}
+	s.mu.Lock()
+	_, hasBucket := s.bucket[ipam.MACKey(knownMAC)]
+	s.mu.Unlock()
+	if !hasBucket {
+		t.Error("a bucket that has not refilled was pruned")
+	}
+	// Once refilled, the live VM's bucket goes too.
+	now.Add(int64(time.Minute))
+	netnstest.Eventually(t, 10*time.Second, "the refilled bucket to go", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.bucket[ipam.MACKey(knownMAC)] == nil
+	})
 }
 
 // BenchmarkHandle measures a DISCOVER and a REQUEST through the whole shell
