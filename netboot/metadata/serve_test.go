@@ -1,0 +1,83 @@
+package metadata
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/threes-dev/threes/internal/netnstest"
+)
+
+// TestServeLimits runs Serve on loopback in a namespace of its own: a
+// header block past the limit is refused before any handler runs, and a
+// source past its connection cap is not answered.
+func TestServeLimits(t *testing.T) {
+	netnstest.Require(t)
+	ns := netnstest.NewNS(t, "serve")
+	h := newHandlerLab(t, Config{MaxConnsPerSource: 2})
+	var ln net.Listener
+	if err := ns.Do(func() (err error) {
+		ln, err = net.Listen("tcp4", "127.0.0.1:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := h.s.Serve(ctx, ln); err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}()
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	url := "http://" + ln.Addr().String() + "/v1/hostname"
+	c := client(ns)
+	for _, tc := range []struct {
+		header int
+		code   int
+	}{
+		{8 << 10, 403}, // loopback is no VM's address
+		{32 << 10, http.StatusRequestHeaderFieldsTooLarge},
+	} {
+		if r := do(t, c, "GET", url, "X-Pad", strings.Repeat("x", tc.header)); r.code != tc.code {
+			t.Errorf("header of %d bytes: %d, want %d", tc.header, r.code, tc.code)
+		}
+	}
+	dial := func() net.Conn {
+		var conn net.Conn
+		if err := ns.Do(func() (err error) {
+			conn, err = net.Dial("tcp4", ln.Addr().String())
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return conn
+	}
+	held := []net.Conn{dial(), dial()}
+	netnstest.Eventually(t, 5*time.Second, "2 connections counted", func() bool {
+		_, n := h.s.openConns(ipA)
+		h.s.connsMu.Lock()
+		defer h.s.connsMu.Unlock()
+		return n == 1 && h.s.conns[ln.Addr().(*net.TCPAddr).AddrPort().Addr()] == 2
+	})
+	over := dial()
+	over.Write([]byte("GET /v1/hostname HTTP/1.0\r\n\r\n"))
+	if got, _ := io.ReadAll(over); len(got) != 0 {
+		t.Errorf("connection past the cap answered: %q", got)
+	}
+	over.Close()
+	for _, conn := range held {
+		conn.Close()
+	}
+	netnstest.Eventually(t, 5*time.Second, "no connection state left", func() bool { _, n := h.s.openConns(ipA); return n == 0 })
+	if r := do(t, c, "GET", url); r.code != 403 {
+		t.Errorf("after the held connections closed: %+v", r)
+	}
+}
