@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,15 +27,9 @@ func TestServeLimits(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		if err := h.s.Serve(ctx, ln); err != nil {
-			t.Errorf("serve: %v", err)
-		}
-	}()
-	t.Cleanup(func() { cancel(); wg.Wait() })
+	served := make(chan error, 1)
+	go func() { served <- h.s.Serve(ctx, ln) }()
+	t.Cleanup(func() { cancel(); <-served })
 	url := "http://" + ln.Addr().String() + "/v1/hostname"
 	c := client(ns)
 	for _, tc := range []struct {
@@ -79,5 +72,14 @@ func TestServeLimits(t *testing.T) {
 	netnstest.Eventually(t, 5*time.Second, "no connection state left", func() bool { _, n := h.s.openConns(ipA); return n == 0 })
 	if r := do(t, c, "GET", url); r.code != 403 {
 		t.Errorf("after the held connections closed: %+v", r)
+	}
+	// Done by its context: no error. Its listener gone: an error.
+	cancel()
+	if err := <-served; err != nil {
+		t.Errorf("serve stopped by its context: %v", err)
+	}
+	served <- nil // for the cleanup
+	if err := h.s.Serve(context.Background(), ln); err == nil || !strings.Contains(err.Error(), ln.Addr().String()) {
+		t.Errorf("serve on a closed listener: %v", err)
 	}
 }
