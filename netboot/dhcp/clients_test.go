@@ -46,11 +46,12 @@ type bridgeServer struct {
 
 	mu   sync.Mutex
 	seen map[string][][]byte // by client MAC
+	all  [][]byte            // in the order read
 }
 
 const bridgeName = "br-threes"
 
-func startBridgeServer(t *testing.T, allocs []ipam.Allocation) *bridgeServer {
+func startBridgeServer(t testing.TB, allocs []ipam.Allocation) *bridgeServer {
 	t.Helper()
 	netnstest.Require(t)
 	ns := netnstest.NewNS(t, "dhcpsrv")
@@ -74,6 +75,7 @@ func startBridgeServer(t *testing.T, allocs []ipam.Allocation) *bridgeServer {
 		mac := net.HardwareAddr(p[28:34]).String()
 		b.mu.Lock()
 		b.seen[mac] = append(b.seen[mac], p)
+		b.all = append(b.all, p)
 		b.mu.Unlock()
 	}}
 	b.srv, err = NewServer(ServerConfig{

@@ -20,7 +20,7 @@ import (
 
 // guardBridge puts the anti-spoofing table hv writes on b's bridge and
 // plugs a guarded port for each allocation, as libvirt plugs VMs' taps.
-func guardBridge(t *testing.T, b *bridgeServer, allocs ...ipam.Allocation) (*guard.Table, []*netnstest.NS) {
+func guardBridge(t testing.TB, b *bridgeServer, allocs ...ipam.Allocation) (*guard.Table, []*netnstest.NS) {
 	t.Helper()
 	netnstest.Require(t, "nft")
 	tbl, err := guard.New(guard.Config{Name: "threes_dhcp", Prefix: "t3dh",
