@@ -134,10 +134,10 @@ func (h *Libvirt) unguard(ctx context.Context, dev string) error {
 	return err
 }
 
-// defaultGuardCheck is how often hv checks that the guard table is as it
+// guardCheckEvery is how often hv checks that the guard table is as it
 // left it: a firewall reload between two checks leaves VMs unguarded
-// until the next.
-const defaultGuardCheck = 10 * time.Second
+// until the next. Tests change it.
+var guardCheckEvery = 10 * time.Second
 
 // checkGuard rebuilds the table from every domain whenever it is not as
 // hv left it, until Close.

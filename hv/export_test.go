@@ -21,5 +21,10 @@ func RemoveDisk(h *Libvirt, id string) error {
 	return err
 }
 
-// SetGuardCheck makes h check its guard table every d.
-func SetGuardCheck(h *Libvirt, d time.Duration) { h.guardEvery.Store(int64(d)) }
+// SetGuardCheck makes the Libvirts opened from now on check their guard
+// table every d, until restore.
+func SetGuardCheck(d time.Duration) (restore func()) {
+	old := guardCheckEvery
+	guardCheckEvery = d
+	return func() { guardCheckEvery = old }
+}

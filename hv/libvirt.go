@@ -130,7 +130,7 @@ type Libvirt struct {
 	// test driver, whose domains have no taps.
 	guard *guard.Table
 	// guardEvery is how often checkGuard looks at the guard table, in
-	// nanoseconds; tests shorten it.
+	// nanoseconds.
 	guardEvery atomic.Int64
 	// done is closed by Close, ending checkGuard.
 	done chan struct{}
@@ -158,7 +158,7 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 		diskDir:      cfg.DiskDir,
 		done:         make(chan struct{}),
 	}
-	h.guardEvery.Store(int64(defaultGuardCheck))
+	h.guardEvery.Store(int64(guardCheckEvery))
 	if h.probeTimeout <= 0 {
 		h.probeTimeout = defaultProbeTime
 	}

@@ -572,3 +572,70 @@ func TestStopWhileBooting(t *testing.T) {
 		t.Errorf("virsh domstate = %q, want shut off (shutdown): the guest should power itself off", got)
 	}
 }
+
+// netSet returns the name of the guard's set that holds tap, the taps of
+// one network, or "" when none does.
+func netSet(t *testing.T, tap string) string {
+	t.Helper()
+	out, err := exec.Command("nft", "list", "ruleset", "bridge").CombinedOutput()
+	if err != nil {
+		t.Fatalf("nft list ruleset bridge: %v\n%s", err, out)
+	}
+	m := regexp.MustCompile(`(?s)set (net_[0-9a-f]+) \{[^}]*"` + tap + `"`).FindSubmatch(out)
+	if m == nil {
+		return ""
+	}
+	return string(m[1])
+}
+
+// TestGuardHeals loses the guard table under two running VMs of two
+// networks, as a firewall reload (nft flush ruleset) would. Starting one
+// VM then rebuilds it for both, not for the started one alone (whose
+// prefix rule would cut the other off), and when it is lost again hv's
+// periodic check rebuilds it with no call at all. Each VM's network
+// comes back with it, read from the domain.
+func TestGuardHeals(t *testing.T) {
+	defer hv.SetGuardCheck(time.Hour)()
+	q := hvtest.OpenQEMU(t, hv.Config{DomainType: "qemu", StopTimeout: time.Second})
+	ctx := context.Background()
+	s1, s2 := q.Spec(t), q.Spec(t)
+	s1.IP, s2.IP = "10.10.7.31", "10.10.7.32"
+	s1.Network, s2.Network = "red", "blue"
+	must(t, q.H.Create(ctx, s1))
+	must(t, q.H.Create(ctx, s2))
+	tap1, tap2 := tapOf(t, s1.ID), tapOf(t, s2.ID)
+	red, blue := netSet(t, tap1), netSet(t, tap2)
+	if red == "" || blue == "" || red == blue {
+		t.Fatalf("after Create the networks' sets are %q and %q", red, blue)
+	}
+
+	must(t, q.H.Stop(ctx, s2.ID))
+	dropTableOf(t, tap1)
+	must(t, q.H.Start(ctx, s2.ID))
+	if !guarded(t, tap2) {
+		t.Errorf("the started VM's tap %s has no rules", tap2)
+	}
+	if !guarded(t, tap1) {
+		t.Errorf("the running VM's tap %s has no rules after its neighbour started: the prefix rule cuts it off", tap1)
+	}
+	if netSet(t, tap1) != red || netSet(t, tap2) != blue {
+		t.Errorf("after Start the networks' sets are %q and %q, want %q and %q", netSet(t, tap1), netSet(t, tap2), red, blue)
+	}
+
+	restore := hv.SetGuardCheck(100 * time.Millisecond)
+	h2, err := hv.Open(ctx, q.Config)
+	restore()
+	must(t, err)
+	defer h2.Close()
+	dropTableOf(t, tap1)
+	deadline := time.Now().Add(30 * time.Second)
+	for !(guarded(t, tap1) && guarded(t, tap2)) {
+		if time.Now().After(deadline) {
+			t.Fatal("the periodic check did not rebuild the lost table within 30s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if netSet(t, tap1) != red || netSet(t, tap2) != blue {
+		t.Errorf("after the check the networks' sets are %q and %q, want %q and %q", netSet(t, tap1), netSet(t, tap2), red, blue)
+	}
+}
