@@ -46,7 +46,7 @@ func newRig(t *testing.T) *rig {
 }
 
 // newTable returns a table in host's namespace.
-func newTable(t *testing.T, host *netnstest.NS, cross bool) *guard.Table {
+func newTable(t testing.TB, host *netnstest.NS, cross bool) *guard.Table {
 	t.Helper()
 	tbl, err := guard.New(guard.Config{Name: "threes_test", Prefix: "t3zz", CrossNetwork: cross,
 		Run: func(ctx context.Context, script string) (out string, err error) {
