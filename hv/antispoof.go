@@ -117,9 +117,11 @@ func (h *Libvirt) guardDomain(ctx context.Context, dom libvirt.Domain) error {
 // the table is rebuilt from every domain instead, p's included since its
 // domain is defined.
 func (h *Libvirt) setGuard(ctx context.Context, p guard.Port) error {
+	h.guardMu.Lock()
+	defer h.guardMu.Unlock()
 	err := h.guard.Set(ctx, p)
 	if errors.Is(err, guard.ErrNotIntact) {
-		return h.syncGuard(ctx)
+		return h.syncGuardLocked(ctx)
 	}
 	return err
 }
@@ -127,9 +129,11 @@ func (h *Libvirt) setGuard(ctx context.Context, p guard.Port) error {
 // unguard drops the rules of dev, whose domain is undefined; on a table
 // that is not as hv left it, it rebuilds the table from every domain.
 func (h *Libvirt) unguard(ctx context.Context, dev string) error {
+	h.guardMu.Lock()
+	defer h.guardMu.Unlock()
 	err := h.guard.Delete(ctx, dev)
 	if errors.Is(err, guard.ErrNotIntact) {
-		return h.syncGuard(ctx)
+		return h.syncGuardLocked(ctx)
 	}
 	return err
 }
@@ -164,6 +168,14 @@ func (h *Libvirt) syncGuard(ctx context.Context) error {
 	if h.guard == nil {
 		return nil
 	}
+	h.guardMu.Lock()
+	defer h.guardMu.Unlock()
+	return h.syncGuardLocked(ctx)
+}
+
+// syncGuardLocked is syncGuard with guardMu held: a Set between listing
+// the domains and writing the table would be lost.
+func (h *Libvirt) syncGuardLocked(ctx context.Context) error {
 	var ports []guard.Port
 	err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
 		ports = ports[:0]

@@ -129,6 +129,9 @@ type Libvirt struct {
 	// guard holds each QEMU domain's anti-spoofing rules; nil for the
 	// test driver, whose domains have no taps.
 	guard *guard.Table
+	// guardMu serialises rebuilding the guard table from the domains
+	// with patching it.
+	guardMu sync.Mutex
 	// guardEvery is how often checkGuard looks at the guard table, in
 	// nanoseconds.
 	guardEvery atomic.Int64
