@@ -249,11 +249,10 @@ func prefixBeforeMarker(extra []byte, marker string) []byte {
 	for cut > 0 && (extra[cut-1] == ' ' || extra[cut-1] == '\t') {
 		cut--
 	}
+	// threes writes a bare "\n"; a '\r' before it is the end of the owner's
+	// line (a same-line comment moved in front of the marker) and stays theirs.
 	if cut > 0 && extra[cut-1] == '\n' {
 		cut--
-		if cut > 0 && extra[cut-1] == '\r' {
-			cut--
-		}
 	}
 	return bytes.Clone(extra[:cut])
 }

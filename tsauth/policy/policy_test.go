@@ -100,6 +100,18 @@ var policies = map[string]string{
 `,
 	"one-line":     `{"tagOwners":{"tag:threes":["autogroup:admin"]},"acls":[{"action":"accept","src":["*"],"dst":["*:*"]}]}`,
 	"empty-grants": "{\r\n\t\"tagOwners\": {\"tag:threes\": []},\r\n\t\"grants\": [],\r\n\t\"ssh\": [\r\n\t],\r\n}\r\n",
+	// Windows line endings, a same-line comment after a section's last entry,
+	// and an empty section holding only a carriage return.
+	"crlf-comments": "{\r\n  \"tagOwners\": {\"tag:threes\": [\"group:x\"]}, // owners\r\n  \"grants\": [\r\n    {\"src\": [\"a@\"], \"dst\": [\"b@\"], \"ip\": [\"80\"]}, // mine\r\n  ],\r\n  \"ssh\": [\r]\r\n}\r\n",
+	// An empty multi-line section with plain line endings.
+	// Empty sections: multi-line holding only an empty comment, and one line
+	// holding a block comment.
+	"empty-sections-lf": "{\n  \"tagOwners\": {\n    \"tag:threes\": [],\n  },\n  \"acls\": [],\n  \"grants\": [ /* none yet */ ],\n  \"ssh\": [\n    //\n  ],\n}\n",
+	// acls before everything else.
+	"acls-first": `{
+  "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["*:*"]}],
+  "tagOwners": {"tag:threes": ["autogroup:admin"]}
+}`,
 }
 
 func mustAdd(t *testing.T, p []byte, name string, o Options) []byte {
@@ -260,13 +272,32 @@ func TestAddOwnerEditsAfterwards(t *testing.T) {
 	}
 }
 
+// TestAddRewritesChangedOptions re-adds a network with options that change
+// the grants and the ssh rule, the ssh rule alone, or the grants alone: each
+// time the result is what adding it afresh with the new options gives.
 func TestAddRewritesChangedOptions(t *testing.T) {
-	orig := []byte(policies["headscale-acls-only"])
-	hs := Options{OwnerTag: "tag:threes", Admins: []string{"group:admins"}}
-	first := mustAdd(t, orig, "db", opts)
-	second := mustAdd(t, first, "db", hs)
-	if want := mustAdd(t, orig, "db", hs); !bytes.Equal(second, want) {
-		t.Errorf("re-adding with other options:\n%s\nwant\n%s", second, want)
+	for _, tc := range []struct {
+		name string
+		opts Options
+	}{
+		{"admins", Options{OwnerTag: "tag:threes", Admins: []string{"group:admins"}}},
+		{"ssh-users-only", Options{OwnerTag: "tag:threes", SSHUsers: []string{"debian"}}},
+		{"public-only", Options{OwnerTag: "tag:threes", Public: []string{"group:admins"}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			orig := []byte(policies["headscale-acls-only"])
+			first := mustAdd(t, orig, "db", opts)
+			second := mustAdd(t, first, "db", tc.opts)
+			if bytes.Equal(second, first) {
+				t.Fatalf("re-adding with other options left the policy as it was:\n%s", first)
+			}
+			if want := mustAdd(t, orig, "db", tc.opts); !bytes.Equal(second, want) {
+				t.Errorf("re-adding with other options:\n%s\nwant\n%s", second, want)
+			}
+			if back := mustRemove(t, second, "db", tc.opts); !bytes.Equal(back, orig) {
+				t.Errorf("remove after the rewrite != p:\n%s", back)
+			}
+		})
 	}
 }
 
@@ -317,6 +348,37 @@ func TestSameLineCommentStays(t *testing.T) {
 	}
 }
 
+// TestMarkerIsWholeTag checks that a network's marker is matched as a whole
+// tag: entries whose comment names a longer tag that starts with the network's
+// (another network, or the owner's own note) are not the network's.
+func TestMarkerIsWholeTag(t *testing.T) {
+	for _, suffix := range []string{"a", "z", "A", "Z", "0", "9", "-2", "_x", ".x", ":x"} {
+		other := "tag:threes-web" + suffix
+		p := []byte(`{
+	"tagOwners": {
+		"tag:threes": [],
+		// threes:managed ` + other + `
+		"` + other + `": ["tag:threes"],
+	},
+	"grants": [
+		// threes:managed ` + other + `
+		{"src": ["*"], "dst": ["` + other + `"], "ip": ["443"]},
+	],
+}
+`)
+		if has, err := HasNetwork(p, "web", opts); has || err != nil {
+			t.Errorf("%s: HasNetwork(web) = %v, %v; want false", other, has, err)
+		}
+		if got := mustRemove(t, p, "web", opts); !bytes.Equal(got, p) {
+			t.Errorf("%s: removing web changed the policy:\n%s", other, got)
+		}
+		with := mustAdd(t, p, "web", opts)
+		if got := mustRemove(t, with, "web", opts); !bytes.Equal(got, p) {
+			t.Errorf("%s: remove(add(web)) != p:\n%s", other, got)
+		}
+	}
+}
+
 func TestHasNetwork(t *testing.T) {
 	orig := []byte(policies["tailscale-default"])
 	for _, tc := range []struct {
@@ -359,9 +421,37 @@ func TestErrors(t *testing.T) {
 }
 
 func TestNetworkTag(t *testing.T) {
-	got, err := NetworkTag("tag:threes", "cool-network")
-	if err != nil || got != "tag:threes-cool-network" {
-		t.Errorf("NetworkTag = %q, %v", got, err)
+	for _, tc := range []struct {
+		owner, name string
+		want        string // "" when refused
+	}{
+		{"tag:threes", "cool-network", "tag:threes-cool-network"},
+		{"tag:threes", "a", "tag:threes-a"},
+		{"tag:threes", "0", "tag:threes-0"},
+		{"tag:Threes-2", "web", "tag:Threes-2-web"},
+		{"tag:threes", strings.Repeat("a", 40), "tag:threes-" + strings.Repeat("a", 40)},
+		{"tag:threes", strings.Repeat("a", 41), ""}, // over the length limit
+		{"tag:threes", "", ""},
+		{"tag:threes", "web-", ""},
+		{"tag:threes", "-web", ""},
+		{"tag:threes", "Web", ""},
+		{"tag:threes", "web_1", ""},
+		{"tag:threes", "web\n", ""},
+		{"tag:", "web", ""},
+		{"tag:1threes", "web", ""},
+		{"threes", "web", ""},
+		{"tag:threes web", "web", ""},
+	} {
+		got, err := NetworkTag(tc.owner, tc.name)
+		if tc.want == "" {
+			if !errors.Is(err, ErrInvalidName) {
+				t.Errorf("NetworkTag(%q, %q) = %q, %v; want ErrInvalidName", tc.owner, tc.name, got, err)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("NetworkTag(%q, %q) = %q, %v; want %q", tc.owner, tc.name, got, err, tc.want)
+		}
 	}
 }
 
