@@ -357,24 +357,39 @@ func (c *Checker) Query(ip netip.Addr) (Entry, bool, error) {
 	if !ip.Is4() {
 		return Entry{}, false, nil
 	}
+	a4 := ip.As4()
+	n, err := c.getNeigh(&netlink.Ndmsg{Family: unix.AF_INET, Index: uint32(c.ifindex)}, nl.NewRtAttr(netlink.NDA_DST, a4[:]))
+	if err != nil {
+		return Entry{}, false, fmt.Errorf("read neighbour %s: %w", ip, err)
+	}
+	if n == nil || n.LinkIndex != c.ifindex {
+		return Entry{}, false, nil
+	}
+	return entryOf(*n), true, nil
+}
+
+// getNeigh sends one RTM_GETNEIGH for a single entry and returns it, or
+// nil when the kernel has none.
+func (c *Checker) getNeigh(msg *netlink.Ndmsg, attrs ...*nl.RtAttr) (*netlink.Neigh, error) {
 	var s *nl.NetlinkSocket
 	select {
 	case s = <-c.socks:
 	case <-c.done:
-		return Entry{}, false, errors.New("neighbour checker closed")
+		return nil, errors.New("neighbour checker closed")
 	}
 	defer func() { c.socks <- s }()
 	req := nl.NewNetlinkRequest(unix.RTM_GETNEIGH, 0)
-	req.AddData(&netlink.Ndmsg{Family: unix.AF_INET, Index: uint32(c.ifindex)})
-	a4 := ip.As4()
-	req.AddData(nl.NewRtAttr(netlink.NDA_DST, a4[:]))
+	req.AddData(msg)
+	for _, a := range attrs {
+		req.AddData(a)
+	}
 	if err := s.Send(req); err != nil {
-		return Entry{}, false, fmt.Errorf("ask neighbour %s: %w", ip, err)
+		return nil, err
 	}
 	for {
 		msgs, _, err := s.Receive()
 		if err != nil {
-			return Entry{}, false, fmt.Errorf("read neighbour %s: %w", ip, err)
+			return nil, err
 		}
 		for _, m := range msgs {
 			if m.Header.Seq != req.Seq {
@@ -382,23 +397,15 @@ func (c *Checker) Query(ip netip.Addr) (Entry, bool, error) {
 			}
 			switch m.Header.Type {
 			case unix.NLMSG_ERROR:
-				if len(m.Data) < 4 {
-					return Entry{}, false, fmt.Errorf("read neighbour %s: short error", ip)
-				}
-				errno := -int32(binary.NativeEndian.Uint32(m.Data[:4]))
+				var e [4]byte // the kernel's errno, negated
+				copy(e[:], m.Data)
+				errno := -int32(binary.NativeEndian.Uint32(e[:]))
 				if errno == int32(unix.ENOENT) {
-					return Entry{}, false, nil
+					return nil, nil
 				}
-				return Entry{}, false, fmt.Errorf("read neighbour %s: %w", ip, syscall.Errno(errno))
+				return nil, syscall.Errno(errno)
 			case unix.RTM_NEWNEIGH:
-				n, err := netlink.NeighDeserialize(m.Data)
-				if err != nil {
-					return Entry{}, false, fmt.Errorf("parse neighbour %s: %w", ip, err)
-				}
-				if n.LinkIndex != c.ifindex {
-					return Entry{}, false, nil
-				}
-				return entryOf(*n), true, nil
+				return netlink.NeighDeserialize(m.Data)
 			}
 		}
 	}
@@ -476,51 +483,16 @@ func (c *Checker) checkPort(ip netip.Addr, mac net.HardwareAddr) error {
 // or of a port device itself): one RTM_GETNEIGH for that entry, not a dump
 // of the table.
 func (c *Checker) fdbPort(mac net.HardwareAddr) (int, error) {
-	var s *nl.NetlinkSocket
-	select {
-	case s = <-c.socks:
-	case <-c.done:
-		return 0, errors.New("neighbour checker closed")
+	n, err := c.getNeigh(&netlink.Ndmsg{Family: unix.AF_BRIDGE},
+		nl.NewRtAttr(netlink.NDA_LLADDR, []byte(mac)),
+		nl.NewRtAttr(netlink.NDA_MASTER, nl.Uint32Attr(uint32(c.ifindex))))
+	if err != nil {
+		return 0, fmt.Errorf("read forwarding entry: %w", err)
 	}
-	defer func() { c.socks <- s }()
-	req := nl.NewNetlinkRequest(unix.RTM_GETNEIGH, 0)
-	req.AddData(&netlink.Ndmsg{Family: unix.AF_BRIDGE})
-	req.AddData(nl.NewRtAttr(netlink.NDA_LLADDR, []byte(mac)))
-	req.AddData(nl.NewRtAttr(netlink.NDA_MASTER, nl.Uint32Attr(uint32(c.ifindex))))
-	if err := s.Send(req); err != nil {
-		return 0, fmt.Errorf("ask forwarding entry: %w", err)
+	if n == nil || n.State&netlink.NUD_PERMANENT != 0 || n.LinkIndex == c.ifindex {
+		return 0, nil
 	}
-	for {
-		msgs, _, err := s.Receive()
-		if err != nil {
-			return 0, fmt.Errorf("read forwarding entry: %w", err)
-		}
-		for _, m := range msgs {
-			if m.Header.Seq != req.Seq {
-				continue // a late answer to an earlier, failed request
-			}
-			switch m.Header.Type {
-			case unix.NLMSG_ERROR:
-				if len(m.Data) < 4 {
-					return 0, errors.New("read forwarding entry: short error")
-				}
-				errno := -int32(binary.NativeEndian.Uint32(m.Data[:4]))
-				if errno == int32(unix.ENOENT) {
-					return 0, nil
-				}
-				return 0, fmt.Errorf("read forwarding entry: %w", syscall.Errno(errno))
-			case unix.RTM_NEWNEIGH:
-				n, err := netlink.NeighDeserialize(m.Data)
-				if err != nil {
-					return 0, fmt.Errorf("parse forwarding entry: %w", err)
-				}
-				if n.State&netlink.NUD_PERMANENT != 0 || n.LinkIndex == c.ifindex {
-					return 0, nil
-				}
-				return n.LinkIndex, nil
-			}
-		}
-	}
+	return n.LinkIndex, nil
 }
 
 func (c *Checker) openARP() error {
