@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
 	"github.com/threes-dev/threes/internal/nsdo"
@@ -37,6 +38,29 @@ func Require(t testing.TB, tools ...string) {
 		if _, err := exec.LookPath(tool); err != nil {
 			miss(fmt.Sprintf("needs %s in PATH", tool))
 		}
+	}
+}
+
+// LoopbackUp brings up loopback in the test's own network namespace when it
+// is down, as it is in a fresh one (`unshare -n go test ./PKG`), so that tests
+// serving on 127.0.0.1 work there as well as under scripts/testenv. Loopback
+// that is already up, as on any host, is left alone. When it is down and
+// cannot be brought up (not root), t skips, or fails under CI=true.
+func LoopbackUp(t testing.TB) {
+	t.Helper()
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		t.Fatalf("find loopback: %v", err)
+	}
+	if lo.Attrs().Flags&net.FlagUp != 0 {
+		return
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		why := fmt.Sprintf("loopback is down in this network namespace and cannot be brought up: %v", err)
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("CI=true but %s", why)
+		}
+		t.Skip(why)
 	}
 }
 

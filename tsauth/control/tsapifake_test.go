@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/tailscale/hujson"
+
+	"github.com/threes-dev/threes/internal/netnstest"
 )
 
 // fakeTailscale is an httptest server for the parts of Tailscale's API v2 threes
@@ -78,6 +80,7 @@ type fault struct {
 }
 
 func newFakeTailscale(t *testing.T, policy string) *fakeTailscale {
+	netnstest.LoopbackUp(t)
 	f := &fakeTailscale{
 		t:       t,
 		tailnet: "example.com",

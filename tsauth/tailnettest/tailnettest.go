@@ -36,6 +36,8 @@ import (
 	"tailscale.com/tstest/integration"
 	"tailscale.com/tstest/integration/testcontrol"
 	"tailscale.com/types/key"
+
+	"github.com/threes-dev/threes/internal/netnstest"
 )
 
 // MagicDNSDomain is the tailnet's DNS suffix; node names are
@@ -116,6 +118,7 @@ type sent struct {
 // stopped when t ends. Tailscale's logs are kept and printed only if t fails.
 func Start(t testing.TB) *Tailnet {
 	t.Helper()
+	netnstest.LoopbackUp(t)
 	quietTailscale(t)
 	tn := &Tailnet{
 		tb:        t,

@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"tailscale.com/envknob"
+
+	"github.com/threes-dev/threes/internal/netnstest"
 )
 
 // User is the headscale user Start creates.
@@ -79,6 +81,7 @@ func SetClientEnv(t *testing.T) {
 // user and API key exist.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	netnstest.LoopbackUp(t)
 	bin := Binary(t)
 	dir := t.TempDir()
 	s := &Server{Dir: dir, bin: bin, config: filepath.Join(dir, "config.yaml"), log: filepath.Join(dir, "headscale.log")}
