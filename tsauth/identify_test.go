@@ -13,7 +13,12 @@ import (
 
 	"tailscale.com/client/local"
 	"tailscale.com/client/tailscale/apitype"
+	"tailscale.com/ipn"
+	"tailscale.com/tailcfg"
 	"tailscale.com/tsnet"
+	"tailscale.com/types/empty"
+	"tailscale.com/types/key"
+	"tailscale.com/types/netmap"
 
 	"github.com/threes-dev/threes/tsauth/tailnettest"
 )
@@ -455,5 +460,116 @@ func BenchmarkIdentify(b *testing.B) {
 			}
 			b.ReportMetric(float64(f.whois.n.Load()-before)/float64(b.N), "whois/op")
 		})
+	}
+}
+
+// gatedWhoIs passes WhoIs calls to the real local client, but holds the first
+// one until release is closed, reporting on entered that it started.
+type gatedWhoIs struct {
+	*countingWhoIs
+	entered chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func (g *gatedWhoIs) WhoIs(ctx context.Context, addr string) (*apitype.WhoIsResponse, error) {
+	first := false
+	g.once.Do(func() { first = true })
+	if first {
+		close(g.entered)
+		<-g.release
+	}
+	return g.countingWhoIs.WhoIs(ctx, addr)
+}
+
+// TestIdentifyInvalidationRacesWhoIs checks that an answer whose WhoIs was
+// under way when the cache was dropped is not cached, and that callers
+// arriving after the drop do not wait for that older answer.
+func TestIdentifyInvalidationRacesWhoIs(t *testing.T) {
+	f := newFixture(t)
+	alice := f.tn.Node(t, tailnettest.NodeOptions{Hostname: "alice", User: "alice@example.com"})
+	remote := f.remote(t, alice)
+	gate := &gatedWhoIs{countingWhoIs: f.whois, entered: make(chan struct{}), release: make(chan struct{})}
+	clock := newFakeClock() // never moves: nothing expires by age
+	id := NewIdentifier(gate, WithClock(clock.Now))
+	before := f.whois.n.Load()
+
+	first := make(chan error, 1)
+	go func() {
+		_, err := id.Identify(context.Background(), remote)
+		first <- err
+	}()
+	<-gate.entered
+	id.Invalidate()
+
+	// A caller after the drop gets its own WhoIs while the first is held.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if p, err := id.Identify(ctx, remote); err != nil || p.Login != "alice@example.com" {
+		t.Fatalf("Identify after the drop, with an older WhoIs held = %+v, %v", p, err)
+	}
+	close(gate.release)
+	if err := <-first; err != nil {
+		t.Fatalf("the held Identify: %v", err)
+	}
+	// The later answer is cached; the raced one did not overwrite it.
+	calls := f.whois.n.Load() - before
+	identify(t, id, remote)
+	if got := f.whois.n.Load() - before; got != calls || calls != 2 {
+		t.Errorf("WhoIs calls: %d for the two lookups, %d after one more Identify; want 2 and 2", calls, got)
+	}
+
+	// Nothing from before a drop is cached, however the lookups interleave.
+	gate2 := &gatedWhoIs{countingWhoIs: f.whois, entered: make(chan struct{}), release: make(chan struct{})}
+	id = NewIdentifier(gate2, WithClock(clock.Now))
+	go func() {
+		_, err := id.Identify(context.Background(), remote)
+		first <- err
+	}()
+	<-gate2.entered
+	id.Invalidate()
+	close(gate2.release)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	before = f.whois.n.Load()
+	identify(t, id, remote)
+	if got := f.whois.n.Load() - before; got != 1 {
+		t.Errorf("after an answer that raced a drop: %d WhoIs calls; want 1 (it must not be cached)", got)
+	}
+}
+
+func TestNotifyChangesIdentity(t *testing.T) {
+	running := ipn.Running
+	yes := true
+	now := time.Now()
+	nodeKey := key.NewNode().Public()
+	discoKey := key.NewDisco().Public()
+	harmless := &tailcfg.PeerChange{NodeID: 7, DERPRegion: 2, Endpoints: []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")},
+		DiscoKey: &discoKey, Online: &yes, LastSeen: &now}
+	for _, tc := range []struct {
+		name string
+		n    ipn.Notify
+		want bool
+	}{
+		{"nothing", ipn.Notify{}, false},
+		{"self", ipn.Notify{SelfChange: &tailcfg.Node{ID: 1}}, true},
+		{"netmap", ipn.Notify{NetMap: &netmap.NetworkMap{}}, true},
+		{"state", ipn.Notify{State: &running}, true},
+		{"login", ipn.Notify{LoginFinished: &empty.Message{}}, true},
+		{"peer changed", ipn.Notify{PeersChanged: []*tailcfg.Node{{ID: 7}}}, true},
+		{"peer removed", ipn.Notify{PeersRemoved: []tailcfg.NodeID{7}}, true},
+		{"user profiles", ipn.Notify{UserProfiles: map[tailcfg.UserID]tailcfg.UserProfileView{1: (&tailcfg.UserProfile{ID: 1}).View()}}, true},
+		{"endpoints, derp, disco, online", ipn.Notify{PeerChangedPatch: []*tailcfg.PeerChange{harmless, nil}}, false},
+		{"node key", ipn.Notify{PeerChangedPatch: []*tailcfg.PeerChange{{NodeID: 7, Key: &nodeKey}}}, true},
+		{"key expiry", ipn.Notify{PeerChangedPatch: []*tailcfg.PeerChange{{NodeID: 7, KeyExpiry: &now}}}, true},
+		{"capabilities", ipn.Notify{PeerChangedPatch: []*tailcfg.PeerChange{{NodeID: 7, CapMap: tailcfg.NodeCapMap{"x": nil}}}}, true},
+		{"capability version", ipn.Notify{PeerChangedPatch: []*tailcfg.PeerChange{{NodeID: 7, Cap: 100}}}, true},
+		{"key signature", ipn.Notify{PeerChangedPatch: []*tailcfg.PeerChange{{NodeID: 7, KeySignature: []byte{1}}}}, true},
+		{"harmless then key", ipn.Notify{PeerChangedPatch: []*tailcfg.PeerChange{harmless, nil, {NodeID: 8, Key: &nodeKey}}}, true},
+	} {
+		if got := notifyChangesIdentity(&tc.n); got != tc.want {
+			t.Errorf("%s: notifyChangesIdentity = %v; want %v", tc.name, got, tc.want)
+		}
 	}
 }
