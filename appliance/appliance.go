@@ -16,6 +16,7 @@ import (
 	"tailscale.com/net/memnet"
 	"tailscale.com/tsnet"
 
+	"github.com/threes-dev/threes/appliance/sshd"
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/images"
@@ -42,6 +43,11 @@ type Options struct {
 	BridgeNetNS string
 	LibvirtURI  string // default qemu:///system
 	Images      []string
+
+	// SSH runs the commands of SSH sessions on the tailnet; nil serves no SSH.
+	SSH sshd.Runner
+	// SSHListen is the tailnet address for SSH; default ":22", "none" for none.
+	SSHListen string
 
 	// Plane edits the tailnet: networks as policy, VMs' auth keys and devices. Nil
 	// means threes records networks but leaves the tailnet's policy alone.
@@ -77,6 +83,7 @@ func (o *Options) defaults() {
 	set(&o.Hostname, "threes")
 	set(&o.Listen, ":9999")
 	set(&o.Socket, "/run/threes/threes.sock")
+	set(&o.SSHListen, ":22")
 	set(&o.CIDR, "10.10.0.0/16")
 	set(&o.Bridge, "threes0")
 	set(&o.LibvirtURI, "qemu:///system")
@@ -233,6 +240,11 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 			return nil, err
 		}
 		a.serve(grpc.NewServer(grpc.Creds(peerCreds{}), grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, sockLn)
+	}
+	if o.SSH != nil && o.SSHListen != "none" {
+		if err := a.startSSH(o, ident.Identify, g, svc); err != nil {
+			return nil, err
+		}
 	}
 	o.Logger.Info("serving", "tailnet", o.Hostname+o.Listen, "socket", o.Socket, "state", o.StateDir)
 	return a, nil

@@ -44,6 +44,13 @@ var methodRoles = map[string]tsauth.Role{
 	threesv1.Threes_DeleteNetwork_FullMethodName: tsauth.RoleAdmin,
 }
 
+// MethodRole returns the least role the API method (its full gRPC name) needs, and
+// false for a method nobody may call.
+func MethodRole(method string) (tsauth.Role, bool) {
+	r, ok := methodRoles[method]
+	return r, ok
+}
+
 type principalKey struct{}
 
 // principalFrom returns the caller the interceptor identified.
@@ -81,12 +88,18 @@ func (g *gate) principal(ctx context.Context) (tsauth.Principal, error) {
 	if !ok {
 		return tsauth.Principal{}, ErrUnidentified
 	}
-	if li, ok := pr.AuthInfo.(LocalAuthInfo); ok {
-		return li.principal(), nil
-	}
-	ap, err := netip.ParseAddrPort(pr.Addr.String())
-	if err != nil {
-		return tsauth.Principal{}, fmt.Errorf("peer address %q: %w", pr.Addr, ErrUnidentified)
+	var ap netip.AddrPort
+	switch ai := pr.AuthInfo.(type) {
+	case LocalAuthInfo:
+		return ai.principal(), nil
+	case SSHAuthInfo:
+		// An SSH session's command: the tailnet peer who opened the session.
+		ap = ai.Remote
+	default:
+		var err error
+		if ap, err = netip.ParseAddrPort(pr.Addr.String()); err != nil {
+			return tsauth.Principal{}, fmt.Errorf("peer address %q: %w", pr.Addr, ErrUnidentified)
+		}
 	}
 	p, err := g.identify(ctx, ap)
 	if err != nil {

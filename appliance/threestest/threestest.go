@@ -42,6 +42,13 @@ type Env struct {
 // libvirt's test driver through the real libvirtd (hvtest), and cleans all up with t.
 func Start(t testing.TB) *Env {
 	t.Helper()
+	return StartWith(t, nil)
+}
+
+// StartWith is Start with the appliance's options changed by opt first, e.g. to
+// serve SSH with a runner.
+func StartWith(t testing.TB, opt func(*appliance.Options)) *Env {
+	t.Helper()
 	tn := tailnettest.Start(t)
 	dir := t.TempDir()
 	e := &Env{
@@ -55,6 +62,9 @@ func Start(t testing.TB) *Env {
 			Logger:     testLogger(t),
 			Ephemeral:  true,
 		},
+	}
+	if opt != nil {
+		opt(&e.Options)
 	}
 	SeedImages(t, dir, "base", "arch")
 	e.start(t)
