@@ -135,6 +135,7 @@ type DB struct {
 	muxDone chan struct{}
 	be      backend
 	logf    func(format string, args ...any)
+	gens    vmGens
 
 	closeOnce sync.Once
 	closeErr  error

@@ -59,6 +59,7 @@ func (db *DB) GetKVs(ctx context.Context, vmID string) ([]KV, error) {
 // UpsertKVs inserts or replaces the VM's KVs, all or none; a key given twice
 // keeps its last value. ErrNotFound if the VM does not exist.
 func (db *DB) UpsertKVs(ctx context.Context, vmID string, kvs []KV) error {
+	defer db.touch(vmID)
 	if vmID == "" {
 		return fmt.Errorf("upsert kvs: %w", fieldErr(FieldVMID, "", ErrInvalid))
 	}
@@ -89,6 +90,7 @@ func (db *DB) UpsertKVs(ctx context.Context, vmID string, kvs []KV) error {
 // DeleteKVs removes the VM's KVs with these keys, all in one transaction;
 // keys it does not have are ignored. ErrNotFound if the VM does not exist.
 func (db *DB) DeleteKVs(ctx context.Context, vmID string, keys []string) error {
+	defer db.touch(vmID)
 	stmts := []stmt{q(`SELECT 1 FROM vms WHERE id = ?`, vmID)}
 	for _, k := range keys {
 		stmts = append(stmts, q(`DELETE FROM kvs WHERE vm_id = ? AND name = ?`, vmID, k))

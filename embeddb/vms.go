@@ -140,6 +140,7 @@ func (db *DB) CreateVM(ctx context.Context, vm VM, cfg VMConfig, addr Address) e
 		return fmt.Errorf("create vm %s: config or address belongs to another vm: %w", vm.ID, ErrInvalid)
 	}
 
+	defer db.touch(vm.ID)
 	_, err = db.exec(ctx,
 		q(`INSERT INTO vms (id, name, description, network, image, type, state, desired, host, created_at, updated_at)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
@@ -213,6 +214,7 @@ func (db *DB) ListVMs(ctx context.Context) ([]VM, error) {
 
 // SetVMState records the VM's state (live or soft-deleted) at time at.
 func (db *DB) SetVMState(ctx context.Context, id, state string, at time.Time) error {
+	defer db.touch(id)
 	if err := checkTime("state time", at, true); err != nil {
 		return fmt.Errorf("set vm %s state: %w", id, err)
 	}
@@ -229,6 +231,7 @@ func (db *DB) SetVMState(ctx context.Context, id, state string, at time.Time) er
 // SetVMDesired records the state the VM's owner wants it in (live or
 // soft-deleted) at time at.
 func (db *DB) SetVMDesired(ctx context.Context, id, desired string, at time.Time) error {
+	defer db.touch(id)
 	if err := checkTime("desired time", at, true); err != nil {
 		return fmt.Errorf("set vm %s desired state: %w", id, err)
 	}
@@ -248,6 +251,7 @@ func (db *DB) SetVMDesired(ctx context.Context, id, desired string, at time.Time
 // whether it changed the record; a deleted or unknown VM changes nothing
 // and is not an error, since reports about it may arrive late.
 func (db *DB) ObserveVMState(ctx context.Context, id, state string, keep []string, at time.Time) (bool, error) {
+	defer db.touch(id)
 	if err := checkTime("state time", at, true); err != nil {
 		return false, fmt.Errorf("observe vm %s state: %w", id, err)
 	}
@@ -269,6 +273,7 @@ func (db *DB) ObserveVMState(ctx context.Context, id, state string, keep []strin
 // MarkVMDeleted soft-deletes a live VM at time at, freeing its name (its
 // address stays held until PurgeVM). ErrNotFound if no live VM has this ID.
 func (db *DB) MarkVMDeleted(ctx context.Context, id string, at time.Time) error {
+	defer db.touch(id)
 	if err := checkTime("deletion time", at, true); err != nil {
 		return fmt.Errorf("mark vm %s deleted: %w", id, err)
 	}
@@ -286,6 +291,7 @@ func (db *DB) MarkVMDeleted(ctx context.Context, id string, at time.Time) error 
 // PurgeVM removes the VM and, by cascade in the same statement, its config,
 // KVs and address, freeing its name, MAC and IP.
 func (db *DB) PurgeVM(ctx context.Context, id string) error {
+	defer db.touch(id)
 	res, err := db.exec(ctx, q(`DELETE FROM vms WHERE id = ?`, id))
 	if err != nil {
 		return fmt.Errorf("purge vm %s: %w", id, err)
@@ -319,6 +325,7 @@ func (db *DB) GetVMConfig(ctx context.Context, vmID string) (VMConfig, error) {
 // calls get ErrAlreadyServed; an unknown VM gets ErrNotFound. It does not
 // check that the VM is live: the caller decides who may fetch it.
 func (db *DB) TakeAuthKey(ctx context.Context, vmID string, at time.Time) (string, error) {
+	defer db.touch(vmID)
 	if err := checkTime("served time", at, true); err != nil {
 		return "", fmt.Errorf("take vm %s auth key: %w", vmID, err)
 	}
