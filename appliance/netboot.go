@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netns"
@@ -73,7 +74,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 		return nil
 	}
 	md, err := metadata.New(metadata.Config{
-		Source:     mdSource{db: a.db, now: o.Now},
+		Source:     newMDSource(a.db, o.Now),
 		IPAM:       pool,
 		Neighbours: checker,
 		Log:        log.With("component", "metadata"),
@@ -112,41 +113,97 @@ func bridgeHas(name string, addr netip.Addr) error {
 	return fmt.Errorf("%s does not hold %s", name, addr)
 }
 
-// mdSource is the database as the metadata server sees it: live VMs by address.
+// mdSource is the database as the metadata server sees it: live VMs by address,
+// from a per-VM cache. A VM's entry is current while the database's VMGen for it
+// stays what it was when the entry was read, so a request costs no database read
+// (let alone a round trip to the Raft leader) until this appliance writes something
+// about that VM; every write about a VM goes through this appliance's database.
 type mdSource struct {
 	db  *embeddb.DB
 	now func() time.Time
+
+	mu     sync.RWMutex
+	byIP   map[netip.Addr]mdEntry
+	served map[string]bool // VM IDs whose auth key was handed out: that never reverts
 }
 
-func (s mdSource) ByIP(ctx context.Context, ip netip.Addr) (metadata.Instance, error) {
+type mdEntry struct {
+	inst metadata.Instance
+	gen  uint64 // db.VMGen(inst.ID) before the entry was read
+}
+
+func newMDSource(db *embeddb.DB, now func() time.Time) *mdSource {
+	return &mdSource{db: db, now: now, byIP: map[netip.Addr]mdEntry{}, served: map[string]bool{}}
+}
+
+func (s *mdSource) ByIP(ctx context.Context, ip netip.Addr) (metadata.Instance, error) {
+	s.mu.RLock()
+	e, ok := s.byIP[ip]
+	s.mu.RUnlock()
+	if ok && s.db.VMGen(e.inst.ID) == e.gen {
+		return e.inst, nil
+	}
+	in, gen, err := s.read(ctx, ip)
+	if err != nil {
+		return in, err
+	}
+	// Kept only if nothing was written about the VM while it was read: a write
+	// that raced the read changed VMGen, and the next request reads again.
+	if s.db.VMGen(in.ID) == gen {
+		s.mu.Lock()
+		s.byIP[ip] = mdEntry{inst: in, gen: gen}
+		s.mu.Unlock()
+	}
+	return in, nil
+}
+
+// read reads the VM at ip from the database, with the VMGen it had before.
+func (s *mdSource) read(ctx context.Context, ip netip.Addr) (metadata.Instance, uint64, error) {
 	addr, err := s.db.AddressByIP(ctx, ip)
 	if err != nil {
-		return metadata.Instance{}, notFound(err)
+		return metadata.Instance{}, 0, notFound(err)
 	}
+	// Taken before the VM's rows are read. If the address changed hands since it
+	// was read, its old VM was purged: that read below fails, or it comes after
+	// the purge changed the gen, and the entry is not kept.
+	gen := s.db.VMGen(addr.VMID)
 	vm, err := s.db.GetVM(ctx, addr.VMID)
 	if err != nil {
-		return metadata.Instance{}, notFound(err)
+		return metadata.Instance{}, 0, notFound(err)
 	}
 	if !vm.DeletedAt.IsZero() {
-		return metadata.Instance{}, fmt.Errorf("vm %s is deleted: %w", vm.ID, metadata.ErrNotFound)
+		return metadata.Instance{}, 0, fmt.Errorf("vm %s is deleted: %w", vm.ID, metadata.ErrNotFound)
 	}
 	cfg, err := s.db.GetVMConfig(ctx, vm.ID)
 	if err != nil {
-		return metadata.Instance{}, notFound(err)
+		return metadata.Instance{}, 0, notFound(err)
 	}
 	kvs, err := s.db.GetKVs(ctx, vm.ID)
 	if err != nil {
-		return metadata.Instance{}, notFound(err)
+		return metadata.Instance{}, 0, notFound(err)
 	}
 	in := metadata.Instance{ID: vm.ID, Hostname: cfg.Hostname, Script: cfg.Script, PublicKey: cfg.PublicKey}
 	for _, kv := range kvs {
 		in.KVs = append(in.KVs, metadata.KV{Key: kv.Key, Value: kv.Value, Secret: kv.Secret})
 	}
-	return in, nil
+	return in, gen, nil
 }
 
-func (s mdSource) TakeAuthKey(ctx context.Context, vmID string) (string, error) {
+// TakeAuthKey hands the key out through the database's conditional write, which
+// makes it once only, on every node; a key known served is refused without a write.
+func (s *mdSource) TakeAuthKey(ctx context.Context, vmID string) (string, error) {
+	s.mu.RLock()
+	served := s.served[vmID]
+	s.mu.RUnlock()
+	if served {
+		return "", metadata.ErrAuthKeyTaken
+	}
 	key, err := s.db.TakeAuthKey(ctx, vmID, s.now())
+	if err == nil || errors.Is(err, embeddb.ErrAlreadyServed) {
+		s.mu.Lock()
+		s.served[vmID] = true
+		s.mu.Unlock()
+	}
 	switch {
 	case errors.Is(err, embeddb.ErrAlreadyServed):
 		return "", metadata.ErrAuthKeyTaken
