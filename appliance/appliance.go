@@ -71,6 +71,12 @@ type Options struct {
 	Now       func() time.Time
 	TSLogf    func(format string, args ...any) // tailscale's own chatter; default discarded
 	Ephemeral bool                             // the node leaves the tailnet when closed (tests)
+
+	// Test hooks, set through export_test.go: run at the start of each reconcile
+	// pass, and make new VMs' MACs and IDs.
+	beforeReconcile func(context.Context)
+	newMAC          func() string
+	newID           func(time.Time) string
 }
 
 func (o *Options) defaults() {
@@ -186,13 +192,22 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	}
 
 	// 5. The lifecycle. Libvirt's events keep VMs' states current, and reconcile
-	// recovers from whatever the last run left behind, now and every interval.
+	// recovers from whatever the last run left behind, from now on and every
+	// interval, while the steps below serve.
 	if o.Plane == nil {
 		o.Logger.Warn("no control plane configured: networks are recorded but not written to the tailnet policy, and VMs get no auth keys")
 	}
 	a.life = &Lifecycle{db: a.db, hv: a.hv, ipam: pool, plane: o.Plane, ownerTag: o.OwnerTag,
-		images: a.images, bridge: o.Bridge, now: o.Now, log: o.Logger, crashAt: o.TestCrashAt}
-	a.closers = append(a.closers, a.life.watch(ctx, o.ReconcileInterval))
+		images: a.images, bridge: o.Bridge, now: o.Now, log: o.Logger, crashAt: o.TestCrashAt,
+		newID: NewID, newMAC: NewMAC, beforePass: o.beforeReconcile}
+	if o.newMAC != nil {
+		a.life.newMAC = o.newMAC
+	}
+	if o.newID != nil {
+		a.life.newID = o.newID
+	}
+	// In the background: everything below serves at once, whatever the VM count.
+	a.closers = append(a.closers, a.life.watch(o.ReconcileInterval))
 
 	// 6. The tailnet node. The API listens on its tailnet addresses only.
 	a.ts = &tsnet.Server{

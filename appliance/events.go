@@ -18,6 +18,7 @@ func (l *Lifecycle) followEvents(ctx context.Context) {
 		return
 	}
 	for ev := range events {
+		l.rec.saw(ev)
 		l.observe(ctx, ev)
 	}
 }
@@ -37,11 +38,12 @@ func (l *Lifecycle) observe(ctx context.Context, ev hv.Event) {
 	case !vm.Live() || vm.State == StateCreating:
 		return
 	}
-	if ev.State == hv.StateMissing {
-		l.log.Warn("vm's domain was removed outside threes; reconcile reports it", "vm", vm.ID, "name", vm.Name, "reason", ev.Reason)
-		return
-	}
 	state, ok := observedState(ev.State)
+	if ev.State == hv.StateMissing {
+		// Recorded, but logged only in passing: when libvirt loses every domain
+		// at once, reconcile's pass reports them all in one line.
+		state, ok = StateMissing, true
+	}
 	if !ok {
 		return
 	}
@@ -56,7 +58,9 @@ func (l *Lifecycle) observe(ctx context.Context, ev hv.Event) {
 			}
 			return
 		}
-		if changed {
+		if changed && state == StateMissing {
+			l.log.Debug("vm state: domain removed outside threes", "vm", vm.ID, "name", vm.Name, "reason", ev.Reason)
+		} else if changed {
 			l.log.Info("vm state", "vm", vm.ID, "name", vm.Name, "state", state, "reason", ev.Reason)
 		}
 	}

@@ -23,6 +23,9 @@ const (
 	StateRunning  = "running"
 	StateStopped  = "stopped"
 	StateCrashed  = "crashed"
+	// StateMissing is a live VM whose domain libvirt no longer has (drift:
+	// reconcile reports it and does not make one up).
+	StateMissing = "missing"
 )
 
 // CreateSpec is a validated request for a new VM.
@@ -50,6 +53,13 @@ type Lifecycle struct {
 	rec      reconciler
 	// crashAt is the crash test's hook (Options.TestCrashAt); empty outside tests.
 	crashAt string
+	// newID and newMAC make a new VM's ID and MAC (NewID and NewMAC; tests force
+	// collisions).
+	newID  func(time.Time) string
+	newMAC func() string
+	// beforePass runs at the start of each reconcile pass (tests hold a pass
+	// back with it); nil outside tests.
+	beforePass func(context.Context)
 }
 
 // validate checks a create request field by field, naming the first bad one.
@@ -97,7 +107,9 @@ func validateKVs(kvs []embeddb.KV) error {
 }
 
 // Create records the VM's intent, reserves its address, defines and starts its domain,
-// and undoes every step already done if a later one fails.
+// and undoes every step already done if a later one fails. An ID, MAC or address that
+// turns out to be taken (in this appliance's IPAM, or in the database, which every
+// host of a cluster shares) is not an error: the create starts again with new ones.
 func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, err error) {
 	size, err := l.validate(s)
 	if err != nil {
@@ -116,8 +128,52 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		return vm, err
 	}
 
+	for attempt := 1; ; attempt++ {
+		vm, err = l.create(ctx, s, size, img)
+		var c *collision
+		if !errors.As(err, &c) || attempt == maxCreateAttempts {
+			return vm, err
+		}
+		l.log.Info("create: generated "+c.what+" already taken; trying new ones", "name", s.Name, "attempt", attempt, "err", c.err)
+	}
+}
+
+// maxCreateAttempts bounds Create's retries after a collision. With 24 random bits
+// of MAC and 64 of ID, even a /16 full of VMs collides on fewer than 1 in 250 draws.
+const maxCreateAttempts = 8
+
+// collision is a generated ID, MAC or address that something already holds.
+type collision struct {
+	what string // "id", "mac" or "address"
+	err  error
+}
+
+func (c *collision) Error() string { return c.what + " already taken: " + c.err.Error() }
+func (c *collision) Unwrap() error { return c.err }
+
+// collided returns err as a collision if it says a generated value is taken.
+func collided(err error) error {
+	var fe *embeddb.FieldError
+	switch {
+	case errors.Is(err, ipam.ErrExists):
+		return &collision{"mac", err}
+	case errors.As(err, &fe) && errors.Is(err, embeddb.ErrExists):
+		switch fe.Field {
+		case embeddb.FieldVMID:
+			return &collision{"id", err}
+		case embeddb.FieldMAC:
+			return &collision{"mac", err}
+		case embeddb.FieldIP:
+			return &collision{"address", err}
+		}
+	}
+	return err
+}
+
+// create is one attempt at Create with a new ID and MAC.
+func (l *Lifecycle) create(ctx context.Context, s CreateSpec, size Size, img images.Image) (vm embeddb.VM, err error) {
 	now := l.now()
-	id := NewID(now)
+	id := l.newID(now)
 	// Held until the undo below has run: reconcile takes it before it judges a
 	// record, domain or disk with this ID.
 	defer l.locks.lock(id)()
@@ -128,11 +184,11 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		}
 	}()
 
-	mac := NewMAC()
+	mac := l.newMAC()
 	hw, _ := net.ParseMAC(mac)
 	alloc, err := l.ipam.Reserve(hw, s.Name)
 	if err != nil {
-		return vm, fmt.Errorf("reserve address for %s: %w", s.Name, err)
+		return vm, collided(fmt.Errorf("reserve address for %s: %w", s.Name, err))
 	}
 	undo.add("release address", func() error { return l.ipam.Release(hw) })
 	l.crashPoint(stepAddressReserved)
@@ -159,7 +215,7 @@ func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, er
 		AuthKey: key.Key.Reveal(), AuthKeyID: key.ID}
 	addr := embeddb.Address{IP: alloc.IP, MAC: mac, Hostname: s.Name, VMID: vm.ID, LeasedAt: now}
 	if err := l.db.CreateVM(ctx, vm, cfg, addr); err != nil {
-		return vm, err
+		return vm, collided(err)
 	}
 	// The record goes last on the way out: if the process dies before this undo runs,
 	// the creating state tells the next start what to clean up.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -47,6 +48,49 @@ type reconciler struct {
 	pass sync.Mutex
 	// bg tracks goroutines that events start, so Close waits for them.
 	bg sync.WaitGroup
+
+	// seen is libvirt's domains as its events last told them: the listing of
+	// most passes, which then cost libvirtd nothing.
+	mu   sync.Mutex
+	seen map[string]hv.State
+}
+
+// fullListEvery is how often, in periodic passes, a pass asks libvirt for its
+// domains rather than take them from its events (the first pass, and passes asked
+// for through Reconcile, always ask): every so often, in case an event went missing. hv's listing asks libvirtd about each domain,
+// which at 10,000 domains costs both processes more than all else an idle
+// appliance does.
+const fullListEvery = 10
+
+// saw records a domain's state from an event.
+func (r *reconciler) saw(ev hv.Event) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.seen == nil {
+		r.seen = map[string]hv.State{}
+	}
+	if ev.State == hv.StateMissing {
+		delete(r.seen, ev.ID)
+		return
+	}
+	r.seen[ev.ID] = ev.State
+}
+
+// domains returns libvirt's domains of this appliance: from libvirt itself when
+// full, else from its events. A domain the events have wrong costs only a look at
+// that one VM: reconcileVM asks libvirt again before it acts, and an orphan that is
+// not there is not there to remove.
+func (l *Lifecycle) domains(ctx context.Context, full bool) ([]hv.Domain, error) {
+	if full {
+		return l.hv.List(ctx)
+	}
+	l.rec.mu.Lock()
+	defer l.rec.mu.Unlock()
+	doms := make([]hv.Domain, 0, len(l.rec.seen))
+	for id, st := range l.rec.seen {
+		doms = append(doms, hv.Domain{ID: id, State: st})
+	}
+	return doms, nil
 }
 
 // Reconcile runs one reconcile pass now; see Lifecycle.Reconcile.
@@ -54,25 +98,39 @@ func (a *Appliance) Reconcile(ctx context.Context) (ReconcileReport, error) {
 	return a.life.Reconcile(ctx)
 }
 
-// Reconcile converges libvirt's domains and the disk files with the database, one VM
-// at a time under that VM's lock, so it never races a create or another change:
+// Reconcile converges libvirt's domains and the disk files with the database:
 //   - a live VM whose owner wants it running and whose domain is not is started;
 //   - a VM still "creating" (a create the process died in) is removed whole: domain,
 //     disk, tailnet key and device, record and address;
 //   - a domain or disk of this appliance with no VM record is removed;
-//   - a live VM whose domain is missing is reported as drift, not recreated.
+//   - a live VM whose domain is missing is drift: its state says "missing", and no
+//     domain is made up for it.
 //
-// Every VM's state is also set to what libvirt reports, in case an event was missed.
-// Each fix and each drift is logged. A VM that cannot be fixed does not stop the pass;
-// the errors come back joined.
+// A pass reads one listing of the domains (libvirt's events' view of them, most
+// passes: see fullListEvery), one of the disks and one of the VMs, and makes a call
+// of its own only for a VM whose record and domain disagree: that VM is
+// then judged again under its lock, with its domain's state asked afresh, so the pass
+// never races a create or another change. Every VM's state is also set to what
+// libvirt reports, in case an event was missed. Each fix is logged, and the drift of
+// the whole pass in one line. A VM that cannot be fixed does not stop the pass; the
+// errors come back joined.
 func (l *Lifecycle) Reconcile(ctx context.Context) (ReconcileReport, error) {
+	return l.reconcile(ctx, true)
+}
+
+// reconcile is one pass; full asks libvirt for its domains rather than take them
+// from its events.
+func (l *Lifecycle) reconcile(ctx context.Context, full bool) (ReconcileReport, error) {
 	l.rec.pass.Lock()
 	defer l.rec.pass.Unlock()
+	if l.beforePass != nil {
+		l.beforePass(ctx)
+	}
 	var rep ReconcileReport
 	// The hypervisor's view first, then the database's: a domain made after the
 	// listing has its record already, and an ID that seems to have none is checked
 	// again under its lock before anything is removed.
-	doms, err := l.hv.List(ctx)
+	doms, err := l.domains(ctx, full)
 	if err != nil {
 		return rep, fmt.Errorf("reconcile: %w", err)
 	}
@@ -84,14 +142,28 @@ func (l *Lifecycle) Reconcile(ctx context.Context) (ReconcileReport, error) {
 	if err != nil {
 		return rep, fmt.Errorf("reconcile: %w", err)
 	}
-	disks := map[string]bool{}
+	listed := make(map[string]hv.State, len(doms))
+	for _, d := range doms {
+		listed[d.ID] = d.State
+	}
+	disks := make(map[string]bool, len(diskIDs))
 	for _, id := range diskIDs {
 		disks[id] = true
 	}
 	var errs []error
-	known := map[string]bool{}
+	known := make(map[string]bool, len(vms))
 	for _, vm := range vms {
 		known[vm.ID] = true
+		st, ok := listed[vm.ID]
+		if !ok {
+			st = hv.StateMissing
+		}
+		if !needsLook(vm, st) {
+			if vm.Live() && st == hv.StateMissing {
+				rep.Drift = append(rep.Drift, Drift{VMID: vm.ID, Name: vm.Name, Problem: missingProblem(disks[vm.ID])})
+			}
+			continue
+		}
 		if err := l.reconcileVM(ctx, vm.ID, disks[vm.ID], &rep); err != nil {
 			errs = append(errs, err)
 		}
@@ -113,11 +185,56 @@ func (l *Lifecycle) Reconcile(ctx context.Context) (ReconcileReport, error) {
 			errs = append(errs, err)
 		}
 	}
+	l.logDrift(rep.Drift)
 	return rep, errors.Join(errs...)
 }
 
+// needsLook reports whether a VM as listed needs reconcileVM: anything but a
+// deleted VM, or a live one whose record already agrees with its listed domain
+// and whose domain runs if it should.
+func needsLook(vm embeddb.VM, st hv.State) bool {
+	switch {
+	case !vm.Live():
+		return false // its domain and disk stay until purge
+	case vm.State == StateCreating:
+		return true
+	case st == hv.StateMissing:
+		return vm.State != StateMissing
+	}
+	if observed, ok := observedState(st); ok && observed != vm.State {
+		return true
+	}
+	switch st {
+	case hv.StateStopped, hv.StateCrashed, hv.StatePaused:
+		return vm.Desired == StateRunning
+	}
+	return false
+}
+
+func missingProblem(hasDisk bool) string {
+	if hasDisk {
+		return "domain missing (disk present)"
+	}
+	return "domain missing (disk missing too)"
+}
+
+// logDrift reports a pass's drift in one line, however many VMs it holds.
+func (l *Lifecycle) logDrift(drift []Drift) {
+	if len(drift) == 0 {
+		return
+	}
+	const shown = 5
+	var some []string
+	for _, d := range drift[:min(len(drift), shown)] {
+		some = append(some, d.Name+" ("+d.VMID+"): "+d.Problem)
+	}
+	l.log.Warn("reconcile: drift: live vms have no domain; not making them up (their state says missing)",
+		"vms", len(drift), "first", strings.Join(some, "; "))
+}
+
 // reconcileVM converges one VM that the database listed; hasDisk is whether the
-// listing found its disk.
+// listing found its disk. It reads the record and the domain's state again, under
+// the VM's lock.
 func (l *Lifecycle) reconcileVM(ctx context.Context, id string, hasDisk bool, rep *ReconcileReport) error {
 	defer l.locks.lock(id)()
 	// Read again under the lock: a create or purge may have finished meanwhile.
@@ -141,12 +258,10 @@ func (l *Lifecycle) reconcileVM(ctx context.Context, id string, hasDisk bool, re
 
 	st, err := l.hv.State(ctx, id)
 	if errors.Is(err, hv.ErrNotFound) {
-		problem := "domain missing (disk missing too)"
-		if hasDisk {
-			problem = "domain missing (disk present)"
+		rep.Drift = append(rep.Drift, Drift{VMID: vm.ID, Name: vm.Name, Problem: missingProblem(hasDisk)})
+		if _, err := l.db.ObserveVMState(ctx, id, StateMissing, []string{StateCreating}, l.now()); err != nil {
+			return fmt.Errorf("reconcile vm %s (%s): %w", vm.Name, vm.ID, err)
 		}
-		l.log.Warn("reconcile: drift: vm has no domain; not making one up", "vm", vm.ID, "name", vm.Name, "problem", problem)
-		rep.Drift = append(rep.Drift, Drift{VMID: vm.ID, Name: vm.Name, Problem: problem})
 		return nil
 	}
 	if err != nil {
@@ -210,36 +325,38 @@ func observedState(st hv.State) (string, bool) {
 }
 
 // watch keeps the database following libvirt until the returned stop is called:
-// it applies libvirt's events from now on, runs a reconcile pass before returning
-// (recovery from whatever the last run left), and another every interval (none if
-// interval is negative).
-func (l *Lifecycle) watch(ctx context.Context, interval time.Duration) (stop func() error) {
+// it applies libvirt's events from now on, and runs reconcile passes in the
+// background: one at once (recovery from whatever the last run left), then one
+// every interval (none if interval is negative). It returns at once, so the
+// appliance serves while the first pass catches up.
+func (l *Lifecycle) watch(interval time.Duration) (stop func() error) {
 	bg, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	// Events first, so a change during the first pass is not missed.
 	wg.Go(func() { l.followEvents(bg) })
-	if _, err := l.Reconcile(ctx); err != nil {
-		l.log.Error("reconcile at start; trying again in the background", "err", err)
-	}
-	if interval >= 0 {
+	wg.Go(func() {
+		if _, err := l.Reconcile(bg); err != nil && bg.Err() == nil {
+			l.log.Error("reconcile at start; trying again at the next pass", "err", err)
+		}
+		if interval < 0 {
+			return
+		}
 		if interval == 0 {
 			interval = DefaultReconcileInterval
 		}
-		wg.Go(func() {
-			t := time.NewTicker(interval)
-			defer t.Stop()
-			for {
-				select {
-				case <-bg.Done():
-					return
-				case <-t.C:
-				}
-				if _, err := l.Reconcile(bg); err != nil && bg.Err() == nil {
-					l.log.Error("reconcile", "err", err)
-				}
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for n := 1; ; n++ {
+			select {
+			case <-bg.Done():
+				return
+			case <-t.C:
 			}
-		})
-	}
+			if _, err := l.reconcile(bg, n%fullListEvery == 0); err != nil && bg.Err() == nil {
+				l.log.Error("reconcile", "err", err)
+			}
+		}
+	})
 	return func() error {
 		cancel()
 		wg.Wait()

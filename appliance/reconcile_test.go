@@ -130,7 +130,8 @@ func TestStateFollowsLibvirt(t *testing.T) {
 }
 
 // TestReconcileDriftAndOrphans: reconcile removes domains and disks of the appliance
-// that no VM claims, reports a live VM whose domain is gone without making one up,
+// that no VM claims, reports a live VM whose domain is gone (its state says missing)
+// without making one up,
 // leaves VMs their owner stopped, and leaves deleted VMs' domains for purge.
 func TestReconcileDriftAndOrphans(t *testing.T) {
 	env := threestest.Start(t)
@@ -143,7 +144,7 @@ func TestReconcileDriftAndOrphans(t *testing.T) {
 	gone := newVM(t, c, "gone")
 	behindBack(t, "destroy", gone)
 	behindBack(t, "undefine", gone)
-	waitFor(t, "state of the vm whose domain went to follow the destroy", func() bool { return vmState(t, c, gone) == threesv1.VMState_VM_STATE_STOPPED })
+	waitFor(t, "state of the vm whose domain went to say missing", func() bool { return vmState(t, c, gone) == threesv1.VMState_VM_STATE_MISSING })
 	resting := newVM(t, c, "resting")
 	must[*threesv1.VM](t)(c.Stop(ctx, &threesv1.VMRef{Id: resting}))
 	binned := newVM(t, c, "binned")
@@ -185,7 +186,7 @@ func TestReconcileDriftAndOrphans(t *testing.T) {
 			t.Errorf("pass %d: removed %v, want %v", pass, rep.Removed, wantRemoved)
 		}
 	}
-	if !strings.Contains(logs.String(), `msg="reconcile: drift: vm has no domain; not making one up" vm=`+gone+" name=gone") {
+	if !strings.Contains(logs.String(), `vms=1 first="gone (`+gone+`): domain missing (disk present)"`) {
 		t.Error("drift not logged with the vm's id and name")
 	}
 	for _, id := range []string{orphanDom.ID, orphanDisk.ID} {
@@ -203,8 +204,8 @@ func TestReconcileDriftAndOrphans(t *testing.T) {
 	if st := domainState(t, env, binned); st != hv.StateStopped {
 		t.Errorf("deleted vm's domain = %s after reconcile, want kept, stopped, until purge", st)
 	}
-	if st := vmState(t, c, gone); st != threesv1.VMState_VM_STATE_STOPPED {
-		t.Errorf("drifted vm's state = %s, want its last known", st)
+	if st := vmState(t, c, gone); st != threesv1.VMState_VM_STATE_MISSING {
+		t.Errorf("drifted vm's state = %s, want missing", st)
 	}
 }
 
