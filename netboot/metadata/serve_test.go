@@ -66,6 +66,9 @@ func TestServeLimits(t *testing.T) {
 		t.Errorf("connection past the cap answered: %q", got)
 	}
 	over.Close()
+	if logs := h.logs.String(); strings.Count(logs, "metadata connections capped") != 1 || !strings.Contains(logs, "open=2") {
+		t.Errorf("cap not logged once with the count: %s", logs)
+	}
 	for _, conn := range held {
 		conn.Close()
 	}
