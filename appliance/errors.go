@@ -9,8 +9,10 @@ import (
 
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
+	"github.com/threes-dev/threes/hv/guard"
 	"github.com/threes-dev/threes/hv/images"
 	"github.com/threes-dev/threes/netboot/ipam"
+	"github.com/threes-dev/threes/tsauth"
 	"github.com/threes-dev/threes/tsauth/control"
 	"github.com/threes-dev/threes/tsauth/policy"
 )
@@ -25,6 +27,68 @@ var (
 	ErrState = errors.New("wrong state")
 )
 
+// codes lists every sentinel error that can reach the API and the gRPC code a caller
+// gets for it. TestErrorCodes fails when a package below appliance gains a sentinel
+// that is not here. When an error wraps two sentinels, the first row that matches
+// wins, so more specific rows come first.
+var errorCodes = []struct {
+	err  error
+	code codes.Code
+}{
+	// The caller.
+	{ErrPermission, codes.PermissionDenied},
+	{ErrUnidentified, codes.Unauthenticated},
+	{tsauth.ErrUnknownPeer, codes.Unauthenticated},
+	// A grant the caller holds that threes cannot read gives no rights.
+	{tsauth.ErrUnknownRole, codes.PermissionDenied},
+	{tsauth.ErrMalformedGrant, codes.PermissionDenied},
+
+	// What the caller asked for does not exist, or already does.
+	{embeddb.ErrNotFound, codes.NotFound},
+	{hv.ErrNotFound, codes.NotFound},
+	{images.ErrNotFound, codes.NotFound},
+	{ipam.ErrNotFound, codes.NotFound},
+	{embeddb.ErrExists, codes.AlreadyExists},
+	{hv.ErrExists, codes.AlreadyExists},
+	{images.ErrExists, codes.AlreadyExists},
+	{ipam.ErrExists, codes.AlreadyExists},
+	{ipam.ErrConflict, codes.AlreadyExists},
+
+	// The request itself is wrong.
+	{embeddb.ErrInvalid, codes.InvalidArgument},
+	{hv.ErrInvalidSpec, codes.InvalidArgument},
+	{images.ErrInvalidName, codes.InvalidArgument},
+	{images.ErrBadImage, codes.InvalidArgument},
+	{ipam.ErrInvalidMAC, codes.InvalidArgument},
+	{policy.ErrInvalidName, codes.InvalidArgument},
+
+	// Right request, wrong moment: something must change first.
+	{ErrState, codes.FailedPrecondition},
+	{ErrImageInUse, codes.FailedPrecondition},
+	{hv.ErrNotRunning, codes.FailedPrecondition},
+	{embeddb.ErrInUse, codes.FailedPrecondition},
+	{embeddb.ErrAlreadyServed, codes.FailedPrecondition},
+	{control.ErrNetworkInUse, codes.FailedPrecondition},
+	{control.ErrConfig, codes.FailedPrecondition},
+	{tsauth.ErrNotTailnet, codes.FailedPrecondition},
+	// The tailnet policy needs its owner's attention before threes can edit it.
+	{policy.ErrAllowAll, codes.FailedPrecondition},
+	{policy.ErrOwnerTagUndefined, codes.FailedPrecondition},
+	{policy.ErrTagTaken, codes.FailedPrecondition},
+	{policy.ErrInvalidPolicy, codes.FailedPrecondition},
+	{control.ErrPolicyConflict, codes.Aborted},
+	{ipam.ErrFull, codes.ResourceExhausted},
+
+	// Try again later: libvirtd is down, or another host leads the database.
+	{hv.ErrUnavailable, codes.Unavailable},
+	{embeddb.ErrNotLeader, codes.Unavailable},
+	// A firewall reload flushed the anti-spoofing table; hv rebuilds it on the next try.
+	{guard.ErrNotIntact, codes.Unavailable},
+
+	{context.Canceled, codes.Canceled},
+	{context.DeadlineExceeded, codes.DeadlineExceeded},
+}
+
 // toStatus maps a domain error to a gRPC status. It is the only place that does, so
 // every method answers the same error with the same code; the message keeps the
 // wrapped context that names the object or field at fault.
@@ -35,40 +99,20 @@ func toStatus(err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
+	return status.Error(codeOf(err), err.Error())
+}
+
+// codeOf is the gRPC code for err: InvalidArgument for a bad field of a request, the
+// table's code for a sentinel, else Internal.
+func codeOf(err error) codes.Code {
 	var fe *FieldError
-	code := codes.Internal
-	switch {
-	case errors.As(err, &fe):
-		code = codes.InvalidArgument
-	case errors.Is(err, embeddb.ErrNotFound), errors.Is(err, hv.ErrNotFound):
-		code = codes.NotFound
-	case errors.Is(err, embeddb.ErrExists), errors.Is(err, hv.ErrExists):
-		code = codes.AlreadyExists
-	case errors.Is(err, policy.ErrInvalidName), errors.Is(err, images.ErrBadImage), errors.Is(err, images.ErrInvalidName):
-		code = codes.InvalidArgument
-	case errors.Is(err, images.ErrNotFound):
-		code = codes.NotFound
-	case errors.Is(err, images.ErrExists):
-		code = codes.AlreadyExists
-	case errors.Is(err, ErrImageInUse):
-		code = codes.FailedPrecondition
-	case errors.Is(err, embeddb.ErrInUse), errors.Is(err, ErrState), errors.Is(err, control.ErrNetworkInUse),
-		errors.Is(err, policy.ErrAllowAll), errors.Is(err, policy.ErrOwnerTagUndefined),
-		errors.Is(err, policy.ErrTagTaken), errors.Is(err, policy.ErrInvalidPolicy):
-		// The tailnet policy needs its owner's attention before threes can edit it.
-		code = codes.FailedPrecondition
-	case errors.Is(err, control.ErrPolicyConflict):
-		code = codes.Aborted
-	case errors.Is(err, ipam.ErrFull):
-		code = codes.ResourceExhausted
-	case errors.Is(err, ErrPermission):
-		code = codes.PermissionDenied
-	case errors.Is(err, ErrUnidentified):
-		code = codes.Unauthenticated
-	case errors.Is(err, context.Canceled):
-		code = codes.Canceled
-	case errors.Is(err, context.DeadlineExceeded):
-		code = codes.DeadlineExceeded
+	if errors.As(err, &fe) {
+		return codes.InvalidArgument
 	}
-	return status.Error(code, err.Error())
+	for _, row := range errorCodes {
+		if errors.Is(err, row.err) {
+			return row.code
+		}
+	}
+	return codes.Internal
 }
