@@ -18,11 +18,11 @@ import (
 )
 
 // connect opens a connection to the server and returns the API and a context bounded
-// by --timeout-ms; main closes the connection when the command is done. The transport
+// by --timeout; main closes the connection when the command is done. The transport
 // is plain: on the tailnet WireGuard already encrypts and authenticates both ends, and
 // the local socket never leaves the host.
 func (g *global) connect(cmd *cobra.Command) (threesv1.ThreesClient, context.Context, error) {
-	ctx, cancel := context.WithTimeout(cmd.Context(), time.Duration(g.timeoutMS)*time.Millisecond)
+	ctx, cancel := context.WithTimeout(cmd.Context(), g.timeout)
 	g.cleanups = append(g.cleanups, cancel)
 	var conn *grpc.ClientConn
 	var err error
@@ -83,7 +83,8 @@ func (g *global) dialTailnet(ctx context.Context, addr string) (net.Conn, error)
 // resolveVM accepts a VM ID or a live VM's name, so people can use the name they chose
 // and scripts can use the stable ID.
 func resolveVM(ctx context.Context, c threesv1.ThreesClient, ref string) (string, error) {
-	if looksLikeID(ref) {
+	isID := looksLikeID(ref)
+	if isID {
 		_, err := c.Get(ctx, &threesv1.VMRef{Id: ref})
 		if err == nil {
 			return ref, nil
@@ -93,13 +94,18 @@ func resolveVM(ctx context.Context, c threesv1.ThreesClient, ref string) (string
 		}
 	}
 	resp, err := c.GetID(ctx, &threesv1.GetIDRequest{Name: ref})
-	if err != nil {
-		if status.Code(err) == codes.InvalidArgument {
-			return "", fmt.Errorf("%q is neither a VM ID nor a VM name", ref)
-		}
-		return "", err
+	switch {
+	case err == nil:
+		return resp.GetId(), nil
+	case status.Code(err) == codes.NotFound && isID:
+		// Both readings failed; the ID is the likelier one (a purged VM's).
+		return "", fmt.Errorf("no VM with ID %s", ref)
+	case status.Code(err) == codes.NotFound:
+		return "", fmt.Errorf("no VM named %s", ref)
+	case status.Code(err) == codes.InvalidArgument:
+		return "", fmt.Errorf("%q is neither a VM ID nor a VM name", ref)
 	}
-	return resp.GetId(), nil
+	return "", err
 }
 
 func looksLikeID(s string) bool {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -21,8 +22,14 @@ func (c *cmdConsole) command() *cobra.Command {
 	return &cobra.Command{
 		Use:   "console VM",
 		Short: "Attach to a VM's serial console (Ctrl-] to leave)",
-		Args:  exactArgs(1, "VM"),
-		RunE:  c.run,
+		Long: `Attach to a VM's serial console. The server first replays the console's recent
+output, then streams it live. On a terminal, Ctrl-] leaves. With stdin not a terminal
+(a pipe, /dev/null), its input goes to the VM and the output keeps coming after stdin
+ends, until the VM stops, Ctrl-C, or --timeout if given.`,
+		Example: `  threes vm console toy0
+  threes vm console --timeout 30s toy0 </dev/null > toy0-console.log`,
+		Args: exactArgs(1, "VM"),
+		RunE: c.run,
 	}
 }
 
@@ -35,8 +42,15 @@ func (c *cmdConsole) run(cmd *cobra.Command, args []string) error {
 	if err != nil {
 		return err
 	}
-	// A console session lasts as long as the person wants, not --timeout-ms.
-	stream, err := cl.Console(cmd.Context())
+	// A console session lasts as long as the person wants: --timeout bounds it only
+	// when given on the command line, and its end is then no error.
+	session := cmd.Context()
+	if cmd.Flags().Changed("timeout") || cmd.Flags().Changed("timeout-ms") {
+		var cancel context.CancelFunc
+		session, cancel = context.WithTimeout(session, c.global.timeout)
+		defer cancel()
+	}
+	stream, err := cl.Console(session)
 	if err != nil {
 		return err
 	}
@@ -55,8 +69,8 @@ func (c *cmdConsole) run(cmd *cobra.Command, args []string) error {
 		fmt.Fprintf(cmd.ErrOrStderr(), "Connected to %s's console. Ctrl-] leaves.\r\n", args[0])
 	}
 
-	// Keystrokes out. Piped input ends the input side at EOF, and the session
-	// stays open for the VM's output until the VM or the server ends it.
+	// Keystrokes out. Piped input just stops at EOF: closing our side would end
+	// the session, and the VM's output is what someone piping in wants to see.
 	leave := make(chan struct{})
 	go func() {
 		buf := make([]byte, 4096)
@@ -86,7 +100,6 @@ func (c *cmdConsole) run(cmd *cobra.Command, args []string) error {
 			default:
 			}
 			if err != nil {
-				stream.CloseSend()
 				return
 			}
 		}
@@ -109,7 +122,8 @@ func (c *cmdConsole) run(cmd *cobra.Command, args []string) error {
 	case <-leave:
 		return nil
 	case err := <-out:
-		if errors.Is(err, io.EOF) {
+		// The VM stopped (EOF), or the person or --timeout ended the session.
+		if errors.Is(err, io.EOF) || session.Err() != nil {
 			return nil
 		}
 		return err

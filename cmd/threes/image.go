@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/status"
 
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 )
@@ -112,13 +114,44 @@ func (c *cmdImageImport) run(cmd *cobra.Command, args []string) error {
 	}
 	img, err := up.CloseAndRecv()
 	if err != nil {
-		return err
+		return nameUserFiles(err, parts[0].path, parts[1].path, diskPath(args))
 	}
 	if c.global.output == "json" {
 		return printJSON(cmd.OutOrStdout(), img)
 	}
-	fmt.Fprintf(cmd.OutOrStdout(), "%s\n    Kind: %s\n    Disk: %s, %d MiB\n", img.GetName(), img.GetKind(), img.GetDiskFormat(), img.GetDiskBytes()>>20)
+	disk := "none"
+	if img.GetDiskFormat() != "" {
+		disk = fmt.Sprintf("%s, %d MiB", img.GetDiskFormat(), img.GetDiskBytes()>>20)
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "%s\n    Kind: %s\n    Disk: %s\n", img.GetName(), img.GetKind(), disk)
 	return nil
+}
+
+func diskPath(args []string) string {
+	if len(args) == 2 {
+		return args[1]
+	}
+	return ""
+}
+
+// uploadPath matches where the server holds an upload while it checks it.
+var uploadPath = regexp.MustCompile(`\S*/\.upload-[0-9]+/(kernel|initrd|disk)\b`)
+
+// nameUserFiles puts the person's own file names where the server's message names
+// its temporary copies, keeping the error's code.
+func nameUserFiles(err error, kernel, initrd, disk string) error {
+	st, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	names := map[string]string{"kernel": kernel, "initrd": initrd, "disk": disk}
+	msg := uploadPath.ReplaceAllStringFunc(st.Message(), func(m string) string {
+		if name := names[uploadPath.FindStringSubmatch(m)[1]]; name != "" {
+			return name
+		}
+		return m
+	})
+	return status.Error(st.Code(), msg)
 }
 
 // sendErr returns the server's reason when a send fails because the server ended the
