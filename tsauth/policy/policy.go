@@ -158,7 +158,11 @@ func AddNetwork(policy []byte, name string, opts Options) ([]byte, error) {
 		return nil, err
 	}
 	if findMember(obj, secGrants) < 0 && findMember(obj, secACLs) < 0 {
-		return nil, fmt.Errorf("add network %s: %w", name, ErrAllowAll)
+		// Say how to fix it: an explicit rule keeps today's reach, and then threes'
+		// rules can be added beside it.
+		return nil, fmt.Errorf("add network %s: %w: add rules to the tailnet policy first "+
+			`(to keep everything reachable as now: "grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"]}]), then try again`,
+			name, ErrAllowAll)
 	}
 	tagOwners, err := section[*hujson.Object](obj, secTagOwners)
 	if err != nil {
