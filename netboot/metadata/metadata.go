@@ -367,6 +367,11 @@ func (s *Server) check(w http.ResponseWriter, r *http.Request) (*caller, bool) {
 		http.Error(w, "not found", http.StatusNotFound)
 		return nil, false
 	}
+	if err != nil && r.Context().Err() != nil {
+		// The client hung up and cancelled the lookup: nothing failed here.
+		s.cfg.Log.Debug("metadata client went away", "from", ip.String(), "err", err.Error())
+		return nil, false
+	}
 	if err != nil {
 		s.cfg.Log.Error("metadata source failed", "from", ip.String(), "err", err.Error())
 		http.Error(w, "internal error", http.StatusInternalServerError)
