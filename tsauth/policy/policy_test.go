@@ -270,6 +270,18 @@ func TestAddOwnerEditsAfterwards(t *testing.T) {
 	if _, ok := got.TagOwners["tag:threes-web"]; ok {
 		t.Error("network tag survived removal")
 	}
+
+	// The owner comments their last grant, before the comma threes added
+	// after it; the section had no trailing comma, and the comment stays.
+	commented := strings.Replace(string(with), "}, // keep me on this line", "} /* mine */, // keep me on this line", 1)
+	if commented == string(with) {
+		t.Fatalf("owner's last grant not found:\n%s", with)
+	}
+	back := string(mustRemove(t, []byte(commented), "web", opts))
+	if !strings.Contains(back, "/* mine */") || !strings.Contains(back, "// keep me on this line") {
+		t.Errorf("owner's comments lost on removal:\n%s", back)
+	}
+	parsePolicy(t, []byte(back))
 }
 
 // TestAddRewritesChangedOptions re-adds a network with options that change
@@ -333,6 +345,27 @@ func TestAddGolden(t *testing.T) {
 `
 	if string(got) != want {
 		t.Errorf("got:\n%s\nwant:\n%s", got, want)
+	}
+}
+
+// TestAddLayout checks that threes' entries follow each section's layout: a
+// file on one line stays on one line, an empty section written across lines
+// gets one entry per line, and its closing bracket keeps the owner's indentation.
+func TestAddLayout(t *testing.T) {
+	add := func(p string) string { return string(mustAdd(t, []byte(p), "web", opts)) }
+	if got := add(`{"tagOwners":{"tag:threes":[]},"acls":[]}`); strings.Contains(got, "\n") {
+		t.Errorf("one-line file got line breaks:\n%s", got)
+	}
+	got := add("{\"tagOwners\":{\"tag:threes\":[]},\"grants\":[\n],\"ssh\":[]}")
+	if n := strings.Count(got, "// threes:managed tag:threes-web\n"); n != 3 {
+		t.Errorf("empty grants written across lines: %d of 3 entries on their own line:\n%s", n, got)
+	}
+	if !strings.Contains(got, `"ssh":[ /* threes:managed tag:threes-web */ {`) {
+		t.Errorf("empty one-line ssh section not kept on one line:\n%s", got)
+	}
+	got = add("{\n  \"tagOwners\": {\"tag:threes\": []},\n  \"grants\": [],\n  \"ssh\": [\n      ],\n}\n")
+	if !strings.HasSuffix(got, "\n      ],\n}\n") {
+		t.Errorf("closing bracket of ssh moved:\n%s", got)
 	}
 }
 
