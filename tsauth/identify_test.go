@@ -283,15 +283,17 @@ func TestIdentifyNoticesTagChange(t *testing.T) {
 	f.watch(t, id)
 	remote := f.remote(t, alice)
 
+	// The first lookup's WhoIs is the one allowed; an invalidation that races
+	// it (a late bus notification) leaves the cache cold, and counts.
+	c := f.cacheCheck(id)
 	if p := identify(t, id, remote); p.Login != "alice@example.com" {
 		t.Fatalf("alice = %+v", p)
 	}
-	c := f.cacheCheck(id)
 	for range 200 {
 		identify(t, id, remote)
 	}
-	if calls, invalids := c.since(); calls > int64(invalids) {
-		t.Errorf("200 repeated Identify calls made %d WhoIs calls with %d invalidations", calls, invalids)
+	if calls, invalids := c.since(); calls > 1+int64(invalids) {
+		t.Errorf("201 repeated Identify calls made %d WhoIs calls with %d invalidations", calls, invalids)
 	}
 
 	c = f.cacheCheck(id)
