@@ -118,6 +118,12 @@ const (
 	electionTimeout          = time.Second
 	applyTimeout             = 10 * time.Second
 	autoOptimizeInterval     = 24 * time.Hour
+	// A node alone in its cluster waits out a heartbeat timeout (and up to as
+	// much again of jitter) before it elects itself at every start: a second or
+	// two in which nothing can be read or written. With no peer to hear from,
+	// nothing is gained by waiting long.
+	aloneHeartbeatTimeout   = 150 * time.Millisecond
+	aloneLeaderLeaseTimeout = 100 * time.Millisecond
 	// raftLogLevel quiets hashicorp/raft, whose logger rqlite hard-wires to
 	// os.Stderr (it cannot be routed to Logf): only errors get through.
 	raftLogLevel = "ERROR"
@@ -214,6 +220,11 @@ func open(ctx context.Context, cfg Config, peers []*store.Server) (_ *DB, retErr
 	str.SnapshotInterval = snapshotInterval
 	str.HeartbeatTimeout = heartbeatTimeout
 	str.ElectionTimeout = electionTimeout
+	if len(peers) == 0 {
+		str.HeartbeatTimeout = aloneHeartbeatTimeout
+		str.ElectionTimeout = aloneHeartbeatTimeout
+		str.LeaderLeaseTimeout = aloneLeaderLeaseTimeout
+	}
 	str.ApplyTimeout = applyTimeout
 	str.AutoOptimizeInterval = autoOptimizeInterval
 
