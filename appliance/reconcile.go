@@ -334,10 +334,27 @@ func (l *Lifecycle) watch(interval time.Duration) (stop func() error) {
 	var wg sync.WaitGroup
 	// Events first, so a change during the first pass is not missed.
 	wg.Go(func() { l.followEvents(bg) })
-	wg.Go(func() {
-		if _, err := l.Reconcile(bg); err != nil && bg.Err() == nil {
-			l.log.Error("reconcile at start; trying again at the next pass", "err", err)
+	// libvirtd being down is one warning until it is back, not an ERROR each pass.
+	// Only a full pass asks libvirtd, so only a full pass can say it is back.
+	var down bool
+	report := func(what string, err error, full bool) {
+		switch {
+		case err == nil && down && full:
+			down = false
+			l.log.Info("reconcile: hypervisor reachable again")
+		case err == nil || bg.Err() != nil:
+		case errors.Is(err, hv.ErrUnavailable):
+			if !down {
+				down = true
+				l.log.Warn(what+": hypervisor not reachable (is libvirtd running?); trying again each pass, quietly until it is", "err", err)
+			}
+		default:
+			l.log.Error(what+"; trying again at the next pass", "err", err)
 		}
+	}
+	wg.Go(func() {
+		_, err := l.Reconcile(bg)
+		report("reconcile at start", err, true)
 		if interval < 0 {
 			return
 		}
@@ -352,9 +369,9 @@ func (l *Lifecycle) watch(interval time.Duration) (stop func() error) {
 				return
 			case <-t.C:
 			}
-			if _, err := l.reconcile(bg, n%fullListEvery == 0); err != nil && bg.Err() == nil {
-				l.log.Error("reconcile", "err", err)
-			}
+			full := n%fullListEvery == 0
+			_, err := l.reconcile(bg, full)
+			report("reconcile", err, full)
 		}
 	})
 	return func() error {

@@ -15,9 +15,10 @@ import (
 )
 
 type cmdServe struct {
-	opts     appliance.Options
-	tags     string
-	logLevel string
+	opts      appliance.Options
+	tags      string
+	logLevel  string
+	logUpload bool
 
 	// The control plane the appliance edits: Tailscale's API or headscale's.
 	tailnet           string
@@ -59,6 +60,8 @@ Without an auth key the node logs a login URL and joins once someone approves it
 	f.StringVar(&c.dns, "dns", "", "comma-separated name servers DHCP hands to VMs")
 	f.StringVar(&c.opts.BridgeNetNS, "bridge-netns", "", "network namespace (as ip netns names it) holding the bridge, if not the host's")
 	f.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.BoolVar(&c.logUpload, "tailscale-log-upload", true, "let the tailnet node upload its logs to Tailscale's log service (default: only when --control-url is Tailscale's)")
+	f.DurationVar(&c.opts.ReconcileInterval, "reconcile-interval", appliance.DefaultReconcileInterval, "how often to converge libvirt and the disks with the database")
 
 	f.StringVarP(&c.tailnet, "tailnet", "n", "", `Tailscale tailnet whose policy, keys and devices threes manages ("-" for the credential's own)`)
 	f.StringVarP(&c.apiKey, "token", "t", "", "Tailscale API access token (default $TS_API_KEY; an OAuth client is better: it does not expire)")
@@ -103,7 +106,15 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 	if err := level.UnmarshalText([]byte(c.logLevel)); err != nil {
 		return usagef("--log-level: %q is not debug, info, warn or error", c.logLevel)
 	}
-	c.opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	logger, restore, err := routeStderr(level)
+	if err != nil {
+		return err
+	}
+	defer restore()
+	c.opts.Logger = logger
+	upload := tailscaleLogUpload(c.opts.ControlURL, cmd.Flags().Changed("tailscale-log-upload"), c.logUpload)
+	setTailscaleLogUpload(upload)
+	logger.Info("tailnet node's log upload to Tailscale's log service (--tailscale-log-upload)", "on", upload)
 	c.opts.Tags = splitList(c.tags)
 	for _, d := range splitList(c.dns) {
 		ip, err := netip.ParseAddr(d)
@@ -134,6 +145,7 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	go watchLogin(cmd.Context(), a.Tailnet(), c.opts.ControlURL, c.opts.Logger)
 	<-cmd.Context().Done()
 	c.opts.Logger.Info("shutting down")
 	return a.Close()
