@@ -169,7 +169,8 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	if a.hv == nil {
 		lv, err := hv.Open(ctx, hv.Config{URI: o.LibvirtURI, Owner: "threes/" + o.Hostname, Lazy: true,
 			DiskDir: filepath.Join(o.StateDir, "disks"), ProbeKernel: probeKernel(a.images),
-			BridgeNetNS: o.BridgeNetNS})
+			ProbeVerdict: filepath.Join(o.StateDir, "kvm-verdict.json"),
+			BridgeNetNS:  o.BridgeNetNS})
 		if err != nil {
 			return nil, fmt.Errorf("open hypervisor %s: %w", o.LibvirtURI, err)
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-libvirt"
+	"golang.org/x/sys/unix"
 	"libvirt.org/go/libvirtxml"
 )
 
@@ -71,15 +73,22 @@ func (h *Libvirt) detect(ctx context.Context) (*accelResult, error) {
 			if err != nil {
 				return nil, fmt.Errorf("detect accelerator: %w", err)
 			}
-			err = h.probe(ctx, own)
-			switch {
-			case err == nil:
-				res.Reason = "libvirt offers KVM and a probe guest booted with it"
-			case errors.Is(err, ErrUnavailable) || ctx.Err() != nil:
-				return nil, fmt.Errorf("detect accelerator: %w", err)
-			default:
-				res.DomainType = "qemu"
-				res.Reason = "libvirt offers KVM but a probe guest did not boot with it, using TCG: " + err.Error()
+			host := hostKey(&caps)
+			if v, ok := readVerdict(h.probeVerdict, host); ok {
+				res.DomainType, res.Reason = v.DomainType, v.Reason+
+					fmt.Sprintf(" (verdict of %s, kept in %s: delete it to probe again)", v.At.UTC().Format(time.RFC3339), h.probeVerdict)
+			} else {
+				err = h.probe(ctx, own)
+				switch {
+				case err == nil:
+					res.Reason = "libvirt offers KVM and a probe guest booted with it"
+				case errors.Is(err, ErrUnavailable) || ctx.Err() != nil:
+					return nil, fmt.Errorf("detect accelerator: %w", err)
+				default:
+					res.DomainType = "qemu"
+					res.Reason = "libvirt offers KVM but a probe guest did not boot with it, using TCG: " + err.Error()
+				}
+				writeVerdict(h.probeVerdict, verdict{Host: host, DomainType: res.DomainType, Reason: res.Reason, At: time.Now()})
 			}
 		}
 	}
@@ -121,7 +130,7 @@ func (h *Libvirt) chooseType(ctx context.Context, caps *libvirtxml.Caps) (string
 		return "qemu", "libvirt lists KVM but its domain capabilities are not KVM's, using TCG"
 	}
 	if h.probeKernel == "" {
-		return "qemu", "libvirt offers KVM, but without Config.ProbeKernel hv cannot check that KVM boots guests here, using TCG"
+		return "qemu", "libvirt offers KVM, but with no kernel image yet to boot a test guest there is no telling whether KVM works on this host, so VMs use TCG (slower); after an image with a kernel is imported, the next start checks KVM once"
 	}
 	return "kvm", ""
 }
@@ -238,5 +247,47 @@ func (h *Libvirt) probe(ctx context.Context, own *owner) error {
 		case err != nil:
 			return fmt.Errorf("read probe guest console: %w", err)
 		}
+	}
+}
+
+// verdict is the KVM probe's outcome on one host, kept across starts: the probe
+// boots a guest (10 s when KVM does not work), and its answer changes only with the
+// host.
+type verdict struct {
+	Host       string    `json:"host"`
+	DomainType string    `json:"domain_type"`
+	Reason     string    `json:"reason"`
+	At         time.Time `json:"at"`
+}
+
+// hostKey names this host as the probe saw it: libvirt's host UUID and the running
+// kernel's release (a new kernel or KVM module can change the answer).
+func hostKey(caps *libvirtxml.Caps) string {
+	var u unix.Utsname
+	unix.Uname(&u)
+	return caps.Host.UUID + " " + unix.ByteSliceToString(u.Release[:])
+}
+
+func readVerdict(file, host string) (verdict, bool) {
+	var v verdict
+	if file == "" {
+		return v, false
+	}
+	b, err := os.ReadFile(file)
+	if err != nil || json.Unmarshal(b, &v) != nil || v.Host != host || (v.DomainType != "kvm" && v.DomainType != "qemu") {
+		return v, false
+	}
+	return v, true
+}
+
+// writeVerdict keeps v; a failure only means the next start probes again.
+func writeVerdict(file string, v verdict) {
+	if file == "" {
+		return
+	}
+	b, _ := json.Marshal(v)
+	tmp := file + ".tmp"
+	if os.WriteFile(tmp, b, 0o644) == nil {
+		os.Rename(tmp, file)
 	}
 }

@@ -41,6 +41,11 @@ type Config struct {
 	ProbeKernel string
 	// ProbeTimeout bounds the KVM probe; zero means 10s.
 	ProbeTimeout time.Duration
+	// ProbeVerdict is a file that keeps the probe's verdict for this host
+	// (libvirt's host UUID and the running kernel's release), so later
+	// starts reuse it instead of probing again; empty means probe at every
+	// start. Delete the file to probe again.
+	ProbeVerdict string
 	// DiskDir is where VMs' disks are created, one qcow2 file per VM
 	// named after its ID. QEMU's user must be able to reach it (and the
 	// image store). Needed for Specs with an image or DiskGiB.
@@ -123,6 +128,7 @@ type Libvirt struct {
 	flavour      flavour
 	domainType   string // configured; empty means detect
 	probeKernel  string
+	probeVerdict string
 	probeTimeout time.Duration
 	diskDir      string
 	copyDisks    bool // full copies instead of overlays, for a benchmark
@@ -157,6 +163,7 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 		stopTimeout:  cfg.StopTimeout,
 		domainType:   cfg.DomainType,
 		probeKernel:  cfg.ProbeKernel,
+		probeVerdict: cfg.ProbeVerdict,
 		probeTimeout: cfg.ProbeTimeout,
 		diskDir:      cfg.DiskDir,
 		done:         make(chan struct{}),
