@@ -24,6 +24,9 @@ import (
 func (g *global) connect(cmd *cobra.Command) (threesv1.ThreesClient, context.Context, error) {
 	ctx, cancel := context.WithTimeout(cmd.Context(), g.timeout)
 	g.cleanups = append(g.cleanups, cancel)
+	if g.conn != nil {
+		return threesv1.NewThreesClient(g.conn), ctx, nil
+	}
 	var conn *grpc.ClientConn
 	var err error
 	if g.socket != "" {

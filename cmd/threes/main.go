@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -88,6 +89,9 @@ type global struct {
 	timeout   time.Duration
 	timeoutMS int // the old --timeout-ms, kept hidden so scripts that use it still work
 	cleanups  []func()
+	// conn, when set, is the API connection every command uses (an SSH session's,
+	// authorised as its caller) instead of one from --address or --socket.
+	conn grpc.ClientConnInterface
 }
 
 // defaultSocket is where serve puts its admin socket unless told otherwise.

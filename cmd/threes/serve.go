@@ -54,6 +54,7 @@ Without an auth key the node logs a login URL and joins once someone approves it
 	f.StringVar(&c.tags, "tags", "", "comma-separated ACL tags for the appliance's node, e.g. tag:threes")
 	f.StringVarP(&o.Listen, "listen-addr", "l", ":9999", "address for the API on the tailnet (tailnet only)")
 	f.StringVar(&o.Socket, "socket", "/run/threes/threes.sock", `local admin socket ("none" for none)`)
+	f.StringVar(&o.SSHListen, "ssh-listen", ":22", `address for SSH on the tailnet (tailnet only; "none" for none)`)
 	f.StringVarP(&o.CIDR, "cidr", "c", "10.10.0.0/16", "CIDR for VMs' management addresses")
 	f.StringVarP(&o.Bridge, "interface", "i", "threes0", "bridge VMs attach to, served by DHCP and metadata")
 	f.StringVar(&o.LibvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection URI")
@@ -141,6 +142,8 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 	// The crash test's hook, and the only place it is read: kill the process at a
 	// step of every create. No flag, so nobody finds it in --help.
 	c.opts.TestCrashAt = os.Getenv("THREES_TEST_CRASH_AT")
+	// SSH sessions run this very command tree, as their callers.
+	c.opts.SSH = sshRun
 	a, err := appliance.Start(cmd.Context(), c.opts)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
