@@ -277,11 +277,13 @@ func (t *Table) list(ctx context.Context) (string, error) {
 }
 
 // write applies script and records the table it left; t.mu is held. When
-// either step fails, what the kernel holds is unknown until the next Sync.
+// either step fails, what the kernel holds is unknown until the next Sync,
+// and the error says so (ErrNotIntact): another writer may have changed
+// the table between the check and the write.
 func (t *Table) write(ctx context.Context, what, script string) error {
 	t.want = ""
 	if _, err := t.run(ctx, script); err != nil {
-		return fmt.Errorf("guard table %s: %s: %w", t.name, what, err)
+		return fmt.Errorf("guard table %s: %s: %w (%w)", t.name, what, err, ErrNotIntact)
 	}
 	// nft lists a table as of before the batch when asked within it, so
 	// this is a run of its own.
