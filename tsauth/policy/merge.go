@@ -11,8 +11,10 @@ import (
 // back the input byte for byte. Entries are appended at the end of a section; each
 // carries its marker comment in the whitespace before it. Two things of the owner's
 // can sit where an entry goes, and both are restored on removal:
-//   - a comment on the same line after the section's last entry: it moves in front
-//     of threes' first marker (so it stays on its line) and moves back out on removal;
+//   - a comment on the same line after the section's last entry: in a section laid
+//     out one entry per line it moves in front of threes' first marker (so it stays
+//     on its line) and moves back out on removal; in a one-line section it stays
+//     where it is, after threes' entries on the same line;
 //   - the section's trailing-comma style: kept by threes' last entry, handed back to
 //     the owner's last entry on removal.
 
@@ -112,8 +114,10 @@ func appendManaged(s seq, l layout, marker string, items []any) {
 		if !trailing {
 			*last = hujson.Extra{} // a comma now follows the owner's last entry
 		}
+		// On one line the comment already stays on its line, after threes'
+		// entries; moved in front of them it would swallow them.
 		t := *s.tail()
-		if nl := bytes.IndexByte(t, '\n'); nl > 0 && !isBlank(string(t[:nl])) {
+		if nl := bytes.IndexByte(t, '\n'); l.multiline && nl > 0 && !isBlank(string(t[:nl])) {
 			head = bytes.Clone(t[:nl])
 			*s.tail() = bytes.Clone(t[nl:])
 		}

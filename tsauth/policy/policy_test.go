@@ -107,6 +107,8 @@ var policies = map[string]string{
 	// Empty sections: multi-line holding only an empty comment, and one line
 	// holding a block comment.
 	"empty-sections-lf": "{\n  \"tagOwners\": {\n    \"tag:threes\": [],\n  },\n  \"acls\": [],\n  \"grants\": [ /* none yet */ ],\n  \"ssh\": [\n    //\n  ],\n}\n",
+	// A one-line section whose last entry has a line comment after it.
+	"one-line-section-comment": "{\"tagOwners\": {\"tag:threes\": []}, \"grants\": [{\"src\": [\"a@\"], \"dst\": [\"b@\"], \"ip\": [\"80\"]} // mine\n]}",
 	// acls before everything else.
 	"acls-first": `{
   "acls": [{"action": "accept", "src": ["autogroup:member"], "dst": ["*:*"]}],
