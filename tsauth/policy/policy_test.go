@@ -265,6 +265,11 @@ func TestAddOwnerEditsAfterwards(t *testing.T) {
 		t.Fatal(err)
 	}
 	edited := v.Pack()
+	// Adding the network again changes nothing, though its entries are no
+	// longer at the end.
+	if again := mustAdd(t, edited, "web", opts); !bytes.Equal(again, edited) {
+		t.Errorf("re-adding an unchanged network after the owner's edit rewrote the policy:\n%s", again)
+	}
 	got := parsePolicy(t, mustRemove(t, edited, "web", opts))
 	if want := parsePolicy(t, orig); len(got.Grants) != len(want.Grants)+1 || got.Grants[len(got.Grants)-1]["ip"].([]any)[0] != "80" {
 		t.Errorf("owner's new grant lost: %v", got.Grants)
@@ -419,7 +424,14 @@ func TestHasNetwork(t *testing.T) {
 	for _, tc := range []struct {
 		policy []byte
 		want   bool
-	}{{orig, false}, {mustAdd(t, orig, "web", opts), true}, {mustAdd(t, orig, "web-2", opts), false}} {
+	}{
+		{orig, false},
+		{mustAdd(t, orig, "web", opts), true},
+		{mustAdd(t, orig, "web-2", opts), false},
+		// threes' entry first in tagOwners.
+		{[]byte(`{"tagOwners": {/* threes:managed tag:threes-web */ "tag:threes-web": ["tag:threes"], "tag:threes": []}, "grants": []}`), true},
+		{[]byte(`{"tagOwners": {"tag:threes-web": ["tag:threes"], "tag:threes": []}, "grants": []}`), false}, // not threes'
+	} {
 		got, err := HasNetwork(tc.policy, "web", opts)
 		if err != nil || got != tc.want {
 			t.Errorf("HasNetwork = %v, %v; want %v", got, err, tc.want)
@@ -439,6 +451,7 @@ func TestErrors(t *testing.T) {
 		{"no-owner-tag", `{"tagOwners": {"tag:other": []}, "grants": []}`, "web", opts, ErrOwnerTagUndefined},
 		{"no-tagowners", `{"grants": []}`, "web", opts, ErrOwnerTagUndefined},
 		{"tag-taken", `{"tagOwners": {"tag:threes": [], "tag:threes-web": ["alice@"]}, "grants": []}`, "web", opts, ErrTagTaken},
+		{"tag-taken-first", `{"tagOwners": {"tag:threes-web": ["alice@"], "tag:threes": []}, "grants": []}`, "web", opts, ErrTagTaken},
 		{"bad-name", `{"tagOwners": {"tag:threes": []}, "grants": []}`, "Web!", opts, ErrInvalidName},
 		{"name-leading-dash", `{"tagOwners": {"tag:threes": []}, "grants": []}`, "-web", opts, ErrInvalidName},
 		{"bad-owner-tag", `{"tagOwners": {"tag:threes": []}, "grants": []}`, "web", Options{OwnerTag: "threes"}, ErrInvalidName},
