@@ -5,8 +5,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"net"
 	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -304,5 +309,89 @@ func TestSSHCommandsKnown(t *testing.T) {
 	}
 	if c, _, err := root.Find([]string{"serve"}); err == nil && c.Name() == "serve" {
 		t.Errorf("serve is in the SSH tree")
+	}
+}
+
+// TestSSHOpenSSH: Debian's OpenSSH client against the appliance, through a loopback
+// port that a tailnet node forwards to the appliance's port 22 (a stand-in for
+// `tailscale nc`): trust on first use pins the host key, the exit status is the
+// CLI's, and a pty works.
+func TestSSHOpenSSH(t *testing.T) {
+	sshBin, err := exec.LookPath("ssh")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("CI=true but no ssh client: install openssh-client")
+		}
+		t.Skip("no ssh client")
+	}
+	env := threestest.StartWith(t, func(o *appliance.Options) { o.SSH = sshRun })
+	admin := env.Client(t, threestest.ClientOptions{NodeOptions: tailnettest.NodeOptions{Hostname: "desk", User: "alice@example.com"}, Role: "admin"})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	dial := tsauth.TailnetDialer(admin.Node)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				up, err := dial(context.Background(), "tcp", netip.AddrPortFrom(env.IP, 22).String())
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				go io.Copy(up, c)
+				io.Copy(c, up)
+			}()
+		}
+	}()
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	known := filepath.Join(t.TempDir(), "known_hosts")
+	ssh := func(check string, args ...string) (string, string, int) {
+		t.Helper()
+		cmd := exec.Command(sshBin, append([]string{"-F", "/dev/null", "-p", port, "-o", "BatchMode=yes",
+			"-o", "StrictHostKeyChecking=" + check, "-o", "UserKnownHostsFile=" + known,
+			"-o", "HostKeyAlias=threes", "admin@127.0.0.1"}, args...)...)
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatalf("ssh %v: %v", args, err)
+		}
+		return out.String(), errb.String(), code
+	}
+
+	if out, errOut, code := ssh("accept-new", "network", "create", "lab"); code != 0 || !strings.Contains(out, "lab") {
+		t.Fatalf("first ssh: exit %d, %q, %q", code, out, errOut)
+	}
+	if b, err := os.ReadFile(known); err != nil || !strings.Contains(string(b), "threes ssh-ed25519 ") {
+		t.Fatalf("known_hosts after the first connection: %q, %v", b, err)
+	}
+	// From now on only the pinned key is accepted.
+	if out, errOut, code := ssh("yes", "vm", "create", "-i", "base", "--network", "lab", "web1"); code != 0 || !strings.Contains(out, "running") {
+		t.Fatalf("vm create: exit %d, %q, %q", code, out, errOut)
+	}
+	if out, _, code := ssh("yes", "vm", "all", "-o", "json"); code != 0 || !strings.Contains(out, `"name": "web1"`) {
+		t.Errorf("vm all -o json: exit %d, %q", code, out)
+	}
+	if _, errOut, code := ssh("yes", "vm", "get", "nosuch"); code != 1 || !strings.Contains(errOut, "nosuch") {
+		t.Errorf("vm get nosuch: exit %d, %q", code, errOut)
+	}
+	if _, errOut, code := ssh("yes", "vm", "all", "|", "grep", "x"); code != 2 || !strings.Contains(errOut, "no shell") {
+		t.Errorf("a pipe: exit %d, %q", code, errOut)
+	}
+	if out, _, code := ssh("yes", "-tt", "vm", "get", "web1"); code != 0 || !strings.Contains(out, "web1\r\n") {
+		t.Errorf("vm get on a pty: exit %d, %q", code, out)
+	}
+	if out, _, code := ssh("yes"); code != 0 || !strings.Contains(out, "alice@example.com") || !strings.Contains(out, "admin") {
+		t.Errorf("no command: exit %d, %q", code, out)
 	}
 }
