@@ -249,6 +249,8 @@ func crashCreate(t *testing.T, r *crashRig, step string) {
 	}
 
 	s = r.start(t, "")
+	// Reconcile cleans up behind the serving appliance: judge what it left.
+	waitPass(t, s.log)
 	vms := all(t, ctx, s.api, true)
 	doms := must[[]hv.Domain](t)(r.witness.List(ctx))
 	disks := must[[]string](t)(r.witness.Disks(ctx))

@@ -126,6 +126,7 @@ func (l *Lifecycle) reconcile(ctx context.Context, full bool) (ReconcileReport, 
 	if l.beforePass != nil {
 		l.beforePass(ctx)
 	}
+	start := time.Now()
 	var rep ReconcileReport
 	// The hypervisor's view first, then the database's: a domain made after the
 	// listing has its record already, and an ID that seems to have none is checked
@@ -186,6 +187,8 @@ func (l *Lifecycle) reconcile(ctx context.Context, full bool) (ReconcileReport, 
 		}
 	}
 	l.logDrift(rep.Drift)
+	l.log.Debug("reconcile: pass done", "full", full, "vms", len(vms), "started", len(rep.Started),
+		"removed", len(rep.Removed), "drift", len(rep.Drift), "errors", len(errs), "took", time.Since(start))
 	return rep, errors.Join(errs...)
 }
 

@@ -29,8 +29,23 @@ func behindBack(t *testing.T, args ...string) string {
 }
 
 // restartWith restarts env's appliance with a reconcile interval and a debug log the
-// test can read (and sees printed if it fails).
+// test can read (and sees printed if it fails), and waits until the first reconcile
+// pass, which runs behind the serving appliance, is done.
 func restartWith(t *testing.T, env *threestest.Env, interval time.Duration) *lockedBuffer {
+	t.Helper()
+	logs := restartServing(t, env, interval)
+	waitPass(t, logs)
+	return logs
+}
+
+// waitPass waits until the log says a reconcile pass is done.
+func waitPass(t *testing.T, logs interface{ String() string }) {
+	t.Helper()
+	waitFor(t, "a reconcile pass done", func() bool { return strings.Contains(logs.String(), `msg="reconcile: pass done"`) })
+}
+
+// restartServing is restartWith without waiting for the first reconcile pass.
+func restartServing(t *testing.T, env *threestest.Env, interval time.Duration) *lockedBuffer {
 	t.Helper()
 	logs := &lockedBuffer{}
 	env.Options.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))

@@ -140,7 +140,7 @@ func TestServesBeforeReconcile(t *testing.T) {
 	})
 	var releaseOnce sync.Once
 	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
-	restartWith(t, env, -1)
+	restartServing(t, env, -1)
 	select {
 	case <-entered:
 	case <-ctx.Done():
