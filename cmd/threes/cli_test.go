@@ -125,8 +125,14 @@ func TestCLI(t *testing.T) {
 	if out := c.ok("vm", "stop", "toy0"); !strings.Contains(out, "stopped") {
 		t.Errorf("vm stop = %q", out)
 	}
+	// The console of a stopped VM is a state to change first, said in one line.
+	c.fail(1, "not running (failed precondition)", "vm", "console", "toy0")
 	if out := c.ok("vm", "start", id); !strings.Contains(out, "running") {
 		t.Errorf("vm start = %q", out)
+	}
+	// Starting a running VM changes nothing and says so: it is running.
+	if out := c.ok("vm", "start", "toy0"); !strings.Contains(out, "State:") || !strings.Contains(out, "running") {
+		t.Errorf("vm start of a running vm = %q", out)
 	}
 	c.ok("vm", "restart", "toy0")
 
@@ -140,7 +146,8 @@ func TestCLI(t *testing.T) {
 	c.fail(2, "KEY=VALUE", "vm", "kv", "set", "toy0", "novalue")
 
 	// Errors: one line, and the exit status says whether it was usage or the call.
-	c.fail(1, "not found", "vm", "get", "nosuch")
+	c.fail(1, "threes: no VM named nosuch\n", "vm", "get", "nosuch")
+	c.fail(2, `required flag(s) "network" not set`, "vm", "create", "-i", "base", "toy1")
 	c.fail(2, "--type", "vm", "create", "-i", "base", "--network", "cool-network", "-t", "huge", "vm2")
 	c.fail(1, "image", "vm", "create", "-i", "windows", "--network", "cool-network", "vm2")
 	c.fail(1, "name", "vm", "create", "-i", "base", "--network", "cool-network", "Bad_Name")
@@ -159,7 +166,7 @@ func TestCLI(t *testing.T) {
 	if out := c.ok("vm", "purge"); !strings.Contains(out, "purged "+id) {
 		t.Errorf("vm purge = %q", out)
 	}
-	c.fail(1, "not found", "vm", "get", id)
+	c.fail(1, "threes: no VM with ID "+id+"\n", "vm", "get", id)
 	c.ok("network", "delete", "cool-network")
 
 	// Images: upload, refuse junk and duplicates, refuse deleting one in use.
@@ -174,6 +181,20 @@ func TestCLI(t *testing.T) {
 	junk := filepath.Join(t.TempDir(), "junk.img")
 	os.WriteFile(junk, []byte("QFI\xfbnot really a qcow2 image"), 0o644)
 	c.fail(1, "invalid argument", "image", "import", "junk", junk)
+	// The error names the user's file, not where the server kept the upload.
+	if _, errOut, _ := c.run("image", "import", "junk", junk); !strings.Contains(errOut, junk) || strings.Contains(errOut, ".upload-") {
+		t.Errorf("image import junk: %q, want it to name %s", errOut, junk)
+	}
+	// A kernel image without a disk says so in words.
+	kernel, initrd := filepath.Join(t.TempDir(), "vmlinuz"), filepath.Join(t.TempDir(), "initrd.img")
+	bz := make([]byte, 4096)
+	copy(bz[0x202:], "HdrS") // the x86 boot protocol's signature is all the store checks
+	os.WriteFile(kernel, bz, 0o644)
+	os.WriteFile(initrd, []byte("initrd"), 0o644)
+	if out := c.ok("image", "import", "tinyk", "--kernel", kernel, "--initrd", initrd); !strings.Contains(out, "Disk: none") {
+		t.Errorf("image import of a kernel image = %q, want Disk: none", out)
+	}
+	c.ok("image", "delete", "tinyk")
 	c.fail(2, "no such file", "image", "import", "nofile", "/nonexistent.qcow2")
 	if out := c.ok("image", "list"); !strings.Contains(out, "tiny") || strings.Contains(out, "junk") {
 		t.Errorf("image list = %q", out)
