@@ -3,6 +3,7 @@ package tsauth
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -573,5 +574,51 @@ func TestNotifyChangesIdentity(t *testing.T) {
 		if got := notifyChangesIdentity(&tc.n); got != tc.want {
 			t.Errorf("%s: notifyChangesIdentity = %v; want %v", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestWatchHealthy checks that a healthy watch sees netmap changes without
+// ever reporting a broken bus (which would mean it rewatches, and drops the
+// cache, every second), and returns nil once its context ends.
+func TestWatchHealthy(t *testing.T) {
+	f := newFixture(t)
+	node := f.tn.Node(t, tailnettest.NodeOptions{Hostname: "watched"})
+	lc, err := node.LocalClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var logs []string
+	logf := func(format string, args ...any) {
+		mu.Lock()
+		logs = append(logs, fmt.Sprintf(format, args...))
+		mu.Unlock()
+	}
+	nlogs := func() int { mu.Lock(); defer mu.Unlock(); return len(logs) }
+	id := NewIdentifier(f.whois, WithLogf(logf))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- id.Watch(ctx, lc) }()
+	waitFor(t, "watch to start", func() bool { return id.invalidations.Load() > 0 })
+
+	// A netmap change arrives through the healthy watch, which logs nothing.
+	before := id.invalidations.Load()
+	other := f.tn.Node(t, tailnettest.NodeOptions{Hostname: "other"})
+	f.tn.SetTags(other, "tag:ci")
+	waitFor(t, "the watch to see the new node", func() bool { return id.invalidations.Load() > before })
+	if n := nlogs(); n != 0 {
+		mu.Lock()
+		t.Errorf("healthy watch logged: %q", logs)
+		mu.Unlock()
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Watch returned (%v) while its context is live", err)
+	default:
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Watch after cancel = %v; want nil", err)
 	}
 }
