@@ -24,8 +24,11 @@ func TestParseRole(t *testing.T) {
 	if RoleNone >= RoleViewer || RoleViewer >= RoleOperator || RoleOperator >= RoleAdmin {
 		t.Error("roles are not ordered none < viewer < operator < admin")
 	}
-	if got := Role(17).String(); got != "Role(17)" {
-		t.Errorf("Role(17).String() = %q", got)
+	// Past either end of the table: a number, not a panic.
+	for r, want := range map[Role]string{RoleAdmin + 1: "Role(4)", 17: "Role(17)", -1: "Role(-1)"} {
+		if got := r.String(); got != want {
+			t.Errorf("Role(%d).String() = %q; want %q", int(r), got, want)
+		}
 	}
 }
 
