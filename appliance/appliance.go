@@ -42,7 +42,15 @@ type Options struct {
 	// bridge; empty means the appliance's own. DHCP and metadata sockets open there.
 	BridgeNetNS string
 	LibvirtURI  string // default qemu:///system
-	Images      []string
+	// CrossNetwork lets VMs of different networks reach each other on the
+	// bridge; by default they cannot, so traffic between networks goes over the
+	// tailnet, where the policy rules are.
+	CrossNetwork bool
+	// MetadataSession makes every /v1 metadata request carry a session token
+	// (PUT /v1/session first); off by default, since guests written for the
+	// original protocol would lose their auth key.
+	MetadataSession bool
+	Images          []string
 
 	// SSH runs the commands of SSH sessions on the tailnet; nil serves no SSH.
 	SSH sshd.Runner
@@ -170,7 +178,7 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		lv, err := hv.Open(ctx, hv.Config{URI: o.LibvirtURI, Owner: "threes/" + o.Hostname, Lazy: true,
 			DiskDir: filepath.Join(o.StateDir, "disks"), ProbeKernel: probeKernel(a.images),
 			ProbeVerdict: filepath.Join(o.StateDir, "kvm-verdict.json"),
-			BridgeNetNS:  o.BridgeNetNS})
+			BridgeNetNS:  o.BridgeNetNS, CrossNetwork: o.CrossNetwork})
 		if err != nil {
 			return nil, fmt.Errorf("open hypervisor %s: %w", o.LibvirtURI, err)
 		}

@@ -30,6 +30,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 	var checker *neigh.Checker
 	var ln net.Listener
 	var missing error
+	src := newMDSource(a.db, o.Now)
 	// The sockets are opened where the bridge is; they stay there afterwards.
 	open := func() (err error) {
 		if missing = bridgeHas(o.Bridge, gw); missing != nil {
@@ -45,7 +46,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 			return fmt.Errorf("dhcp on %s: %w", o.Bridge, err)
 		}
 		a.closers = append(a.closers, d.Close)
-		if checker, err = neigh.New(neigh.Config{Interface: o.Bridge}); err != nil {
+		if checker, err = neigh.New(neigh.Config{Interface: o.Bridge, PortOf: a.portOf(src)}); err != nil {
 			return fmt.Errorf("neighbour check on %s: %w", o.Bridge, err)
 		}
 		a.closers = append(a.closers, checker.Close)
@@ -74,11 +75,13 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 		return nil
 	}
 	md, err := metadata.New(metadata.Config{
-		Source:     newMDSource(a.db, o.Now),
+		Source:     src,
 		IPAM:       pool,
 		Neighbours: checker,
 		Log:        log.With("component", "metadata"),
 		Now:        o.Now,
+
+		RequireSession: o.MetadataSession,
 	})
 	if err != nil {
 		return fmt.Errorf("metadata server: %w", err)
@@ -87,6 +90,30 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 	go logExit(log, "metadata", func() error { return md.Serve(ctx, ln) })
 	log.Info("serving DHCP and metadata", "gateway", gw, "range", pool.Prefix())
 	return nil
+}
+
+// portNamer is a hypervisor that plugs each VM into a bridge port of its own
+// name (QEMU's taps; libvirt's test driver has none).
+type portNamer interface{ Port(id string) string }
+
+// portOf tells the neighbour check which bridge port the VM at ip is plugged
+// into, so that a VM forging another's MAC and IP is refused: the bridge learns
+// a MAC on the port its frames really came from. Nil without named ports.
+func (a *Appliance) portOf(src *mdSource) func(netip.Addr, net.HardwareAddr) string {
+	pn, ok := a.hv.(portNamer)
+	if !ok {
+		return nil
+	}
+	return func(ip netip.Addr, _ net.HardwareAddr) string {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		in, err := src.ByIP(ctx, ip)
+		if err != nil {
+			// No VM there: the request is refused by the source anyway.
+			return ""
+		}
+		return pn.Port(in.ID)
+	}
 }
 
 func logExit(log *slog.Logger, what string, serve func() error) {

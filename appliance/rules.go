@@ -72,6 +72,13 @@ func ValidateKey(k string) error {
 			return fieldErr("key", "%q may hold only letters, digits and . _ - /", k)
 		}
 	}
+	// A VM reads a key back at /v1/kv/KEY, and HTTP clients clean such paths:
+	// a key with an empty, "." or ".." segment would be unreadable by its name.
+	for _, seg := range strings.Split(k, "/") {
+		if seg == "" || seg == "." || seg == ".." {
+			return fieldErr("key", "%q: each /-separated part must be a name (not empty, . or ..), as the VM reads it at /v1/kv/%s", k, k)
+		}
+	}
 	return nil
 }
 

@@ -41,6 +41,32 @@ func TestValidateName(t *testing.T) {
 	}
 }
 
+func TestValidateKey(t *testing.T) {
+	for _, tc := range []struct {
+		k  string
+		ok bool
+	}{
+		{"db-password", true},
+		{"app/db/password", true},
+		{"a.b_c-D9", true},
+		{"...", true},
+		{strings.Repeat("k", 128), true},
+		{"", false},
+		{strings.Repeat("k", 129), false},
+		{"a b", false},
+		{"/a", false},
+		{"a/", false},
+		{"a//b", false},
+		{"../x", false},
+		{"a/./b", false},
+		{"..", false},
+	} {
+		if err := ValidateKey(tc.k); (err == nil) != tc.ok {
+			t.Errorf("ValidateKey(%q) = %v, want ok=%v", tc.k, err, tc.ok)
+		}
+	}
+}
+
 func TestValidateDescription(t *testing.T) {
 	for _, tc := range []struct {
 		d  string

@@ -47,6 +47,16 @@ func newGuard(owner, netnsName string, cross bool) (*guard.Table, error) {
 	return guard.New(cfg)
 }
 
+// Port names the bridge port (the tap) of the VM id, where the bridge must
+// have learnt the VM's MAC for the neighbour check to believe it; "" where
+// domains have no taps (the test driver).
+func (h *Libvirt) Port(id string) string {
+	if h.guard == nil {
+		return ""
+	}
+	return guard.DevName(h.guard.Prefix(), id)
+}
+
 // portOf returns the guarded port of the VM s (validated) under prefix.
 func portOf(s Spec, prefix string) guard.Port {
 	mac, _ := net.ParseMAC(s.MAC)

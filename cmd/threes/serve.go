@@ -59,6 +59,8 @@ Without an auth key the node logs a login URL and joins once someone approves it
 	f.StringVarP(&o.Bridge, "interface", "i", "threes0", "bridge VMs attach to, served by DHCP and metadata")
 	f.StringVar(&o.LibvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection URI")
 	f.StringVar(&c.dns, "dns", "", "comma-separated name servers DHCP hands to VMs")
+	f.BoolVar(&o.CrossNetwork, "cross-network", false, "let VMs of different networks reach each other on the bridge (default: only over the tailnet, where the policy applies)")
+	f.BoolVar(&o.MetadataSession, "metadata-session", false, "require a session token (PUT /v1/session) on every /v1 metadata request")
 	f.StringVar(&c.opts.BridgeNetNS, "bridge-netns", "", "network namespace (as ip netns names it) holding the bridge, if not the host's")
 	f.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&c.logUpload, "tailscale-log-upload", true, "let the tailnet node upload its logs to Tailscale's log service (default: only when --control-url is Tailscale's)")
