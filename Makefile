@@ -36,10 +36,13 @@ headscale: $(BIN)/headscale
 $(BIN)/headscale: tools/headscale/go.mod
 	cd tools/headscale && $(GO) build -o $(BIN)/headscale github.com/juanfont/headscale/cmd/headscale
 
-# tailscaled is a user's own Tailscale daemon, for testing the CLI through its LocalAPI.
-tailscaled: $(BIN)/tailscaled
+# tailscaled and tailscale are a user's own Tailscale daemon and CLI: for testing the CLI
+# through its LocalAPI, OpenSSH through `tailscale nc`, and for the lab image's guests.
+tailscaled: $(BIN)/tailscaled $(BIN)/tailscale
 $(BIN)/tailscaled: tools/tailscaled/go.mod
 	cd tools/tailscaled && $(GO) build -o $(BIN)/tailscaled tailscale.com/cmd/tailscaled
+$(BIN)/tailscale: tools/tailscaled/go.mod
+	cd tools/tailscaled && $(GO) build -o $(BIN)/tailscale tailscale.com/cmd/tailscale
 
 # testimage is a tiny direct-kernel VM image made from Debian packages (kernel and
 # busybox), which the QEMU tests boot under TCG, plus a 1 GiB disk for the create bench.
