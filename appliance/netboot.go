@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+	"tailscale.com/ipn"
 
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/internal/nsdo"
@@ -77,6 +78,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 	md, err := metadata.New(metadata.Config{
 		Source:     src,
 		IPAM:       pool,
+		ControlURL: guestControlURL(o.ControlURL),
 		Neighbours: checker,
 		Log:        log.With("component", "metadata"),
 		Now:        o.Now,
@@ -90,6 +92,16 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 	go logExit(log, "metadata", func() error { return md.Serve(ctx, ln) })
 	log.Info("serving DHCP and metadata", "gateway", gw, "range", pool.Prefix())
 	return nil
+}
+
+// guestControlURL is the control server guests are told to join: empty for
+// Tailscale's own (under any of its names), so a guest's tailscale uses its
+// default rather than a spelling of it.
+func guestControlURL(u string) string {
+	if ipn.IsLoginServerSynonym(u) {
+		return ""
+	}
+	return u
 }
 
 // portNamer is a hypervisor that plugs each VM into a bridge port of its own

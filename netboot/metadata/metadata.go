@@ -104,6 +104,10 @@ type Config struct {
 	Source Source
 	// IPAM says which MAC holds each address.
 	IPAM Owners
+	// ControlURL is the tailnet's control server, served to guests so they
+	// join the same one (headscale, say); empty means Tailscale's default.
+	// Not a secret: any guest may read it.
+	ControlURL string
 	// Neighbours checks the requester's MAC; nil turns the check off,
 	// which only benchmarks should do.
 	Neighbours Verifier
@@ -274,6 +278,7 @@ func (s *Server) routes() {
 	s.handle("GET /v1/hostname", false, text(func(i Instance) string { return i.Hostname }))
 	s.handle("GET /v1/script", false, text(func(i Instance) string { return i.Script }))
 	s.handle("GET /v1/public_key", false, text(func(i Instance) string { return i.PublicKey }))
+	s.handle("GET /v1/control_url", false, text(func(Instance) string { return s.cfg.ControlURL }))
 	s.handle("GET /v1/token", true, s.token)
 	s.handle("GET /v1/kv", false, s.kvs)
 	// Keys may hold "/": the rest of the path is the key.
@@ -418,11 +423,12 @@ func (s *Server) config(w http.ResponseWriter, r *http.Request, c *caller) {
 		}
 	}
 	writeJSON(w, struct {
-		Hostname  string `json:"hostname"`
-		Token     string `json:"token"`
-		Script    string `json:"script"`
-		PublicKey string `json:"public_key"`
-	}{c.inst.Hostname, k, c.inst.Script, c.inst.PublicKey})
+		Hostname   string `json:"hostname"`
+		Token      string `json:"token"`
+		Script     string `json:"script"`
+		PublicKey  string `json:"public_key"`
+		ControlURL string `json:"control_url"`
+	}{c.inst.Hostname, k, c.inst.Script, c.inst.PublicKey, s.cfg.ControlURL})
 }
 
 func (s *Server) token(w http.ResponseWriter, r *http.Request, c *caller) {

@@ -151,7 +151,8 @@ func TestRoutes(t *testing.T) {
 		{"/v1/kv", ipA, nil, resp{200, `{"colour":"blue"}` + "\n"}},
 		{"/v1/kv", ipA, flavor, resp{200, `{"colour":"blue","dbpass":"` + secretVal + `"}` + "\n"}},
 		{"/v1/kv", ipB, nil, resp{200, "{}\n"}},
-		{"/v1/config", ipB, nil, resp{200, `{"hostname":"vm-b","token":"","script":"","public_key":""}` + "\n"}},
+		{"/v1/config", ipB, nil, resp{200, `{"hostname":"vm-b","token":"","script":"","public_key":"","control_url":""}` + "\n"}},
+		{"/v1/control_url", ipA, nil, resp{200, ""}}, // Tailscale's default control server
 		{"/cloud-init/meta-data", ipA, nil, resp{200, "instance-id: \"vm-a-id\"\nlocal-hostname: \"vm-a\"\npublic-keys:\n  - \"ssh-ed25519 AAAA a\"\n"}},
 		{"/cloud-init/meta-data", ipB, nil, resp{200, "instance-id: \"vm-b-id\"\nlocal-hostname: \"vm-b\"\n"}},
 		{"/cloud-init/user-data", ipA, nil, resp{200, "#!/bin/sh\necho hello\n"}},
@@ -176,6 +177,28 @@ func TestRoutes(t *testing.T) {
 	}
 	if !strings.Contains(h.logs.String(), "from=10.10.9.9 ") {
 		t.Errorf("refusal does not name the source address alone: %s", h.logs.String())
+	}
+}
+
+// TestControlURL: every guest may learn the control server to join, with
+// or without the header, and only an allocated address may ask.
+func TestControlURL(t *testing.T) {
+	const url = "http://100.64.0.1:8080"
+	h := newHandlerLab(t, Config{ControlURL: url})
+	for _, tc := range []struct {
+		path string
+		from netip.Addr
+		hdr  []string
+		want resp
+	}{
+		{"/v1/control_url", ipA, nil, resp{200, url}},
+		{"/v1/control_url", ipB, []string{FlavorHeader, FlavorValue}, resp{200, url}},
+		{"/v1/control_url", netip.MustParseAddr("10.10.9.9"), nil, resp{403, "forbidden\n"}},
+		{"/v1/config", ipB, nil, resp{200, `{"hostname":"vm-b","token":"","script":"","public_key":"","control_url":"` + url + `"}` + "\n"}},
+	} {
+		if got := h.do("GET", tc.path, tc.from, tc.hdr...); got != tc.want {
+			t.Errorf("GET %s from %s %v = %+v, want %+v", tc.path, tc.from, tc.hdr, got, tc.want)
+		}
 	}
 }
 
