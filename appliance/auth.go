@@ -24,6 +24,7 @@ type IdentifyFunc func(ctx context.Context, remote netip.AddrPort) (tsauth.Princ
 var methodRoles = map[string]tsauth.Role{
 	threesv1.Threes_WhoAmI_FullMethodName:        tsauth.RoleNone,
 	threesv1.Threes_Get_FullMethodName:           tsauth.RoleViewer,
+	threesv1.Threes_Watch_FullMethodName:         tsauth.RoleViewer,
 	threesv1.Threes_All_FullMethodName:           tsauth.RoleViewer,
 	threesv1.Threes_GetID_FullMethodName:         tsauth.RoleViewer,
 	threesv1.Threes_ListNetworks_FullMethodName:  tsauth.RoleViewer,

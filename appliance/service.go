@@ -2,8 +2,10 @@ package appliance
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -46,6 +48,49 @@ func (s *service) Create(ctx context.Context, req *threesv1.CreateRequest) (*thr
 func (s *service) Get(ctx context.Context, ref *threesv1.VMRef) (*threesv1.VM, error) {
 	vm, err := s.life.Get(ctx, ref.GetId())
 	return vmProto(vm), err
+}
+
+// watchEvery is how often Watch looks at the VM's write counter, an in-memory read.
+const watchEvery = 100 * time.Millisecond
+
+// Watch sends the VM, and again after each write this appliance makes about it,
+// until the caller leaves or the VM is purged.
+func (s *service) Watch(ref *threesv1.VMRef, stream grpc.ServerStreamingServer[threesv1.VM]) error {
+	ctx := stream.Context()
+	id := ref.GetId()
+	// The counter before the read: a write during the read is sent again.
+	gen := s.db.VMGen(id)
+	vm, err := s.life.Get(ctx, id)
+	if err != nil {
+		return err
+	}
+	if err := stream.Send(vmProto(vm)); err != nil {
+		return err
+	}
+	t := time.NewTicker(watchEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		g := s.db.VMGen(id)
+		if g == gen {
+			continue
+		}
+		vm, err := s.db.GetVM(ctx, id)
+		if errors.Is(err, embeddb.ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		gen = g
+		if err := stream.Send(vmProto(vm)); err != nil {
+			return err
+		}
+	}
 }
 
 func (s *service) All(req *threesv1.AllRequest, stream grpc.ServerStreamingServer[threesv1.VM]) error {
@@ -208,6 +253,7 @@ func vmProto(vm embeddb.VM) *threesv1.VM {
 		Id: vm.ID, Name: vm.Name, Description: vm.Description, Network: vm.Network, Image: vm.Image,
 		Type: typeEnum(vm.Type), ManagementIp: vm.IP, Mac: vm.MAC, State: stateEnum(vm),
 		CreatedAt: timestamppb.New(vm.CreatedAt), UpdatedAt: timestamppb.New(vm.UpdatedAt),
+		Phases: phasesProto(vm.Phases), TailnetNodeId: vm.NodeID,
 	}
 	if !vm.DeletedAt.IsZero() {
 		p.DeletedAt = timestamppb.New(vm.DeletedAt)

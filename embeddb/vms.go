@@ -26,6 +26,12 @@ type VM struct {
 	CreatedAt   time.Time
 	UpdatedAt   time.Time
 	DeletedAt   time.Time // zero while live
+	// Phases are the steps the VM reached (or failed) on its way onto the tailnet,
+	// oldest first.
+	Phases []VMPhase
+	// NodeID is the control plane's ID of the tailnet node the VM joined as; empty
+	// until the appliance saw it join.
+	NodeID string
 }
 
 // Live reports whether the VM has not been soft-deleted.
@@ -80,7 +86,7 @@ func canonicalMAC(mac string) (string, error) {
 
 const vmColumns = `v.id, v.name, v.description, v.network, v.image, v.type,
 	COALESCE(a.mac, ''), COALESCE(a.ip, ''), v.state, v.host,
-	v.created_at, v.updated_at, v.deleted_at, v.desired
+	v.created_at, v.updated_at, v.deleted_at, v.desired, v.tailnet_node_id
 	FROM vms v LEFT JOIN addresses a ON a.vm_id = v.id`
 
 func scanVM(r row) VM {
@@ -88,7 +94,7 @@ func scanVM(r row) VM {
 		ID: r.str(0), Name: r.str(1), Description: r.str(2), Network: r.str(3),
 		Image: r.str(4), Type: r.str(5), MAC: r.str(6), IP: r.str(7), State: r.str(8),
 		Host: r.str(9), CreatedAt: r.time(10), UpdatedAt: r.time(11), DeletedAt: r.time(12),
-		Desired: r.str(13),
+		Desired: r.str(13), NodeID: r.str(14),
 	}
 }
 
@@ -174,42 +180,39 @@ func (db *DB) CreateVM(ctx context.Context, vm VM, cfg VMConfig, addr Address) e
 
 // GetVM returns the VM with this ID, live or soft-deleted.
 func (db *DB) GetVM(ctx context.Context, id string) (VM, error) {
-	res, err := db.query(ctx, q(`SELECT `+vmColumns+` WHERE v.id = ?`, id))
+	res, err := db.query(ctx, q(`SELECT `+vmColumns+` WHERE v.id = ?`, id),
+		q(phaseColumns+` WHERE vm_id = ?`, id))
 	if err != nil {
 		return VM{}, fmt.Errorf("get vm %s: %w", id, err)
 	}
-	rs := rows(res[0])
-	if len(rs) == 0 {
+	vms := withPhases(rows(res[0]), rows(res[1]))
+	if len(vms) == 0 {
 		return VM{}, fieldErr(FieldVMID, id, ErrNotFound)
 	}
-	return scanVM(rs[0]), nil
+	return vms[0], nil
 }
 
 // VMByName returns the live VM with this name.
 func (db *DB) VMByName(ctx context.Context, name string) (VM, error) {
-	res, err := db.query(ctx, q(`SELECT `+vmColumns+` WHERE v.name = ? AND v.deleted_at IS NULL`, name))
+	res, err := db.query(ctx, q(`SELECT `+vmColumns+` WHERE v.name = ? AND v.deleted_at IS NULL`, name),
+		q(phaseColumns+` WHERE vm_id IN (SELECT id FROM vms WHERE name = ? AND deleted_at IS NULL)`, name))
 	if err != nil {
 		return VM{}, fmt.Errorf("get vm by name %q: %w", name, err)
 	}
-	rs := rows(res[0])
-	if len(rs) == 0 {
+	vms := withPhases(rows(res[0]), rows(res[1]))
+	if len(vms) == 0 {
 		return VM{}, fieldErr(FieldVMName, name, ErrNotFound)
 	}
-	return scanVM(rs[0]), nil
+	return vms[0], nil
 }
 
 // ListVMs returns all VMs, soft-deleted ones included, oldest first.
 func (db *DB) ListVMs(ctx context.Context) ([]VM, error) {
-	res, err := db.query(ctx, q(`SELECT `+vmColumns+` ORDER BY v.created_at, v.id`))
+	res, err := db.query(ctx, q(`SELECT `+vmColumns+` ORDER BY v.created_at, v.id`), q(phaseColumns))
 	if err != nil {
 		return nil, fmt.Errorf("list vms: %w", err)
 	}
-	rs := rows(res[0])
-	vms := make([]VM, len(rs))
-	for i, r := range rs {
-		vms[i] = scanVM(r)
-	}
-	return vms, nil
+	return withPhases(rows(res[0]), rows(res[1])), nil
 }
 
 // SetVMState records the VM's state (live or soft-deleted) at time at.

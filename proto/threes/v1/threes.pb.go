@@ -151,6 +151,76 @@ func (VMState) EnumDescriptor() ([]byte, []int) {
 	return file_threes_v1_threes_proto_rawDescGZIP(), []int{1}
 }
 
+// VMPhase is a step on a new VM's way onto the tailnet, in the order a VM reaches them.
+// Each is recorded once, the first time the appliance sees it.
+type VMPhase int32
+
+const (
+	VMPhase_VM_PHASE_UNSPECIFIED VMPhase = 0
+	// DEFINED: libvirt holds the VM's domain.
+	VMPhase_VM_PHASE_DEFINED VMPhase = 1
+	// RUNNING: the domain was started.
+	VMPhase_VM_PHASE_RUNNING VMPhase = 2
+	// ADDRESS_LEASED: threes' DHCP server acknowledged the VM's address (DHCP ACK).
+	VMPhase_VM_PHASE_ADDRESS_LEASED VMPhase = 3
+	// CONFIG_FETCHED: the VM read its metadata (any route) from the metadata server.
+	VMPhase_VM_PHASE_CONFIG_FETCHED VMPhase = 4
+	// KEY_TAKEN: the VM took its one-time tailnet auth key.
+	VMPhase_VM_PHASE_KEY_TAKEN VMPhase = 5
+	// ON_TAILNET: the appliance's own tailnet node sees the VM as a peer with its
+	// network's tag (the control plane ties the node to the VM's own key).
+	VMPhase_VM_PHASE_ON_TAILNET VMPhase = 6
+)
+
+// Enum value maps for VMPhase.
+var (
+	VMPhase_name = map[int32]string{
+		0: "VM_PHASE_UNSPECIFIED",
+		1: "VM_PHASE_DEFINED",
+		2: "VM_PHASE_RUNNING",
+		3: "VM_PHASE_ADDRESS_LEASED",
+		4: "VM_PHASE_CONFIG_FETCHED",
+		5: "VM_PHASE_KEY_TAKEN",
+		6: "VM_PHASE_ON_TAILNET",
+	}
+	VMPhase_value = map[string]int32{
+		"VM_PHASE_UNSPECIFIED":    0,
+		"VM_PHASE_DEFINED":        1,
+		"VM_PHASE_RUNNING":        2,
+		"VM_PHASE_ADDRESS_LEASED": 3,
+		"VM_PHASE_CONFIG_FETCHED": 4,
+		"VM_PHASE_KEY_TAKEN":      5,
+		"VM_PHASE_ON_TAILNET":     6,
+	}
+)
+
+func (x VMPhase) Enum() *VMPhase {
+	p := new(VMPhase)
+	*p = x
+	return p
+}
+
+func (x VMPhase) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (VMPhase) Descriptor() protoreflect.EnumDescriptor {
+	return file_threes_v1_threes_proto_enumTypes[2].Descriptor()
+}
+
+func (VMPhase) Type() protoreflect.EnumType {
+	return &file_threes_v1_threes_proto_enumTypes[2]
+}
+
+func (x VMPhase) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use VMPhase.Descriptor instead.
+func (VMPhase) EnumDescriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{2}
+}
+
 // ImageFile says which file of an image a part belongs to.
 type ImageFile int32
 
@@ -190,11 +260,11 @@ func (x ImageFile) String() string {
 }
 
 func (ImageFile) Descriptor() protoreflect.EnumDescriptor {
-	return file_threes_v1_threes_proto_enumTypes[2].Descriptor()
+	return file_threes_v1_threes_proto_enumTypes[3].Descriptor()
 }
 
 func (ImageFile) Type() protoreflect.EnumType {
-	return &file_threes_v1_threes_proto_enumTypes[2]
+	return &file_threes_v1_threes_proto_enumTypes[3]
 }
 
 func (x ImageFile) Number() protoreflect.EnumNumber {
@@ -203,7 +273,71 @@ func (x ImageFile) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ImageFile.Descriptor instead.
 func (ImageFile) EnumDescriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{2}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{3}
+}
+
+// Phase is a phase a VM reached, or tried to reach and could not.
+type Phase struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Phase VMPhase                `protobuf:"varint,1,opt,name=phase,proto3,enum=threes.v1.VMPhase" json:"phase,omitempty"`
+	// at is when the appliance saw it.
+	At *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=at,proto3" json:"at,omitempty"`
+	// error is set when the VM failed this phase, e.g. it asked for its auth key
+	// after the key had already been taken.
+	Error         string `protobuf:"bytes,3,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Phase) Reset() {
+	*x = Phase{}
+	mi := &file_threes_v1_threes_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Phase) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Phase) ProtoMessage() {}
+
+func (x *Phase) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Phase.ProtoReflect.Descriptor instead.
+func (*Phase) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Phase) GetPhase() VMPhase {
+	if x != nil {
+		return x.Phase
+	}
+	return VMPhase_VM_PHASE_UNSPECIFIED
+}
+
+func (x *Phase) GetAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.At
+	}
+	return nil
+}
+
+func (x *Phase) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
 }
 
 // VM is a virtual machine as threes records it.
@@ -223,15 +357,20 @@ type VM struct {
 	// deleted_at is unset while the VM is live.
 	DeletedAt *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=deleted_at,json=deletedAt,proto3" json:"deleted_at,omitempty"`
 	// vcpus and memory_mib follow from type.
-	Vcpus         uint32 `protobuf:"varint,13,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
-	MemoryMib     uint32 `protobuf:"varint,14,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	Vcpus     uint32 `protobuf:"varint,13,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib uint32 `protobuf:"varint,14,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	// phases are those the VM reached (or failed), in phase order.
+	Phases []*Phase `protobuf:"bytes,15,rep,name=phases,proto3" json:"phases,omitempty"`
+	// tailnet_node_id is the control plane's ID of the VM's tailnet node, recorded when
+	// the VM joined; delete removes that node. Empty until then.
+	TailnetNodeId string `protobuf:"bytes,16,opt,name=tailnet_node_id,json=tailnetNodeId,proto3" json:"tailnet_node_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VM) Reset() {
 	*x = VM{}
-	mi := &file_threes_v1_threes_proto_msgTypes[0]
+	mi := &file_threes_v1_threes_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -243,7 +382,7 @@ func (x *VM) String() string {
 func (*VM) ProtoMessage() {}
 
 func (x *VM) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[0]
+	mi := &file_threes_v1_threes_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -256,7 +395,7 @@ func (x *VM) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VM.ProtoReflect.Descriptor instead.
 func (*VM) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{0}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *VM) GetId() string {
@@ -357,6 +496,20 @@ func (x *VM) GetMemoryMib() uint32 {
 	return 0
 }
 
+func (x *VM) GetPhases() []*Phase {
+	if x != nil {
+		return x.Phases
+	}
+	return nil
+}
+
+func (x *VM) GetTailnetNodeId() string {
+	if x != nil {
+		return x.TailnetNodeId
+	}
+	return ""
+}
+
 // CreateRequest describes a VM to create.
 type CreateRequest struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
@@ -377,7 +530,7 @@ type CreateRequest struct {
 
 func (x *CreateRequest) Reset() {
 	*x = CreateRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[1]
+	mi := &file_threes_v1_threes_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -389,7 +542,7 @@ func (x *CreateRequest) String() string {
 func (*CreateRequest) ProtoMessage() {}
 
 func (x *CreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[1]
+	mi := &file_threes_v1_threes_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -402,7 +555,7 @@ func (x *CreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateRequest.ProtoReflect.Descriptor instead.
 func (*CreateRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{1}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *CreateRequest) GetName() string {
@@ -471,7 +624,7 @@ type VMRef struct {
 
 func (x *VMRef) Reset() {
 	*x = VMRef{}
-	mi := &file_threes_v1_threes_proto_msgTypes[2]
+	mi := &file_threes_v1_threes_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -483,7 +636,7 @@ func (x *VMRef) String() string {
 func (*VMRef) ProtoMessage() {}
 
 func (x *VMRef) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[2]
+	mi := &file_threes_v1_threes_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -496,7 +649,7 @@ func (x *VMRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VMRef.ProtoReflect.Descriptor instead.
 func (*VMRef) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{2}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *VMRef) GetId() string {
@@ -517,7 +670,7 @@ type AllRequest struct {
 
 func (x *AllRequest) Reset() {
 	*x = AllRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[3]
+	mi := &file_threes_v1_threes_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -529,7 +682,7 @@ func (x *AllRequest) String() string {
 func (*AllRequest) ProtoMessage() {}
 
 func (x *AllRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[3]
+	mi := &file_threes_v1_threes_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -542,7 +695,7 @@ func (x *AllRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AllRequest.ProtoReflect.Descriptor instead.
 func (*AllRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{3}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *AllRequest) GetIncludeDeleted() bool {
@@ -562,7 +715,7 @@ type GetIDRequest struct {
 
 func (x *GetIDRequest) Reset() {
 	*x = GetIDRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[4]
+	mi := &file_threes_v1_threes_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -574,7 +727,7 @@ func (x *GetIDRequest) String() string {
 func (*GetIDRequest) ProtoMessage() {}
 
 func (x *GetIDRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[4]
+	mi := &file_threes_v1_threes_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -587,7 +740,7 @@ func (x *GetIDRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetIDRequest.ProtoReflect.Descriptor instead.
 func (*GetIDRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{4}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetIDRequest) GetName() string {
@@ -607,7 +760,7 @@ type GetIDResponse struct {
 
 func (x *GetIDResponse) Reset() {
 	*x = GetIDResponse{}
-	mi := &file_threes_v1_threes_proto_msgTypes[5]
+	mi := &file_threes_v1_threes_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -619,7 +772,7 @@ func (x *GetIDResponse) String() string {
 func (*GetIDResponse) ProtoMessage() {}
 
 func (x *GetIDResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[5]
+	mi := &file_threes_v1_threes_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -632,7 +785,7 @@ func (x *GetIDResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetIDResponse.ProtoReflect.Descriptor instead.
 func (*GetIDResponse) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{5}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetIDResponse) GetId() string {
@@ -652,7 +805,7 @@ type PurgeRequest struct {
 
 func (x *PurgeRequest) Reset() {
 	*x = PurgeRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[6]
+	mi := &file_threes_v1_threes_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -664,7 +817,7 @@ func (x *PurgeRequest) String() string {
 func (*PurgeRequest) ProtoMessage() {}
 
 func (x *PurgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[6]
+	mi := &file_threes_v1_threes_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -677,7 +830,7 @@ func (x *PurgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PurgeRequest.ProtoReflect.Descriptor instead.
 func (*PurgeRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{6}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *PurgeRequest) GetIds() []string {
@@ -697,7 +850,7 @@ type PurgeResponse struct {
 
 func (x *PurgeResponse) Reset() {
 	*x = PurgeResponse{}
-	mi := &file_threes_v1_threes_proto_msgTypes[7]
+	mi := &file_threes_v1_threes_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -709,7 +862,7 @@ func (x *PurgeResponse) String() string {
 func (*PurgeResponse) ProtoMessage() {}
 
 func (x *PurgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[7]
+	mi := &file_threes_v1_threes_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -722,7 +875,7 @@ func (x *PurgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PurgeResponse.ProtoReflect.Descriptor instead.
 func (*PurgeResponse) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{7}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *PurgeResponse) GetIds() []string {
@@ -742,7 +895,7 @@ type NetworkRequest struct {
 
 func (x *NetworkRequest) Reset() {
 	*x = NetworkRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[8]
+	mi := &file_threes_v1_threes_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -754,7 +907,7 @@ func (x *NetworkRequest) String() string {
 func (*NetworkRequest) ProtoMessage() {}
 
 func (x *NetworkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[8]
+	mi := &file_threes_v1_threes_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -767,7 +920,7 @@ func (x *NetworkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NetworkRequest.ProtoReflect.Descriptor instead.
 func (*NetworkRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{8}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *NetworkRequest) GetName() string {
@@ -790,7 +943,7 @@ type Network struct {
 
 func (x *Network) Reset() {
 	*x = Network{}
-	mi := &file_threes_v1_threes_proto_msgTypes[9]
+	mi := &file_threes_v1_threes_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -802,7 +955,7 @@ func (x *Network) String() string {
 func (*Network) ProtoMessage() {}
 
 func (x *Network) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[9]
+	mi := &file_threes_v1_threes_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -815,7 +968,7 @@ func (x *Network) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Network.ProtoReflect.Descriptor instead.
 func (*Network) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{9}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Network) GetName() string {
@@ -848,7 +1001,7 @@ type ListNetworksRequest struct {
 
 func (x *ListNetworksRequest) Reset() {
 	*x = ListNetworksRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[10]
+	mi := &file_threes_v1_threes_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -860,7 +1013,7 @@ func (x *ListNetworksRequest) String() string {
 func (*ListNetworksRequest) ProtoMessage() {}
 
 func (x *ListNetworksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[10]
+	mi := &file_threes_v1_threes_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -873,7 +1026,7 @@ func (x *ListNetworksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNetworksRequest.ProtoReflect.Descriptor instead.
 func (*ListNetworksRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{10}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{11}
 }
 
 // ListNetworksResponse lists networks by name.
@@ -886,7 +1039,7 @@ type ListNetworksResponse struct {
 
 func (x *ListNetworksResponse) Reset() {
 	*x = ListNetworksResponse{}
-	mi := &file_threes_v1_threes_proto_msgTypes[11]
+	mi := &file_threes_v1_threes_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -898,7 +1051,7 @@ func (x *ListNetworksResponse) String() string {
 func (*ListNetworksResponse) ProtoMessage() {}
 
 func (x *ListNetworksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[11]
+	mi := &file_threes_v1_threes_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -911,7 +1064,7 @@ func (x *ListNetworksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNetworksResponse.ProtoReflect.Descriptor instead.
 func (*ListNetworksResponse) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{11}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListNetworksResponse) GetNetworks() []*Network {
@@ -935,7 +1088,7 @@ type KV struct {
 
 func (x *KV) Reset() {
 	*x = KV{}
-	mi := &file_threes_v1_threes_proto_msgTypes[12]
+	mi := &file_threes_v1_threes_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -947,7 +1100,7 @@ func (x *KV) String() string {
 func (*KV) ProtoMessage() {}
 
 func (x *KV) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[12]
+	mi := &file_threes_v1_threes_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -960,7 +1113,7 @@ func (x *KV) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KV.ProtoReflect.Descriptor instead.
 func (*KV) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{12}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *KV) GetKey() string {
@@ -1002,7 +1155,7 @@ type KVs struct {
 
 func (x *KVs) Reset() {
 	*x = KVs{}
-	mi := &file_threes_v1_threes_proto_msgTypes[13]
+	mi := &file_threes_v1_threes_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1014,7 +1167,7 @@ func (x *KVs) String() string {
 func (*KVs) ProtoMessage() {}
 
 func (x *KVs) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[13]
+	mi := &file_threes_v1_threes_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1027,7 +1180,7 @@ func (x *KVs) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVs.ProtoReflect.Descriptor instead.
 func (*KVs) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{13}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *KVs) GetVmId() string {
@@ -1055,7 +1208,7 @@ type DeleteKVsRequest struct {
 
 func (x *DeleteKVsRequest) Reset() {
 	*x = DeleteKVsRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[14]
+	mi := &file_threes_v1_threes_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1067,7 +1220,7 @@ func (x *DeleteKVsRequest) String() string {
 func (*DeleteKVsRequest) ProtoMessage() {}
 
 func (x *DeleteKVsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[14]
+	mi := &file_threes_v1_threes_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1080,7 +1233,7 @@ func (x *DeleteKVsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteKVsRequest.ProtoReflect.Descriptor instead.
 func (*DeleteKVsRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{14}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeleteKVsRequest) GetVmId() string {
@@ -1108,7 +1261,7 @@ type ConsoleInput struct {
 
 func (x *ConsoleInput) Reset() {
 	*x = ConsoleInput{}
-	mi := &file_threes_v1_threes_proto_msgTypes[15]
+	mi := &file_threes_v1_threes_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1120,7 +1273,7 @@ func (x *ConsoleInput) String() string {
 func (*ConsoleInput) ProtoMessage() {}
 
 func (x *ConsoleInput) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[15]
+	mi := &file_threes_v1_threes_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1133,7 +1286,7 @@ func (x *ConsoleInput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsoleInput.ProtoReflect.Descriptor instead.
 func (*ConsoleInput) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{15}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ConsoleInput) GetVmId() string {
@@ -1160,7 +1313,7 @@ type ConsoleOutput struct {
 
 func (x *ConsoleOutput) Reset() {
 	*x = ConsoleOutput{}
-	mi := &file_threes_v1_threes_proto_msgTypes[16]
+	mi := &file_threes_v1_threes_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1172,7 +1325,7 @@ func (x *ConsoleOutput) String() string {
 func (*ConsoleOutput) ProtoMessage() {}
 
 func (x *ConsoleOutput) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[16]
+	mi := &file_threes_v1_threes_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1185,7 +1338,7 @@ func (x *ConsoleOutput) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsoleOutput.ProtoReflect.Descriptor instead.
 func (*ConsoleOutput) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{16}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ConsoleOutput) GetData() []byte {
@@ -1209,7 +1362,7 @@ type ImageUpload struct {
 
 func (x *ImageUpload) Reset() {
 	*x = ImageUpload{}
-	mi := &file_threes_v1_threes_proto_msgTypes[17]
+	mi := &file_threes_v1_threes_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1221,7 +1374,7 @@ func (x *ImageUpload) String() string {
 func (*ImageUpload) ProtoMessage() {}
 
 func (x *ImageUpload) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[17]
+	mi := &file_threes_v1_threes_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1234,7 +1387,7 @@ func (x *ImageUpload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageUpload.ProtoReflect.Descriptor instead.
 func (*ImageUpload) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{17}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ImageUpload) GetMsg() isImageUpload_Msg {
@@ -1290,7 +1443,7 @@ type ImageHeader struct {
 
 func (x *ImageHeader) Reset() {
 	*x = ImageHeader{}
-	mi := &file_threes_v1_threes_proto_msgTypes[18]
+	mi := &file_threes_v1_threes_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1302,7 +1455,7 @@ func (x *ImageHeader) String() string {
 func (*ImageHeader) ProtoMessage() {}
 
 func (x *ImageHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[18]
+	mi := &file_threes_v1_threes_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1315,7 +1468,7 @@ func (x *ImageHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageHeader.ProtoReflect.Descriptor instead.
 func (*ImageHeader) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{18}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ImageHeader) GetName() string {
@@ -1343,7 +1496,7 @@ type ImagePart struct {
 
 func (x *ImagePart) Reset() {
 	*x = ImagePart{}
-	mi := &file_threes_v1_threes_proto_msgTypes[19]
+	mi := &file_threes_v1_threes_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1508,7 @@ func (x *ImagePart) String() string {
 func (*ImagePart) ProtoMessage() {}
 
 func (x *ImagePart) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[19]
+	mi := &file_threes_v1_threes_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1368,7 +1521,7 @@ func (x *ImagePart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImagePart.ProtoReflect.Descriptor instead.
 func (*ImagePart) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{19}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ImagePart) GetFile() ImageFile {
@@ -1403,7 +1556,7 @@ type Image struct {
 
 func (x *Image) Reset() {
 	*x = Image{}
-	mi := &file_threes_v1_threes_proto_msgTypes[20]
+	mi := &file_threes_v1_threes_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1415,7 +1568,7 @@ func (x *Image) String() string {
 func (*Image) ProtoMessage() {}
 
 func (x *Image) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[20]
+	mi := &file_threes_v1_threes_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1428,7 +1581,7 @@ func (x *Image) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Image.ProtoReflect.Descriptor instead.
 func (*Image) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{20}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Image) GetName() string {
@@ -1490,7 +1643,7 @@ type ImageRef struct {
 
 func (x *ImageRef) Reset() {
 	*x = ImageRef{}
-	mi := &file_threes_v1_threes_proto_msgTypes[21]
+	mi := &file_threes_v1_threes_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1502,7 +1655,7 @@ func (x *ImageRef) String() string {
 func (*ImageRef) ProtoMessage() {}
 
 func (x *ImageRef) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[21]
+	mi := &file_threes_v1_threes_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1515,7 +1668,7 @@ func (x *ImageRef) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ImageRef.ProtoReflect.Descriptor instead.
 func (*ImageRef) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{21}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ImageRef) GetName() string {
@@ -1534,7 +1687,7 @@ type ListImagesRequest struct {
 
 func (x *ListImagesRequest) Reset() {
 	*x = ListImagesRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[22]
+	mi := &file_threes_v1_threes_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1546,7 +1699,7 @@ func (x *ListImagesRequest) String() string {
 func (*ListImagesRequest) ProtoMessage() {}
 
 func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[22]
+	mi := &file_threes_v1_threes_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1559,7 +1712,7 @@ func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
 func (*ListImagesRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{22}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{23}
 }
 
 // ListImagesResponse lists images by name.
@@ -1572,7 +1725,7 @@ type ListImagesResponse struct {
 
 func (x *ListImagesResponse) Reset() {
 	*x = ListImagesResponse{}
-	mi := &file_threes_v1_threes_proto_msgTypes[23]
+	mi := &file_threes_v1_threes_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1584,7 +1737,7 @@ func (x *ListImagesResponse) String() string {
 func (*ListImagesResponse) ProtoMessage() {}
 
 func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[23]
+	mi := &file_threes_v1_threes_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1597,7 +1750,7 @@ func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
 func (*ListImagesResponse) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{23}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListImagesResponse) GetImages() []*Image {
@@ -1616,7 +1769,7 @@ type WhoAmIRequest struct {
 
 func (x *WhoAmIRequest) Reset() {
 	*x = WhoAmIRequest{}
-	mi := &file_threes_v1_threes_proto_msgTypes[24]
+	mi := &file_threes_v1_threes_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1628,7 +1781,7 @@ func (x *WhoAmIRequest) String() string {
 func (*WhoAmIRequest) ProtoMessage() {}
 
 func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[24]
+	mi := &file_threes_v1_threes_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1641,7 +1794,7 @@ func (x *WhoAmIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIRequest.ProtoReflect.Descriptor instead.
 func (*WhoAmIRequest) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{24}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{25}
 }
 
 // WhoAmIResponse describes the caller as the appliance sees it.
@@ -1661,7 +1814,7 @@ type WhoAmIResponse struct {
 
 func (x *WhoAmIResponse) Reset() {
 	*x = WhoAmIResponse{}
-	mi := &file_threes_v1_threes_proto_msgTypes[25]
+	mi := &file_threes_v1_threes_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1673,7 +1826,7 @@ func (x *WhoAmIResponse) String() string {
 func (*WhoAmIResponse) ProtoMessage() {}
 
 func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_threes_v1_threes_proto_msgTypes[25]
+	mi := &file_threes_v1_threes_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1686,7 +1839,7 @@ func (x *WhoAmIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WhoAmIResponse.ProtoReflect.Descriptor instead.
 func (*WhoAmIResponse) Descriptor() ([]byte, []int) {
-	return file_threes_v1_threes_proto_rawDescGZIP(), []int{25}
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WhoAmIResponse) GetPrincipal() string {
@@ -1735,7 +1888,11 @@ var File_threes_v1_threes_proto protoreflect.FileDescriptor
 
 const file_threes_v1_threes_proto_rawDesc = "" +
 	"\n" +
-	"\x16threes/v1/threes.proto\x12\tthrees.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe8\x03\n" +
+	"\x16threes/v1/threes.proto\x12\tthrees.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n" +
+	"\x05Phase\x12(\n" +
+	"\x05phase\x18\x01 \x01(\x0e2\x12.threes.v1.VMPhaseR\x05phase\x12*\n" +
+	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x14\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\"\xba\x04\n" +
 	"\x02VM\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12 \n" +
@@ -1755,7 +1912,9 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"deleted_at\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\tdeletedAt\x12\x14\n" +
 	"\x05vcpus\x18\r \x01(\rR\x05vcpus\x12\x1d\n" +
 	"\n" +
-	"memory_mib\x18\x0e \x01(\rR\tmemoryMib\"\xf4\x01\n" +
+	"memory_mib\x18\x0e \x01(\rR\tmemoryMib\x12(\n" +
+	"\x06phases\x18\x0f \x03(\v2\x10.threes.v1.PhaseR\x06phases\x12&\n" +
+	"\x0ftailnet_node_id\x18\x10 \x01(\tR\rtailnetNodeId\"\xf4\x01\n" +
 	"\rCreateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12\x18\n" +
@@ -1854,15 +2013,24 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\x10VM_STATE_STOPPED\x10\x03\x12\x14\n" +
 	"\x10VM_STATE_CRASHED\x10\x04\x12\x14\n" +
 	"\x10VM_STATE_DELETED\x10\x05\x12\x14\n" +
-	"\x10VM_STATE_MISSING\x10\x06*j\n" +
+	"\x10VM_STATE_MISSING\x10\x06*\xba\x01\n" +
+	"\aVMPhase\x12\x18\n" +
+	"\x14VM_PHASE_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10VM_PHASE_DEFINED\x10\x01\x12\x14\n" +
+	"\x10VM_PHASE_RUNNING\x10\x02\x12\x1b\n" +
+	"\x17VM_PHASE_ADDRESS_LEASED\x10\x03\x12\x1b\n" +
+	"\x17VM_PHASE_CONFIG_FETCHED\x10\x04\x12\x16\n" +
+	"\x12VM_PHASE_KEY_TAKEN\x10\x05\x12\x17\n" +
+	"\x13VM_PHASE_ON_TAILNET\x10\x06*j\n" +
 	"\tImageFile\x12\x1a\n" +
 	"\x16IMAGE_FILE_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fIMAGE_FILE_DISK\x10\x01\x12\x15\n" +
 	"\x11IMAGE_FILE_KERNEL\x10\x02\x12\x15\n" +
-	"\x11IMAGE_FILE_INITRD\x10\x032\xdf\b\n" +
+	"\x11IMAGE_FILE_INITRD\x10\x032\x8b\t\n" +
 	"\x06Threes\x121\n" +
 	"\x06Create\x12\x18.threes.v1.CreateRequest\x1a\r.threes.v1.VM\x12&\n" +
-	"\x03Get\x12\x10.threes.v1.VMRef\x1a\r.threes.v1.VM\x12-\n" +
+	"\x03Get\x12\x10.threes.v1.VMRef\x1a\r.threes.v1.VM\x12*\n" +
+	"\x05Watch\x12\x10.threes.v1.VMRef\x1a\r.threes.v1.VM0\x01\x12-\n" +
 	"\x03All\x12\x15.threes.v1.AllRequest\x1a\r.threes.v1.VM0\x01\x12:\n" +
 	"\x05GetID\x12\x17.threes.v1.GetIDRequest\x1a\x18.threes.v1.GetIDResponse\x12(\n" +
 	"\x05Start\x12\x10.threes.v1.VMRef\x1a\r.threes.v1.VM\x12'\n" +
@@ -1895,102 +2063,109 @@ func file_threes_v1_threes_proto_rawDescGZIP() []byte {
 	return file_threes_v1_threes_proto_rawDescData
 }
 
-var file_threes_v1_threes_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_threes_v1_threes_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_threes_v1_threes_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_threes_v1_threes_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_threes_v1_threes_proto_goTypes = []any{
 	(VMType)(0),                   // 0: threes.v1.VMType
 	(VMState)(0),                  // 1: threes.v1.VMState
-	(ImageFile)(0),                // 2: threes.v1.ImageFile
-	(*VM)(nil),                    // 3: threes.v1.VM
-	(*CreateRequest)(nil),         // 4: threes.v1.CreateRequest
-	(*VMRef)(nil),                 // 5: threes.v1.VMRef
-	(*AllRequest)(nil),            // 6: threes.v1.AllRequest
-	(*GetIDRequest)(nil),          // 7: threes.v1.GetIDRequest
-	(*GetIDResponse)(nil),         // 8: threes.v1.GetIDResponse
-	(*PurgeRequest)(nil),          // 9: threes.v1.PurgeRequest
-	(*PurgeResponse)(nil),         // 10: threes.v1.PurgeResponse
-	(*NetworkRequest)(nil),        // 11: threes.v1.NetworkRequest
-	(*Network)(nil),               // 12: threes.v1.Network
-	(*ListNetworksRequest)(nil),   // 13: threes.v1.ListNetworksRequest
-	(*ListNetworksResponse)(nil),  // 14: threes.v1.ListNetworksResponse
-	(*KV)(nil),                    // 15: threes.v1.KV
-	(*KVs)(nil),                   // 16: threes.v1.KVs
-	(*DeleteKVsRequest)(nil),      // 17: threes.v1.DeleteKVsRequest
-	(*ConsoleInput)(nil),          // 18: threes.v1.ConsoleInput
-	(*ConsoleOutput)(nil),         // 19: threes.v1.ConsoleOutput
-	(*ImageUpload)(nil),           // 20: threes.v1.ImageUpload
-	(*ImageHeader)(nil),           // 21: threes.v1.ImageHeader
-	(*ImagePart)(nil),             // 22: threes.v1.ImagePart
-	(*Image)(nil),                 // 23: threes.v1.Image
-	(*ImageRef)(nil),              // 24: threes.v1.ImageRef
-	(*ListImagesRequest)(nil),     // 25: threes.v1.ListImagesRequest
-	(*ListImagesResponse)(nil),    // 26: threes.v1.ListImagesResponse
-	(*WhoAmIRequest)(nil),         // 27: threes.v1.WhoAmIRequest
-	(*WhoAmIResponse)(nil),        // 28: threes.v1.WhoAmIResponse
-	(*timestamppb.Timestamp)(nil), // 29: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),         // 30: google.protobuf.Empty
+	(VMPhase)(0),                  // 2: threes.v1.VMPhase
+	(ImageFile)(0),                // 3: threes.v1.ImageFile
+	(*Phase)(nil),                 // 4: threes.v1.Phase
+	(*VM)(nil),                    // 5: threes.v1.VM
+	(*CreateRequest)(nil),         // 6: threes.v1.CreateRequest
+	(*VMRef)(nil),                 // 7: threes.v1.VMRef
+	(*AllRequest)(nil),            // 8: threes.v1.AllRequest
+	(*GetIDRequest)(nil),          // 9: threes.v1.GetIDRequest
+	(*GetIDResponse)(nil),         // 10: threes.v1.GetIDResponse
+	(*PurgeRequest)(nil),          // 11: threes.v1.PurgeRequest
+	(*PurgeResponse)(nil),         // 12: threes.v1.PurgeResponse
+	(*NetworkRequest)(nil),        // 13: threes.v1.NetworkRequest
+	(*Network)(nil),               // 14: threes.v1.Network
+	(*ListNetworksRequest)(nil),   // 15: threes.v1.ListNetworksRequest
+	(*ListNetworksResponse)(nil),  // 16: threes.v1.ListNetworksResponse
+	(*KV)(nil),                    // 17: threes.v1.KV
+	(*KVs)(nil),                   // 18: threes.v1.KVs
+	(*DeleteKVsRequest)(nil),      // 19: threes.v1.DeleteKVsRequest
+	(*ConsoleInput)(nil),          // 20: threes.v1.ConsoleInput
+	(*ConsoleOutput)(nil),         // 21: threes.v1.ConsoleOutput
+	(*ImageUpload)(nil),           // 22: threes.v1.ImageUpload
+	(*ImageHeader)(nil),           // 23: threes.v1.ImageHeader
+	(*ImagePart)(nil),             // 24: threes.v1.ImagePart
+	(*Image)(nil),                 // 25: threes.v1.Image
+	(*ImageRef)(nil),              // 26: threes.v1.ImageRef
+	(*ListImagesRequest)(nil),     // 27: threes.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),    // 28: threes.v1.ListImagesResponse
+	(*WhoAmIRequest)(nil),         // 29: threes.v1.WhoAmIRequest
+	(*WhoAmIResponse)(nil),        // 30: threes.v1.WhoAmIResponse
+	(*timestamppb.Timestamp)(nil), // 31: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),         // 32: google.protobuf.Empty
 }
 var file_threes_v1_threes_proto_depIdxs = []int32{
-	0,  // 0: threes.v1.VM.type:type_name -> threes.v1.VMType
-	1,  // 1: threes.v1.VM.state:type_name -> threes.v1.VMState
-	29, // 2: threes.v1.VM.created_at:type_name -> google.protobuf.Timestamp
-	29, // 3: threes.v1.VM.updated_at:type_name -> google.protobuf.Timestamp
-	29, // 4: threes.v1.VM.deleted_at:type_name -> google.protobuf.Timestamp
-	0,  // 5: threes.v1.CreateRequest.type:type_name -> threes.v1.VMType
-	15, // 6: threes.v1.CreateRequest.kvs:type_name -> threes.v1.KV
-	29, // 7: threes.v1.Network.created_at:type_name -> google.protobuf.Timestamp
-	12, // 8: threes.v1.ListNetworksResponse.networks:type_name -> threes.v1.Network
-	15, // 9: threes.v1.KVs.kvs:type_name -> threes.v1.KV
-	21, // 10: threes.v1.ImageUpload.header:type_name -> threes.v1.ImageHeader
-	22, // 11: threes.v1.ImageUpload.part:type_name -> threes.v1.ImagePart
-	2,  // 12: threes.v1.ImagePart.file:type_name -> threes.v1.ImageFile
-	29, // 13: threes.v1.Image.imported_at:type_name -> google.protobuf.Timestamp
-	23, // 14: threes.v1.ListImagesResponse.images:type_name -> threes.v1.Image
-	4,  // 15: threes.v1.Threes.Create:input_type -> threes.v1.CreateRequest
-	5,  // 16: threes.v1.Threes.Get:input_type -> threes.v1.VMRef
-	6,  // 17: threes.v1.Threes.All:input_type -> threes.v1.AllRequest
-	7,  // 18: threes.v1.Threes.GetID:input_type -> threes.v1.GetIDRequest
-	5,  // 19: threes.v1.Threes.Start:input_type -> threes.v1.VMRef
-	5,  // 20: threes.v1.Threes.Stop:input_type -> threes.v1.VMRef
-	5,  // 21: threes.v1.Threes.Restart:input_type -> threes.v1.VMRef
-	5,  // 22: threes.v1.Threes.Delete:input_type -> threes.v1.VMRef
-	9,  // 23: threes.v1.Threes.Purge:input_type -> threes.v1.PurgeRequest
-	11, // 24: threes.v1.Threes.CreateNetwork:input_type -> threes.v1.NetworkRequest
-	11, // 25: threes.v1.Threes.DeleteNetwork:input_type -> threes.v1.NetworkRequest
-	13, // 26: threes.v1.Threes.ListNetworks:input_type -> threes.v1.ListNetworksRequest
-	5,  // 27: threes.v1.Threes.GetKVs:input_type -> threes.v1.VMRef
-	16, // 28: threes.v1.Threes.UpsertKVs:input_type -> threes.v1.KVs
-	17, // 29: threes.v1.Threes.DeleteKVs:input_type -> threes.v1.DeleteKVsRequest
-	18, // 30: threes.v1.Threes.Console:input_type -> threes.v1.ConsoleInput
-	20, // 31: threes.v1.Threes.ImportImage:input_type -> threes.v1.ImageUpload
-	25, // 32: threes.v1.Threes.ListImages:input_type -> threes.v1.ListImagesRequest
-	24, // 33: threes.v1.Threes.DeleteImage:input_type -> threes.v1.ImageRef
-	27, // 34: threes.v1.Threes.WhoAmI:input_type -> threes.v1.WhoAmIRequest
-	3,  // 35: threes.v1.Threes.Create:output_type -> threes.v1.VM
-	3,  // 36: threes.v1.Threes.Get:output_type -> threes.v1.VM
-	3,  // 37: threes.v1.Threes.All:output_type -> threes.v1.VM
-	8,  // 38: threes.v1.Threes.GetID:output_type -> threes.v1.GetIDResponse
-	3,  // 39: threes.v1.Threes.Start:output_type -> threes.v1.VM
-	3,  // 40: threes.v1.Threes.Stop:output_type -> threes.v1.VM
-	3,  // 41: threes.v1.Threes.Restart:output_type -> threes.v1.VM
-	3,  // 42: threes.v1.Threes.Delete:output_type -> threes.v1.VM
-	10, // 43: threes.v1.Threes.Purge:output_type -> threes.v1.PurgeResponse
-	12, // 44: threes.v1.Threes.CreateNetwork:output_type -> threes.v1.Network
-	30, // 45: threes.v1.Threes.DeleteNetwork:output_type -> google.protobuf.Empty
-	14, // 46: threes.v1.Threes.ListNetworks:output_type -> threes.v1.ListNetworksResponse
-	16, // 47: threes.v1.Threes.GetKVs:output_type -> threes.v1.KVs
-	16, // 48: threes.v1.Threes.UpsertKVs:output_type -> threes.v1.KVs
-	16, // 49: threes.v1.Threes.DeleteKVs:output_type -> threes.v1.KVs
-	19, // 50: threes.v1.Threes.Console:output_type -> threes.v1.ConsoleOutput
-	23, // 51: threes.v1.Threes.ImportImage:output_type -> threes.v1.Image
-	26, // 52: threes.v1.Threes.ListImages:output_type -> threes.v1.ListImagesResponse
-	30, // 53: threes.v1.Threes.DeleteImage:output_type -> google.protobuf.Empty
-	28, // 54: threes.v1.Threes.WhoAmI:output_type -> threes.v1.WhoAmIResponse
-	35, // [35:55] is the sub-list for method output_type
-	15, // [15:35] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	2,  // 0: threes.v1.Phase.phase:type_name -> threes.v1.VMPhase
+	31, // 1: threes.v1.Phase.at:type_name -> google.protobuf.Timestamp
+	0,  // 2: threes.v1.VM.type:type_name -> threes.v1.VMType
+	1,  // 3: threes.v1.VM.state:type_name -> threes.v1.VMState
+	31, // 4: threes.v1.VM.created_at:type_name -> google.protobuf.Timestamp
+	31, // 5: threes.v1.VM.updated_at:type_name -> google.protobuf.Timestamp
+	31, // 6: threes.v1.VM.deleted_at:type_name -> google.protobuf.Timestamp
+	4,  // 7: threes.v1.VM.phases:type_name -> threes.v1.Phase
+	0,  // 8: threes.v1.CreateRequest.type:type_name -> threes.v1.VMType
+	17, // 9: threes.v1.CreateRequest.kvs:type_name -> threes.v1.KV
+	31, // 10: threes.v1.Network.created_at:type_name -> google.protobuf.Timestamp
+	14, // 11: threes.v1.ListNetworksResponse.networks:type_name -> threes.v1.Network
+	17, // 12: threes.v1.KVs.kvs:type_name -> threes.v1.KV
+	23, // 13: threes.v1.ImageUpload.header:type_name -> threes.v1.ImageHeader
+	24, // 14: threes.v1.ImageUpload.part:type_name -> threes.v1.ImagePart
+	3,  // 15: threes.v1.ImagePart.file:type_name -> threes.v1.ImageFile
+	31, // 16: threes.v1.Image.imported_at:type_name -> google.protobuf.Timestamp
+	25, // 17: threes.v1.ListImagesResponse.images:type_name -> threes.v1.Image
+	6,  // 18: threes.v1.Threes.Create:input_type -> threes.v1.CreateRequest
+	7,  // 19: threes.v1.Threes.Get:input_type -> threes.v1.VMRef
+	7,  // 20: threes.v1.Threes.Watch:input_type -> threes.v1.VMRef
+	8,  // 21: threes.v1.Threes.All:input_type -> threes.v1.AllRequest
+	9,  // 22: threes.v1.Threes.GetID:input_type -> threes.v1.GetIDRequest
+	7,  // 23: threes.v1.Threes.Start:input_type -> threes.v1.VMRef
+	7,  // 24: threes.v1.Threes.Stop:input_type -> threes.v1.VMRef
+	7,  // 25: threes.v1.Threes.Restart:input_type -> threes.v1.VMRef
+	7,  // 26: threes.v1.Threes.Delete:input_type -> threes.v1.VMRef
+	11, // 27: threes.v1.Threes.Purge:input_type -> threes.v1.PurgeRequest
+	13, // 28: threes.v1.Threes.CreateNetwork:input_type -> threes.v1.NetworkRequest
+	13, // 29: threes.v1.Threes.DeleteNetwork:input_type -> threes.v1.NetworkRequest
+	15, // 30: threes.v1.Threes.ListNetworks:input_type -> threes.v1.ListNetworksRequest
+	7,  // 31: threes.v1.Threes.GetKVs:input_type -> threes.v1.VMRef
+	18, // 32: threes.v1.Threes.UpsertKVs:input_type -> threes.v1.KVs
+	19, // 33: threes.v1.Threes.DeleteKVs:input_type -> threes.v1.DeleteKVsRequest
+	20, // 34: threes.v1.Threes.Console:input_type -> threes.v1.ConsoleInput
+	22, // 35: threes.v1.Threes.ImportImage:input_type -> threes.v1.ImageUpload
+	27, // 36: threes.v1.Threes.ListImages:input_type -> threes.v1.ListImagesRequest
+	26, // 37: threes.v1.Threes.DeleteImage:input_type -> threes.v1.ImageRef
+	29, // 38: threes.v1.Threes.WhoAmI:input_type -> threes.v1.WhoAmIRequest
+	5,  // 39: threes.v1.Threes.Create:output_type -> threes.v1.VM
+	5,  // 40: threes.v1.Threes.Get:output_type -> threes.v1.VM
+	5,  // 41: threes.v1.Threes.Watch:output_type -> threes.v1.VM
+	5,  // 42: threes.v1.Threes.All:output_type -> threes.v1.VM
+	10, // 43: threes.v1.Threes.GetID:output_type -> threes.v1.GetIDResponse
+	5,  // 44: threes.v1.Threes.Start:output_type -> threes.v1.VM
+	5,  // 45: threes.v1.Threes.Stop:output_type -> threes.v1.VM
+	5,  // 46: threes.v1.Threes.Restart:output_type -> threes.v1.VM
+	5,  // 47: threes.v1.Threes.Delete:output_type -> threes.v1.VM
+	12, // 48: threes.v1.Threes.Purge:output_type -> threes.v1.PurgeResponse
+	14, // 49: threes.v1.Threes.CreateNetwork:output_type -> threes.v1.Network
+	32, // 50: threes.v1.Threes.DeleteNetwork:output_type -> google.protobuf.Empty
+	16, // 51: threes.v1.Threes.ListNetworks:output_type -> threes.v1.ListNetworksResponse
+	18, // 52: threes.v1.Threes.GetKVs:output_type -> threes.v1.KVs
+	18, // 53: threes.v1.Threes.UpsertKVs:output_type -> threes.v1.KVs
+	18, // 54: threes.v1.Threes.DeleteKVs:output_type -> threes.v1.KVs
+	21, // 55: threes.v1.Threes.Console:output_type -> threes.v1.ConsoleOutput
+	25, // 56: threes.v1.Threes.ImportImage:output_type -> threes.v1.Image
+	28, // 57: threes.v1.Threes.ListImages:output_type -> threes.v1.ListImagesResponse
+	32, // 58: threes.v1.Threes.DeleteImage:output_type -> google.protobuf.Empty
+	30, // 59: threes.v1.Threes.WhoAmI:output_type -> threes.v1.WhoAmIResponse
+	39, // [39:60] is the sub-list for method output_type
+	18, // [18:39] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_threes_v1_threes_proto_init() }
@@ -1998,7 +2173,7 @@ func file_threes_v1_threes_proto_init() {
 	if File_threes_v1_threes_proto != nil {
 		return
 	}
-	file_threes_v1_threes_proto_msgTypes[17].OneofWrappers = []any{
+	file_threes_v1_threes_proto_msgTypes[18].OneofWrappers = []any{
 		(*ImageUpload_Header)(nil),
 		(*ImageUpload_Part)(nil),
 	}
@@ -2007,8 +2182,8 @@ func file_threes_v1_threes_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_threes_v1_threes_proto_rawDesc), len(file_threes_v1_threes_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   26,
+			NumEnums:      4,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

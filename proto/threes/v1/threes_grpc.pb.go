@@ -25,6 +25,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	Threes_Create_FullMethodName        = "/threes.v1.Threes/Create"
 	Threes_Get_FullMethodName           = "/threes.v1.Threes/Get"
+	Threes_Watch_FullMethodName         = "/threes.v1.Threes/Watch"
 	Threes_All_FullMethodName           = "/threes.v1.Threes/All"
 	Threes_GetID_FullMethodName         = "/threes.v1.Threes/GetID"
 	Threes_Start_FullMethodName         = "/threes.v1.Threes/Start"
@@ -55,6 +56,9 @@ type ThreesClient interface {
 	Create(ctx context.Context, in *CreateRequest, opts ...grpc.CallOption) (*VM, error)
 	// Get returns one VM by ID.
 	Get(ctx context.Context, in *VMRef, opts ...grpc.CallOption) (*VM, error)
+	// Watch streams a VM: once at once, then again each time its record changes (a
+	// phase reached, its state), until the caller ends the call or the VM is purged.
+	Watch(ctx context.Context, in *VMRef, opts ...grpc.CallOption) (grpc.ServerStreamingClient[VM], error)
 	// All streams every VM, oldest first.
 	All(ctx context.Context, in *AllRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[VM], error)
 	// GetID returns the ID of the live VM with a name.
@@ -122,9 +126,28 @@ func (c *threesClient) Get(ctx context.Context, in *VMRef, opts ...grpc.CallOpti
 	return out, nil
 }
 
+func (c *threesClient) Watch(ctx context.Context, in *VMRef, opts ...grpc.CallOption) (grpc.ServerStreamingClient[VM], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Threes_ServiceDesc.Streams[0], Threes_Watch_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[VMRef, VM]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Threes_WatchClient = grpc.ServerStreamingClient[VM]
+
 func (c *threesClient) All(ctx context.Context, in *AllRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[VM], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Threes_ServiceDesc.Streams[0], Threes_All_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Threes_ServiceDesc.Streams[1], Threes_All_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -263,7 +286,7 @@ func (c *threesClient) DeleteKVs(ctx context.Context, in *DeleteKVsRequest, opts
 
 func (c *threesClient) Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Threes_ServiceDesc.Streams[1], Threes_Console_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Threes_ServiceDesc.Streams[2], Threes_Console_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -276,7 +299,7 @@ type Threes_ConsoleClient = grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput
 
 func (c *threesClient) ImportImage(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[ImageUpload, Image], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &Threes_ServiceDesc.Streams[2], Threes_ImportImage_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &Threes_ServiceDesc.Streams[3], Threes_ImportImage_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -327,6 +350,9 @@ type ThreesServer interface {
 	Create(context.Context, *CreateRequest) (*VM, error)
 	// Get returns one VM by ID.
 	Get(context.Context, *VMRef) (*VM, error)
+	// Watch streams a VM: once at once, then again each time its record changes (a
+	// phase reached, its state), until the caller ends the call or the VM is purged.
+	Watch(*VMRef, grpc.ServerStreamingServer[VM]) error
 	// All streams every VM, oldest first.
 	All(*AllRequest, grpc.ServerStreamingServer[VM]) error
 	// GetID returns the ID of the live VM with a name.
@@ -379,6 +405,9 @@ func (UnimplementedThreesServer) Create(context.Context, *CreateRequest) (*VM, e
 }
 func (UnimplementedThreesServer) Get(context.Context, *VMRef) (*VM, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Get not implemented")
+}
+func (UnimplementedThreesServer) Watch(*VMRef, grpc.ServerStreamingServer[VM]) error {
+	return status.Errorf(codes.Unimplemented, "method Watch not implemented")
 }
 func (UnimplementedThreesServer) All(*AllRequest, grpc.ServerStreamingServer[VM]) error {
 	return status.Errorf(codes.Unimplemented, "method All not implemented")
@@ -490,6 +519,17 @@ func _Threes_Get_Handler(srv interface{}, ctx context.Context, dec func(interfac
 	}
 	return interceptor(ctx, in, info, handler)
 }
+
+func _Threes_Watch_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(VMRef)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ThreesServer).Watch(m, &grpc.GenericServerStream[VMRef, VM]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Threes_WatchServer = grpc.ServerStreamingServer[VM]
 
 func _Threes_All_Handler(srv interface{}, stream grpc.ServerStream) error {
 	m := new(AllRequest)
@@ -863,6 +903,11 @@ var Threes_ServiceDesc = grpc.ServiceDesc{
 		},
 	},
 	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Watch",
+			Handler:       _Threes_Watch_Handler,
+			ServerStreams: true,
+		},
 		{
 			StreamName:    "All",
 			Handler:       _Threes_All_Handler,
