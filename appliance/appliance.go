@@ -248,6 +248,7 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 			o.Logger.Error("watch tailnet for identity changes", "err", err)
 		}
 	}()
+	go a.life.watchJoins(runCtx, lc)
 
 	// 7. DHCP and metadata for VMs, on the bridge only.
 	if err := a.startNetboot(runCtx, o, pool); err != nil {

@@ -60,6 +60,8 @@ type Lifecycle struct {
 	// beforePass runs at the start of each reconcile pass (tests hold a pass
 	// back with it); nil outside tests.
 	beforePass func(context.Context)
+	// phases records the phases a new VM reaches (set up by watch).
+	phases *phaseRecorder
 }
 
 // validate checks a create request field by field, naming the first bad one.
@@ -240,11 +242,18 @@ func (l *Lifecycle) create(ctx context.Context, s CreateSpec, size Size, img ima
 	}
 	undo.add("remove domain", func() error { return l.hv.Remove(context.WithoutCancel(ctx), vm.ID) })
 	l.crashPoint(stepDomainCreated)
+	// hv.Create defines and starts in one call: the domain is defined now.
+	l.phases.recordNow(ctx, vm.ID, PhaseDefined, l.now())
 
 	if err := l.setState(ctx, &vm, StateRunning); err != nil {
 		return vm, err
 	}
 	l.crashPoint(stepStateRunning)
+	l.phases.recordNow(ctx, vm.ID, PhaseRunning, vm.UpdatedAt)
+	// Read back for the phases just recorded; a failed read is no reason to undo.
+	if got, rerr := l.db.GetVM(ctx, vm.ID); rerr == nil {
+		vm = got
+	}
 	return vm, nil
 }
 
@@ -389,17 +398,24 @@ func (l *Lifecycle) Purge(ctx context.Context, ids []string) ([]string, error) {
 }
 
 // leaveTailnet removes a VM's device from the tailnet and revokes its auth key, in
-// case it was never used.
+// case it was never used. The device is found by what the guest cannot change: the
+// node ID recorded when it joined, and the key it joined with (see vmDevices).
 func (l *Lifecycle) leaveTailnet(ctx context.Context, vm embeddb.VM) error {
 	if l.plane == nil {
 		return nil
 	}
-	if err := l.plane.RemoveDevice(ctx, vm.Name); err != nil {
-		return fmt.Errorf("remove device from tailnet: %w", err)
-	}
 	cfg, err := l.db.GetVMConfig(ctx, vm.ID)
 	if err != nil {
 		return err
+	}
+	ids, err := l.vmDevices(ctx, vm, cfg)
+	if err != nil {
+		return fmt.Errorf("find device on tailnet: %w", err)
+	}
+	for _, id := range ids {
+		if err := l.plane.RemoveDevice(ctx, id); err != nil {
+			return fmt.Errorf("remove device %s from tailnet: %w", id, err)
+		}
 	}
 	if cfg.AuthKeyID != "" {
 		if err := l.plane.RevokeAuthKey(ctx, cfg.AuthKeyID); err != nil {
@@ -430,6 +446,7 @@ func (l *Lifecycle) purgeLocked(ctx context.Context, vm embeddb.VM) error {
 	if err := l.db.PurgeVM(ctx, vm.ID); err != nil {
 		return fmt.Errorf("purge vm %s: %w", vm.Name, err)
 	}
+	l.phases.forget(vm.ID, vm.MAC)
 	if hw, err := net.ParseMAC(vm.MAC); err == nil {
 		if err := l.ipam.Release(hw); err != nil && !errors.Is(err, ipam.ErrNotFound) {
 			l.log.Warn("release address", "vm", vm.ID, "err", err)

@@ -32,6 +32,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 	var ln net.Listener
 	var missing error
 	src := newMDSource(a.db, o.Now)
+	src.phases = a.life.phases
 	// The sockets are opened where the bridge is; they stay there afterwards.
 	open := func() (err error) {
 		if missing = bridgeHas(o.Bridge, gw); missing != nil {
@@ -43,6 +44,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 			IPAM:      pool,
 			Log:       log.With("component", "dhcp"),
 			Now:       o.Now,
+			OnAck:     a.life.phases.leased,
 		}); err != nil {
 			return fmt.Errorf("dhcp on %s: %w", o.Bridge, err)
 		}
@@ -119,7 +121,8 @@ func (a *Appliance) portOf(src *mdSource) func(netip.Addr, net.HardwareAddr) str
 	return func(ip netip.Addr, _ net.HardwareAddr) string {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		in, err := src.ByIP(ctx, ip)
+		// lookup, not ByIP: the request is not served yet, and may be refused.
+		in, err := src.lookup(ctx, ip)
 		if err != nil {
 			// No VM there: the request is refused by the source anyway.
 			return ""
@@ -160,6 +163,8 @@ func bridgeHas(name string, addr netip.Addr) error {
 type mdSource struct {
 	db  *embeddb.DB
 	now func() time.Time
+	// phases hears which VMs read their config and took their key (nil: nobody).
+	phases *phaseRecorder
 
 	mu     sync.RWMutex
 	byIP   map[netip.Addr]mdEntry
@@ -175,7 +180,18 @@ func newMDSource(db *embeddb.DB, now func() time.Time) *mdSource {
 	return &mdSource{db: db, now: now, byIP: map[netip.Addr]mdEntry{}, served: map[string]bool{}}
 }
 
+// ByIP is the metadata server's lookup, made once the request passed its checks:
+// the VM is reading its config.
 func (s *mdSource) ByIP(ctx context.Context, ip netip.Addr) (metadata.Instance, error) {
+	in, err := s.lookup(ctx, ip)
+	if err == nil {
+		s.phases.mark(in.ID, PhaseConfigFetched, s.now(), "")
+	}
+	return in, err
+}
+
+// lookup returns the live VM at ip, from the cache while it is current.
+func (s *mdSource) lookup(ctx context.Context, ip netip.Addr) (metadata.Instance, error) {
 	s.mu.RLock()
 	e, ok := s.byIP[ip]
 	s.mu.RUnlock()
@@ -235,6 +251,7 @@ func (s *mdSource) TakeAuthKey(ctx context.Context, vmID string) (string, error)
 	served := s.served[vmID]
 	s.mu.RUnlock()
 	if served {
+		s.phases.mark(vmID, PhaseKeyTaken, s.now(), keyTakenAlready)
 		return "", metadata.ErrAuthKeyTaken
 	}
 	key, err := s.db.TakeAuthKey(ctx, vmID, s.now())
@@ -242,6 +259,14 @@ func (s *mdSource) TakeAuthKey(ctx context.Context, vmID string) (string, error)
 		s.mu.Lock()
 		s.served[vmID] = true
 		s.mu.Unlock()
+	}
+	switch {
+	case err == nil && key != "":
+		s.phases.mark(vmID, PhaseKeyTaken, s.now(), "")
+	case errors.Is(err, embeddb.ErrAlreadyServed):
+		// Kept only if this VM never took it: a VM that joined and asks again
+		// (a reboot) keeps its key_taken.
+		s.phases.mark(vmID, PhaseKeyTaken, s.now(), keyTakenAlready)
 	}
 	switch {
 	case errors.Is(err, embeddb.ErrAlreadyServed):
@@ -253,6 +278,10 @@ func (s *mdSource) TakeAuthKey(ctx context.Context, vmID string) (string, error)
 	}
 	return key, nil
 }
+
+// keyTakenAlready is the key_taken phase's error when a VM asks for its key after it
+// was handed out, to it before or to whoever asked first.
+const keyTakenAlready = "the vm asked for its auth key after it had already been taken"
 
 func notFound(err error) error {
 	if errors.Is(err, embeddb.ErrNotFound) {

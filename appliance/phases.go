@@ -3,6 +3,7 @@ package appliance
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -12,9 +13,15 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
+	"tailscale.com/client/local"
+	"tailscale.com/ipn"
+	"tailscale.com/ipn/ipnstate"
+	"tailscale.com/tailcfg"
 
 	"github.com/threes-dev/threes/embeddb"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
+	"github.com/threes-dev/threes/tsauth/control"
+	"github.com/threes-dev/threes/tsauth/policy"
 )
 
 // The phases of a new VM on its way onto the tailnet, as the database records them,
@@ -111,6 +118,9 @@ func (r *phaseRecorder) write(ctx context.Context, m phaseMark) {
 // mark queues that the VM reached phase at time at (or failed it, with failure),
 // unless that is already recorded or queued.
 func (r *phaseRecorder) mark(vmID, phase string, at time.Time, failure string) {
+	if r == nil {
+		return
+	}
 	key := vmID + " " + phase
 	if failure != "" {
 		key += " failed"
@@ -120,6 +130,9 @@ func (r *phaseRecorder) mark(vmID, phase string, at time.Time, failure string) {
 
 // leased is DHCP's hook: it acknowledged ip for mac at time at.
 func (r *phaseRecorder) leased(mac net.HardwareAddr, ip netip.Addr, at time.Time) {
+	if r == nil {
+		return
+	}
 	r.enqueue(phaseMark{phase: PhaseAddressLeased, at: at, mac: slices.Clone(mac), ip: ip,
 		key: "lease " + mac.String() + " " + ip.String()})
 }
@@ -141,6 +154,9 @@ func (r *phaseRecorder) enqueue(m phaseMark) {
 
 // recordNow writes a phase the caller sees on its own (slow) path, such as a create.
 func (r *phaseRecorder) recordNow(ctx context.Context, vmID, phase string, at time.Time) {
+	if r == nil {
+		return
+	}
 	if _, err := r.db.RecordVMPhase(ctx, vmID, phase, at, ""); err != nil && ctx.Err() == nil {
 		r.log.Warn("record vm phase", "vm", vmID, "phase", phase, "err", err)
 		return
@@ -158,6 +174,9 @@ func (r *phaseRecorder) forgetKey(key string) {
 
 // forget drops what the recorder remembers about a purged VM.
 func (r *phaseRecorder) forget(vmID string, mac string) {
+	if r == nil {
+		return
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for k := range r.done {
@@ -165,4 +184,186 @@ func (r *phaseRecorder) forget(vmID string, mac string) {
 			delete(r.done, k)
 		}
 	}
+}
+
+// tailnetStatus is the part of the appliance's tailnet node the join watcher reads.
+type tailnetStatus interface {
+	WatchIPNBus(ctx context.Context, mask ipn.NotifyWatchOpt) (*local.IPNBusWatcher, error)
+	Status(ctx context.Context) (*ipnstate.Status, error)
+}
+
+// joinRecheck is how often the join watcher looks at the node's peers again without
+// a netmap change: a device the control plane did not list yet is tried again.
+const joinRecheck = 5 * time.Second
+
+// watchJoins records each VM that comes onto the tailnet: the appliance's own node
+// sees a peer with a threes network tag, the control plane says which VM's key that
+// node joined with, and the VM gets the node's ID and its on_tailnet phase. Without a
+// control plane threes mints no keys and cannot tell which VM a node is. It runs
+// until ctx ends.
+func (l *Lifecycle) watchJoins(ctx context.Context, lc tailnetStatus) {
+	if l.plane == nil {
+		return
+	}
+	settled := map[tailcfg.StableNodeID]bool{}
+	changed := make(chan struct{}, 1)
+	go func() {
+		for ctx.Err() == nil {
+			w, err := lc.WatchIPNBus(ctx, ipn.NotifyInitialState|ipn.NotifyPeerChanges)
+			if err == nil {
+				for {
+					n, err := w.Next()
+					if err != nil {
+						break
+					}
+					if n.NetMap != nil || len(n.PeersChanged) > 0 || n.State != nil || n.SelfChange != nil {
+						select {
+						case changed <- struct{}{}:
+						default:
+						}
+					}
+				}
+				w.Close()
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+	}()
+	t := time.NewTicker(joinRecheck)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-t.C:
+		}
+		l.checkJoins(ctx, lc, settled)
+	}
+}
+
+// checkJoins attributes the tagged peers not settled yet.
+func (l *Lifecycle) checkJoins(ctx context.Context, lc tailnetStatus, settled map[tailcfg.StableNodeID]bool) {
+	st, err := lc.Status(ctx)
+	if err != nil {
+		return
+	}
+	at := l.now()
+	var fresh []tailcfg.StableNodeID
+	for _, p := range st.Peer {
+		if settled[p.ID] || p.Tags == nil || !slices.ContainsFunc(p.Tags.AsSlice(), l.isNetworkTag) {
+			continue
+		}
+		fresh = append(fresh, p.ID)
+	}
+	if len(fresh) == 0 {
+		return
+	}
+	devs, err := l.plane.Devices(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			l.log.Warn("tailnet joins: list devices", "err", err)
+		}
+		return
+	}
+	for _, id := range fresh {
+		i := slices.IndexFunc(devs, func(d control.Device) bool { return d.ID == string(id) })
+		if i < 0 {
+			continue // not listed yet: the next check tries again
+		}
+		if l.joined(ctx, devs[i], at) {
+			settled[id] = true
+		}
+	}
+}
+
+// joined records that device d is the VM whose key it joined with, and reports
+// whether d is settled (a VM's, or no VM's).
+func (l *Lifecycle) joined(ctx context.Context, d control.Device, at time.Time) bool {
+	vm, err := l.deviceVM(ctx, d)
+	if errors.Is(err, embeddb.ErrNotFound) {
+		return true
+	}
+	if err != nil {
+		if ctx.Err() == nil {
+			l.log.Warn("tailnet joins: which vm", "device", d.ID, "err", err)
+		}
+		return false
+	}
+	if tag, _ := policy.NetworkTag(l.ownerTag, vm.Network); !slices.Contains(d.Tags, tag) {
+		l.log.Warn("tailnet joins: vm's node lacks its network's tag", "vm", vm.ID, "name", vm.Name, "device", d.ID, "tags", d.Tags, "want", tag)
+		return true
+	}
+	// Under the VM's lock, read again: a delete in between has removed the device.
+	defer l.locks.lock(vm.ID)()
+	if vm, err = l.db.GetVM(ctx, vm.ID); err != nil || !vm.Live() || vm.NodeID == d.ID {
+		return err == nil || errors.Is(err, embeddb.ErrNotFound)
+	}
+	if err := l.db.SetVMNodeID(ctx, vm.ID, d.ID); err != nil {
+		return errors.Is(err, embeddb.ErrNotFound)
+	}
+	l.phases.recordNow(ctx, vm.ID, PhaseOnTailnet, at)
+	l.log.Info("vm on the tailnet", "vm", vm.ID, "name", vm.Name, "node", d.ID, "hostname", d.Hostname)
+	return true
+}
+
+// deviceVM finds the VM a device belongs to. Where the control plane records the key
+// a node joined with (headscale), that decides. Tailscale's API does not say, so
+// there a device is a VM's only when exactly one live VM of the device's network
+// has taken its key and is not on the tailnet yet (or, with several, the one whose
+// name the device reports).
+func (l *Lifecycle) deviceVM(ctx context.Context, d control.Device) (embeddb.VM, error) {
+	if d.AuthKeyID != "" {
+		return l.db.VMByAuthKeyID(ctx, d.AuthKeyID)
+	}
+	all, err := l.db.ListVMs(ctx)
+	if err != nil {
+		return embeddb.VM{}, err
+	}
+	var waiting []embeddb.VM
+	for _, vm := range all {
+		tag, _ := policy.NetworkTag(l.ownerTag, vm.Network)
+		if vm.Live() && vm.NodeID == "" && slices.Contains(d.Tags, tag) && hasPhase(vm, PhaseKeyTaken) {
+			waiting = append(waiting, vm)
+		}
+	}
+	if len(waiting) > 1 {
+		waiting = slices.DeleteFunc(waiting, func(vm embeddb.VM) bool { return vm.Name != d.Hostname })
+	}
+	if len(waiting) != 1 {
+		return embeddb.VM{}, fmt.Errorf("device %s: %w", d.ID, embeddb.ErrNotFound)
+	}
+	return waiting[0], nil
+}
+
+func hasPhase(vm embeddb.VM, phase string) bool {
+	return slices.ContainsFunc(vm.Phases, func(p embeddb.VMPhase) bool { return p.Phase == phase && p.Error == "" })
+}
+
+func (l *Lifecycle) isNetworkTag(tag string) bool { return strings.HasPrefix(tag, l.ownerTag+"-") }
+
+// vmDevices returns the IDs of the tailnet devices that are the VM's: the node
+// recorded when it joined, and any device that joined with its key. Only where
+// the control plane cannot say which key a device used (Tailscale) and the join
+// was never seen is a device of the VM's network with the VM's name taken as its.
+func (l *Lifecycle) vmDevices(ctx context.Context, vm embeddb.VM, cfg embeddb.VMConfig) ([]string, error) {
+	var ids []string
+	if vm.NodeID != "" {
+		ids = append(ids, vm.NodeID)
+	}
+	devs, err := l.plane.Devices(ctx)
+	if err != nil {
+		return nil, err
+	}
+	tag, _ := policy.NetworkTag(l.ownerTag, vm.Network)
+	for _, d := range devs {
+		byKey := cfg.AuthKeyID != "" && d.AuthKeyID == cfg.AuthKeyID
+		byName := d.AuthKeyID == "" && vm.NodeID == "" && d.Hostname == vm.Name && slices.Contains(d.Tags, tag)
+		if (byKey || byName) && !slices.Contains(ids, d.ID) {
+			ids = append(ids, d.ID)
+		}
+	}
+	return ids, nil
 }

@@ -335,6 +335,9 @@ func observedState(st hv.State) (string, bool) {
 func (l *Lifecycle) watch(interval time.Duration) (stop func() error) {
 	bg, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
+	// Set before anything serves: DHCP, the metadata server and creates mark phases.
+	l.phases = newPhaseRecorder(l.db, l.log)
+	wg.Go(func() { l.phases.run(bg) })
 	// Events first, so a change during the first pass is not missed.
 	wg.Go(func() { l.followEvents(bg) })
 	// libvirtd being down is one warning until it is back, not an ERROR each pass.

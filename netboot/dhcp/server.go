@@ -101,6 +101,10 @@ type ServerConfig struct {
 	Log *slog.Logger
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
+	// OnAck, when set, is told of each ACK the server decided to send: the
+	// client's MAC, its address and the time. It runs on the packet's path, so it
+	// must return at once (queue the work); mac is only valid during the call.
+	OnAck func(mac net.HardwareAddr, ip netip.Addr, at time.Time)
 }
 
 // Server is the socket shell around Decide.
@@ -260,6 +264,9 @@ func (s *Server) Handle(pkt []byte) ([]byte, netip.AddrPort, Reason) {
 	d := Decide(req, bindings{s, now}, &s.cfg.Reply)
 	s.stats[d.Reason].Add(1)
 	s.apply(d, now)
+	if d.Action == ActionBind && d.Reply != nil && s.cfg.OnAck != nil {
+		s.cfg.OnAck(d.MAC, d.IP, now)
+	}
 	if d.Reply == nil {
 		return nil, netip.AddrPort{}, d.Reason
 	}

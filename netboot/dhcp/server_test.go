@@ -3,6 +3,7 @@ package dhcp
 import (
 	"context"
 	"net"
+	"net/netip"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -251,5 +252,37 @@ func BenchmarkHandle(b *testing.B) {
 		if _, _, r := s.Handle(p[1]); r != ReasonAckSelecting {
 			b.Fatal(r)
 		}
+	}
+}
+
+// TestServerOnAck: the hook hears each ACK, with the client's MAC and address, and
+// nothing else (no OFFER, no NAK, no release).
+func TestServerOnAck(t *testing.T) {
+	s, _, clk := newTestServer(t, RateLimit{})
+	type ack struct {
+		mac string
+		ip  netip.Addr
+		at  time.Time
+	}
+	var got []ack
+	s.cfg.OnAck = func(mac net.HardwareAddr, ip netip.Addr, at time.Time) { got = append(got, ack{mac.String(), ip, at}) }
+	sid := dhcpv4.WithOption(dhcpv4.OptServerIdentifier(serverIP.AsSlice()))
+	req := dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(vmIP.AsSlice()))
+	wrong := dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(otherIP.AsSlice()))
+	for i, p := range []*dhcpv4.DHCPv4{
+		packet(t, knownMAC, dhcpv4.MessageTypeDiscover),
+		packet(t, knownMAC, dhcpv4.MessageTypeRequest, sid, wrong), // NAK
+		packet(t, knownMAC, dhcpv4.MessageTypeRequest, sid, req),   // ACK
+		packet(t, declMAC, dhcpv4.MessageTypeRequest, sid, req),    // pending: ignored
+		packet(t, knownMAC, dhcpv4.MessageTypeRelease, dhcpv4.WithClientIP(vmIP.AsSlice()), sid),
+	} {
+		if i == 2 {
+			clk.t = clk.t.Add(time.Second)
+		}
+		s.Handle(p.ToBytes())
+	}
+	want := []ack{{knownMAC.String(), vmIP, clk.t}}
+	if len(got) != 1 || got[0] != want[0] {
+		t.Fatalf("OnAck heard %+v, want %+v", got, want)
 	}
 }

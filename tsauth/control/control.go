@@ -31,10 +31,11 @@ type Plane interface {
 	MintAuthKey(ctx context.Context, req KeyRequest) (AuthKey, error)
 	// RevokeAuthKey makes key id unusable; an unknown id is not an error.
 	RevokeAuthKey(ctx context.Context, id string) error
-	// RemoveDevice deletes the devices named hostname that carry a threes network
-	// tag; devices of the tailnet's owner with the same name are left alone, and
-	// no device at all is not an error.
-	RemoveDevice(ctx context.Context, hostname string) error
+	// RemoveDevice deletes the device whose ID (Device.ID) is id if it carries a
+	// threes network tag; a device without one is left alone, and no such device
+	// at all is not an error. It goes by ID, never by the hostname a device
+	// reports, which root in a guest can change.
+	RemoveDevice(ctx context.Context, id string) error
 	// Devices lists the devices that carry a threes network tag.
 	Devices(ctx context.Context) ([]Device, error)
 }
@@ -68,7 +69,9 @@ type AuthKey struct {
 
 // Device is a node on the tailnet that carries a threes network tag.
 type Device struct {
-	// ID identifies the device to the control plane.
+	// ID identifies the device to the control plane; it is also the node's
+	// StableID in a tailnet peer's netmap entry (headscale's node ID in decimal,
+	// Tailscale's nodeId).
 	ID string
 	// Hostname is the name the device reported (the VM's hostname).
 	Hostname string
@@ -76,6 +79,10 @@ type Device struct {
 	Tags []string
 	// Addresses are its tailnet IPs.
 	Addresses []string
+	// AuthKeyID is the ID of the auth key the device joined with, where the
+	// control plane records it (headscale); empty on Tailscale, whose API does
+	// not say. The guest cannot change it.
+	AuthKeyID string
 }
 
 // ErrNetworkInUse means a device still carries the network's tag.

@@ -253,20 +253,24 @@ type hsNode struct {
 	GivenName   string   `json:"givenName"`
 	IPAddresses []string `json:"ipAddresses"`
 	Tags        []string `json:"tags"`
+	// PreAuthKey is the key the node registered with, as headscale recorded it.
+	PreAuthKey *struct {
+		ID string `json:"id"`
+	} `json:"preAuthKey"`
 }
 
-// RemoveDevice deletes the threes-tagged nodes whose hostname is hostname.
-func (h *Headscale) RemoveDevice(ctx context.Context, hostname string) error {
+// RemoveDevice deletes node id if it carries a threes network tag.
+func (h *Headscale) RemoveDevice(ctx context.Context, id string) error {
 	devs, err := h.devices(ctx)
 	if err != nil {
-		return fmt.Errorf("headscale: remove device %s: %w", hostname, err)
+		return fmt.Errorf("headscale: remove node %s: %w", id, err)
 	}
 	for _, d := range devs {
-		if d.Hostname != hostname {
+		if d.ID != id {
 			continue
 		}
 		if err := h.call(ctx, http.MethodDelete, "/node/"+url.PathEscape(d.ID), nil, nil); err != nil && !isNotFound(err) {
-			return h.redact.err(fmt.Errorf("headscale: remove device %s (node %s): %w", hostname, d.ID, err))
+			return h.redact.err(fmt.Errorf("headscale: remove node %s (%s): %w", d.ID, d.Hostname, err))
 		}
 	}
 	return nil
@@ -293,7 +297,11 @@ func (h *Headscale) devices(ctx context.Context) ([]Device, error) {
 		if !hasNetworkTag(n.Tags, h.opts.OwnerTag) {
 			continue
 		}
-		devs = append(devs, Device{ID: n.ID, Hostname: n.Name, Tags: n.Tags, Addresses: n.IPAddresses})
+		d := Device{ID: n.ID, Hostname: n.Name, Tags: n.Tags, Addresses: n.IPAddresses}
+		if n.PreAuthKey != nil {
+			d.AuthKeyID = n.PreAuthKey.ID
+		}
+		devs = append(devs, d)
 	}
 	return devs, nil
 }

@@ -151,7 +151,7 @@ func TestHeadscaleRetriesAndRedaction(t *testing.T) {
 			proxy.fail(slices.Repeat([]int{401}, 40)...)
 		}
 		var errs []error
-		errs = append(errs, p.EnsureNetwork(ctx, "db"), p.RemoveNetwork(ctx, "db"), p.RevokeAuthKey(ctx, "1"), p.RemoveDevice(ctx, "vm-1"))
+		errs = append(errs, p.EnsureNetwork(ctx, "db"), p.RemoveNetwork(ctx, "db"), p.RevokeAuthKey(ctx, "1"), p.RemoveDevice(ctx, "1"))
 		_, err := p.MintAuthKey(ctx, control.KeyRequest{Network: "web", VMID: "vm-1"})
 		errs = append(errs, err)
 		_, err = p.Devices(ctx)

@@ -266,12 +266,23 @@ func TestHeadscaleNetworks(t *testing.T) {
 		t.Errorf("RemoveNetwork while members exist = %v, want ErrNetworkInUse", err)
 	}
 
-	// Deleting the VM removes its device and nothing else.
-	if err := plane.RemoveDevice(ctx, "vm-a1"); err != nil {
-		t.Fatal(err)
-	}
+	// Each device names the key it joined with (headscale records it; the guest
+	// cannot change it), and deleting the VM removes its device by ID and nothing else.
 	devs, err := plane.Devices(ctx)
 	if err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]string{}
+	for _, d := range devs {
+		if want := keys[d.Hostname].ID; d.AuthKeyID != want || want == "" {
+			t.Errorf("device %s (%s) joined with key %q, want %q", d.Hostname, d.ID, d.AuthKeyID, want)
+		}
+		ids[d.Hostname] = d.ID
+	}
+	if err := plane.RemoveDevice(ctx, ids["vm-a1"]); err != nil {
+		t.Fatal(err)
+	}
+	if devs, err = plane.Devices(ctx); err != nil {
 		t.Fatal(err)
 	}
 	var names []string
@@ -282,7 +293,7 @@ func TestHeadscaleNetworks(t *testing.T) {
 	if !slices.Equal(names, []string{"vm-a2", "vm-o1"}) {
 		t.Errorf("devices after removing vm-a1: %v", names)
 	}
-	if err := plane.RemoveDevice(ctx, "vm-a1"); err != nil {
+	if err := plane.RemoveDevice(ctx, ids["vm-a1"]); err != nil {
 		t.Errorf("removing a removed device: %v", err)
 	}
 
@@ -320,7 +331,7 @@ func TestHeadscaleNetworks(t *testing.T) {
 	// policy byte for byte.
 	for _, n := range []*node{a2, o1} {
 		n.s.Close()
-		if err := plane.RemoveDevice(ctx, n.name); err != nil {
+		if err := plane.RemoveDevice(ctx, ids[n.name]); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -234,18 +234,18 @@ func (t *Tailscale) RevokeAuthKey(ctx context.Context, id string) error {
 	return nil
 }
 
-// RemoveDevice deletes the threes-tagged devices whose hostname is hostname.
-func (t *Tailscale) RemoveDevice(ctx context.Context, hostname string) error {
+// RemoveDevice deletes device id if it carries a threes network tag.
+func (t *Tailscale) RemoveDevice(ctx context.Context, id string) error {
 	devs, err := t.devices(ctx)
 	if err != nil {
-		return fmt.Errorf("tailscale: remove device %s: %w", hostname, err)
+		return fmt.Errorf("tailscale: remove device %s: %w", id, err)
 	}
 	for _, d := range devs {
-		if d.Hostname != hostname {
+		if d.ID != id {
 			continue
 		}
 		if err := t.client.Devices().Delete(ctx, d.ID); err != nil && !tsapi.IsNotFound(err) {
-			return t.redact.err(fmt.Errorf("tailscale: remove device %s (%s): %w", hostname, d.ID, err))
+			return t.redact.err(fmt.Errorf("tailscale: remove device %s (%s): %w", d.ID, d.Hostname, err))
 		}
 	}
 	return nil

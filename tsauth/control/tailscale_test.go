@@ -132,14 +132,20 @@ func TestTailscaleLifecycle(t *testing.T) {
 	if err := p.RemoveNetwork(ctx, "web"); !errors.Is(err, control.ErrNetworkInUse) {
 		t.Fatalf("RemoveNetwork with a member = %v, want ErrNetworkInUse", err)
 	}
-	if err := p.RemoveDevice(ctx, "vm-1"); err != nil {
+	// Root in the guest renames its device: removal goes by ID, so it still goes.
+	f.rename(devs[0].ID, "innocent")
+	if err := p.RemoveDevice(ctx, devs[0].ID); err != nil {
 		t.Fatal(err)
 	}
 	if got := f.hostnames(); !slices.Equal(got, []string{"vm-1[]"}) {
 		t.Errorf("devices left = %v, want the owner's untagged vm-1 only", got)
 	}
-	if err := p.RemoveDevice(ctx, "vm-1"); err != nil {
+	if err := p.RemoveDevice(ctx, devs[0].ID); err != nil {
 		t.Errorf("removing again: %v", err)
+	}
+	// A device without a threes tag is left alone, even by its ID.
+	if err := p.RemoveDevice(ctx, f.idOf("vm-1")); err != nil || len(f.hostnames()) != 1 {
+		t.Errorf("removing the owner's device = %v, left %v; want it kept", err, f.hostnames())
 	}
 
 	unused, err := p.MintAuthKey(ctx, control.KeyRequest{Network: "web", VMID: "vm-3"})
@@ -319,7 +325,7 @@ func TestCredentialsNeverInErrors(t *testing.T) {
 		}
 		var errs []error
 		errs = append(errs, p.EnsureNetwork(ctx, "web"), p.RemoveNetwork(ctx, "web"), p.RevokeAuthKey(ctx, "k1"),
-			p.RemoveDevice(ctx, "vm-1"))
+			p.RemoveDevice(ctx, "n1001CNTRL"))
 		_, err := p.MintAuthKey(ctx, control.KeyRequest{Network: "web", VMID: "vm-1"})
 		errs = append(errs, err)
 		_, err = p.Devices(ctx)

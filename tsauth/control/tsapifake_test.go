@@ -361,6 +361,29 @@ func (f *fakeTailscale) addDeviceLocked(hostname string, tags []string) {
 		Addrs: []string{fmt.Sprintf("100.64.0.%d", f.nextID)}}
 }
 
+// rename gives the device with node ID nodeID a new hostname, as its owner can.
+func (f *fakeTailscale) rename(nodeID, hostname string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, d := range f.devices {
+		if d.NodeID == nodeID {
+			d.Hostname = hostname
+		}
+	}
+}
+
+// idOf returns the node ID of the device named hostname.
+func (f *fakeTailscale) idOf(hostname string) string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, d := range f.devices {
+		if d.Hostname == hostname {
+			return d.NodeID
+		}
+	}
+	return ""
+}
+
 func (f *fakeTailscale) hostnames() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
