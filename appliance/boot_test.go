@@ -71,7 +71,10 @@ func TestBootOnQEMU(t *testing.T) {
 	con := hvtest.WatchConsole(t, apiConsole(t, ctx, c, vm.GetId()))
 	con.WaitFor(t, "threes-test: ip "+vm.GetManagementIp(), 3*time.Minute)
 	con.WaitFor(t, "threes-test: hostname boot1", time.Minute)
-	con.WaitFor(t, "threes-test: serial "+vm.GetId(), time.Second)
+	// The VM's ID in the SMBIOS SKU, and the NoCloud seed (the metadata
+	// server on the gateway) in the serial, as the guest reads them.
+	con.WaitFor(t, "threes-test: id "+vm.GetId()+"\r\n", time.Second)
+	con.WaitFor(t, "threes-test: serial ds=nocloud-net;s=http://10.77.0.1/cloud-init/\r\n", time.Second)
 	con.WaitFor(t, "threes-test: ready", time.Minute)
 
 	// virsh and qemu-img as witnesses: state, size per type, an overlay on the base.

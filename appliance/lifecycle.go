@@ -236,7 +236,8 @@ func (l *Lifecycle) create(ctx context.Context, s CreateSpec, size Size, img ima
 	}
 
 	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: mac, Bridge: l.bridge,
-		IP: vm.IP, Network: vm.Network, Image: img, DiskGiB: max(size.DiskGiB, int((img.DiskBytes+1<<30-1)>>30))}
+		IP: vm.IP, Network: vm.Network, Image: img, DiskGiB: max(size.DiskGiB, int((img.DiskBytes+1<<30-1)>>30)),
+		NoCloud: noCloudURL(l.ipam)}
 	if err := l.hv.Create(ctx, spec); err != nil {
 		return vm, fmt.Errorf("create vm %s: %w", vm.Name, err)
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"net/url"
 	"sync"
 	"time"
 
@@ -53,7 +54,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 			return fmt.Errorf("neighbour check on %s: %w", o.Bridge, err)
 		}
 		a.closers = append(a.closers, checker.Close)
-		if ln, err = net.Listen("tcp", netip.AddrPortFrom(gw, 80).String()); err != nil {
+		if ln, err = net.Listen("tcp", netip.AddrPortFrom(gw, metadataPort).String()); err != nil {
 			return fmt.Errorf("metadata server on %s: %w", gw, err)
 		}
 		a.closers = append(a.closers, ln.Close)
@@ -94,6 +95,15 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 	go logExit(log, "metadata", func() error { return md.Serve(ctx, ln) })
 	log.Info("serving DHCP and metadata", "gateway", gw, "range", pool.Prefix())
 	return nil
+}
+
+// metadataPort is where the metadata server listens on the gateway.
+const metadataPort = 80
+
+// noCloudURL is the NoCloud seed URL hv puts in each VM's SMBIOS serial (and
+// a kernel image's command line): the metadata server on pool's gateway.
+func noCloudURL(pool *ipam.IPAM) *url.URL {
+	return metadata.NoCloudURL(netip.AddrPortFrom(pool.Gateway(), metadataPort))
 }
 
 // guestControlURL is the control server guests are told to join: empty for

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"net/url"
 	"strings"
 
 	"libvirt.org/go/libvirtxml"
@@ -74,6 +75,19 @@ func (s Spec) validate() error {
 	default:
 		return fmt.Errorf("%w: image %q of unknown kind %q", ErrInvalidSpec, img.Name, img.Kind)
 	}
+	if s.NoCloud != nil {
+		u := s.NoCloud.String()
+		switch {
+		case s.NoCloud.Scheme != "http" && s.NoCloud.Scheme != "https", s.NoCloud.Host == "":
+			return fmt.Errorf("%w: NoCloud seed URL %q is not an http(s) URL with a host", ErrInvalidSpec, u)
+		case !strings.HasSuffix(u, "/"):
+			// cloud-init appends "meta-data" to the URL as it is.
+			return fmt.Errorf("%w: NoCloud seed URL %q does not end in a slash", ErrInvalidSpec, u)
+		case strings.ContainsFunc(u, func(r rune) bool { return r <= ' ' || r == ';' || r > '~' }):
+			// A space would split the kernel command line, and ";" the seed.
+			return fmt.Errorf("%w: NoCloud seed URL %q has a space, control character or semicolon", ErrInvalidSpec, u)
+		}
+	}
 	if s.Cmdline != "" && img.Kind != images.KindKernel {
 		return fmt.Errorf("%w: a kernel command line needs a kernel image", ErrInvalidSpec)
 	}
@@ -124,17 +138,9 @@ func domainXML(s Spec, o xmlOptions) (string, error) {
 		Metadata: &libvirtxml.DomainMetadata{XML: string(meta)},
 		Memory:   &libvirtxml.DomainMemory{Value: uint(s.MemoryMiB), Unit: "MiB"},
 		VCPU:     &libvirtxml.DomainVCPU{Value: uint(s.VCPUs)},
-		// The guest reads its ID from the SMBIOS system serial
-		// (/sys/class/dmi/id/product_serial) to ask for its metadata.
 		SysInfo: []libvirtxml.DomainSysInfo{{
 			SMBIOS: &libvirtxml.DomainSysInfoSMBIOS{
-				System: &libvirtxml.DomainSysInfoSystem{
-					Entry: []libvirtxml.DomainSysInfoEntry{
-						{Name: "manufacturer", Value: "threes"},
-						{Name: "product", Value: "threes VM"},
-						{Name: "serial", Value: s.ID},
-					},
-				},
+				System: &libvirtxml.DomainSysInfoSystem{Entry: smbiosSystem(s)},
 			},
 		}},
 		OS: &libvirtxml.DomainOS{
@@ -174,7 +180,16 @@ func domainXML(s Spec, o xmlOptions) (string, error) {
 	if img := s.Image; img.Kind == images.KindKernel {
 		d.OS.Kernel = img.Kernel
 		d.OS.Initrd = img.Initrd
-		d.OS.Cmdline = strings.TrimSpace(img.Cmdline + " " + s.Cmdline)
+		// The image's line, the seed, then the caller's. No quoting:
+		// libvirt passes the line to QEMU as one argument, and the
+		// seed has no space (validate).
+		var parts []string
+		for _, p := range []string{img.Cmdline, NoCloudSeed(s.NoCloud), s.Cmdline} {
+			if p = strings.TrimSpace(p); p != "" {
+				parts = append(parts, p)
+			}
+		}
+		d.OS.Cmdline = strings.Join(parts, " ")
 	}
 	if o.disk != "" {
 		disk := libvirtxml.DomainDisk{
@@ -206,6 +221,37 @@ func domainXML(s Spec, o xmlOptions) (string, error) {
 		return "", fmt.Errorf("marshal domain %s: %w", s.ID, err)
 	}
 	return doc, nil
+}
+
+// smbiosSystem is the SMBIOS system information (type 1) of s's domain.
+//
+// The serial carries the NoCloud seed because that is where cloud-init's
+// ds-identify looks for one (with the kernel command line). The VM's ID goes
+// in the SKU: Linux lets any user read /sys/class/dmi/id/product_sku, while
+// product_serial and product_uuid are root's only, and no cloud-init
+// datasource reads the SKU (the chassis asset tag, for one, identifies some
+// clouds). The UUID is libvirt's own domain UUID and stays so.
+func smbiosSystem(s Spec) []libvirtxml.DomainSysInfoEntry {
+	e := []libvirtxml.DomainSysInfoEntry{
+		{Name: "manufacturer", Value: "threes"},
+		{Name: "product", Value: "threes VM"},
+		{Name: "sku", Value: s.ID},
+	}
+	if s.NoCloud != nil {
+		e = append(e, libvirtxml.DomainSysInfoEntry{Name: "serial", Value: NoCloudSeed(s.NoCloud)})
+	}
+	return e
+}
+
+// NoCloudSeed is the NoCloud datasource seed for u, as SMBIOS serial and
+// kernel command line carry it; "" for nil. cloud-init 22.4 (Debian 12)
+// applies nothing from "ds=nocloud;s=http://..." (it takes that seed as a
+// local one), so it is "nocloud-net", which later versions still accept.
+func NoCloudSeed(u *url.URL) string {
+	if u == nil {
+		return ""
+	}
+	return "ds=nocloud-net;s=" + u.String()
 }
 
 // titleOf makes name fit libvirt's title, which must be one line.

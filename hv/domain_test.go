@@ -4,11 +4,14 @@ import (
 	"context"
 	"encoding/xml"
 	"errors"
+	"net/url"
 	"strings"
 	"testing"
 
 	"github.com/digitalocean/go-libvirt"
 	"libvirt.org/go/libvirtxml"
+
+	"github.com/threes-dev/threes/hv/images"
 )
 
 func validSpec() Spec {
@@ -22,10 +25,13 @@ func validSpec() Spec {
 	}
 }
 
+const seed = "ds=nocloud-net;s=http://10.10.0.1/cloud-init/"
+
 func TestDomainXML(t *testing.T) {
 	for _, domainType := range []string{"test", "qemu", "kvm"} {
 		t.Run(domainType, func(t *testing.T) {
 			s := validSpec()
+			s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/cloud-init/"}
 			doc, err := domainXML(s, xmlOptions{domainType: domainType, owner: "owner-1"})
 			if err != nil {
 				t.Fatal(err)
@@ -55,8 +61,11 @@ func TestDomainXML(t *testing.T) {
 			if d.OS == nil || d.OS.SMBios == nil || d.OS.SMBios.Mode != "sysinfo" {
 				t.Errorf("os smbios %+v, want mode sysinfo", d.OS)
 			}
-			if got := smbiosSerial(d); got != s.ID {
-				t.Errorf("SMBIOS system serial %q, want %q", got, s.ID)
+			if got := smbiosEntry(d, "sku"); got != s.ID {
+				t.Errorf("SMBIOS system SKU %q, want the ID %q", got, s.ID)
+			}
+			if got := smbiosEntry(d, "serial"); got != seed {
+				t.Errorf("SMBIOS system serial %q, want %q", got, seed)
 			}
 
 			devs := d.Devices
@@ -94,18 +103,64 @@ func TestDomainXML(t *testing.T) {
 	}
 }
 
-func smbiosSerial(d libvirtxml.Domain) string {
+// smbiosEntry returns the SMBIOS system entry name, "" when there is none.
+func smbiosEntry(d libvirtxml.Domain, name string) string {
 	for _, si := range d.SysInfo {
 		if si.SMBIOS == nil || si.SMBIOS.System == nil {
 			continue
 		}
 		for _, e := range si.SMBIOS.System.Entry {
-			if e.Name == "serial" {
+			if e.Name == name {
 				return e.Value
 			}
 		}
 	}
 	return ""
+}
+
+// TestDomainXMLNoCloud: the seed is in the SMBIOS serial and, for a kernel
+// image, on the kernel command line between the image's and the caller's;
+// without a seed URL neither carries one.
+func TestDomainXMLNoCloud(t *testing.T) {
+	kernel := images.Image{Name: "k", Kind: images.KindKernel, Kernel: "/img/vmlinuz", Cmdline: "console=ttyS0 "}
+	u := &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/cloud-init/"}
+	for _, tc := range []struct {
+		name        string
+		img         images.Image
+		seed        *url.URL
+		cmdline     string
+		wantSerial  string
+		wantCmdline string
+	}{
+		{"kernel with seed", kernel, u, "threes.dhcp=off", seed, "console=ttyS0 " + seed + " threes.dhcp=off"},
+		{"kernel with seed only", images.Image{Name: "k", Kind: images.KindKernel, Kernel: "/k"}, u, "", seed, seed},
+		{"kernel without seed", kernel, nil, "quiet", "", "console=ttyS0 quiet"},
+		{"no image, seed", images.Image{}, u, "", seed, ""},
+		{"https and port", kernel, &url.URL{Scheme: "https", Host: "10.10.0.1:8443", Path: "/ci/"}, "",
+			"ds=nocloud-net;s=https://10.10.0.1:8443/ci/", "console=ttyS0 ds=nocloud-net;s=https://10.10.0.1:8443/ci/"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := validSpec()
+			s.Image, s.NoCloud, s.Cmdline = tc.img, tc.seed, tc.cmdline
+			doc, err := domainXML(s, xmlOptions{domainType: "qemu"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var d libvirtxml.Domain
+			if err := d.Unmarshal(doc); err != nil {
+				t.Fatal(err)
+			}
+			if got := smbiosEntry(d, "serial"); got != tc.wantSerial {
+				t.Errorf("SMBIOS serial %q, want %q", got, tc.wantSerial)
+			}
+			if got := smbiosEntry(d, "sku"); got != s.ID {
+				t.Errorf("SMBIOS SKU %q, want the ID %q", got, s.ID)
+			}
+			if d.OS.Cmdline != tc.wantCmdline {
+				t.Errorf("kernel command line %q, want %q", d.OS.Cmdline, tc.wantCmdline)
+			}
+		})
+	}
 }
 
 func TestDomainXMLTitleIsOneLine(t *testing.T) {
@@ -141,6 +196,15 @@ func TestSpecValidate(t *testing.T) {
 		{"long MAC", func(s *Spec) { s.MAC = "00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01" }, false},
 		{"no MAC", func(s *Spec) { s.MAC = "" }, false},
 		{"no bridge", func(s *Spec) { s.Bridge = "" }, false},
+		{"seed", func(s *Spec) { s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/cloud-init/"} }, true},
+		{"seed without slash", func(s *Spec) { s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/cloud-init"} }, false},
+		{"seed without host", func(s *Spec) { s.NoCloud = &url.URL{Scheme: "http", Path: "/cloud-init/"} }, false},
+		{"seed not http", func(s *Spec) { s.NoCloud = &url.URL{Scheme: "file", Host: "x", Path: "/seed/"} }, false},
+		{"seed with space", func(s *Spec) {
+			s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", RawPath: "/a b/", Path: "/a b/"}
+		}, true},
+		{"seed with semicolon", func(s *Spec) { s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/a/", RawQuery: "x;y=/"} }, false},
+		{"seed with opaque space", func(s *Spec) { s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Opaque: "//10.10.0.1/a b/"} }, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -16,6 +16,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net/url"
 
 	"github.com/threes-dev/threes/hv/images"
 )
@@ -48,7 +49,8 @@ const (
 
 // Spec describes a VM's domain.
 type Spec struct {
-	// ID names the libvirt domain and is the VM's SMBIOS system serial.
+	// ID names the libvirt domain and is the VM's SMBIOS system SKU
+	// (/sys/class/dmi/id/product_sku in a Linux guest).
 	ID string
 	// Name is the VM's human name, kept as the domain's title.
 	Name string
@@ -80,6 +82,12 @@ type Spec struct {
 	DiskGiB int
 	// Cmdline is appended to a kernel image's command line.
 	Cmdline string
+	// NoCloud is the VM's cloud-init NoCloud seed URL (the metadata
+	// server's /cloud-init/, with its trailing slash). The SMBIOS system
+	// serial, and a kernel image's command line, carry it as
+	// "ds=nocloud-net;s=URL" (see NoCloudSeed), where a stock cloud
+	// image's cloud-init finds it. Nil gives the guest no seed.
+	NoCloud *url.URL
 }
 
 // Domain is one domain this package manages and its state.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/user"
@@ -106,6 +107,7 @@ func TestLifecycle(t *testing.T) {
 	w := witness(t, hvtest.Socket)
 	s := hvtest.Spec(t)
 	s.VCPUs, s.MemoryMiB = 2, 256
+	s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/cloud-init/"}
 
 	must(t, h.Create(ctx, s))
 	o := observe(t, w, s.ID)
@@ -129,8 +131,9 @@ func TestLifecycle(t *testing.T) {
 		t.Errorf("NIC %s on %+v, want %s on bridge %s", nic.MAC.Address, nic.Source, s.MAC, s.Bridge)
 	}
 	if len(d.SysInfo) != 1 || d.SysInfo[0].SMBIOS == nil ||
-		!slices.Contains(d.SysInfo[0].SMBIOS.System.Entry, libvirtxml.DomainSysInfoEntry{Name: "serial", Value: s.ID}) {
-		t.Errorf("sysinfo %+v, want SMBIOS system serial %s", d.SysInfo, s.ID)
+		!slices.Contains(d.SysInfo[0].SMBIOS.System.Entry, libvirtxml.DomainSysInfoEntry{Name: "sku", Value: s.ID}) ||
+		!slices.Contains(d.SysInfo[0].SMBIOS.System.Entry, libvirtxml.DomainSysInfoEntry{Name: "serial", Value: "ds=nocloud-net;s=http://10.10.0.1/cloud-init/"}) {
+		t.Errorf("sysinfo %+v, want SMBIOS system SKU %s and serial the NoCloud seed", d.SysInfo, s.ID)
 	}
 
 	// Graceful: the test driver records why a domain went off.

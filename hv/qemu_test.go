@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -175,6 +176,7 @@ func TestQEMU(t *testing.T) {
 
 	s := q.Spec(t)
 	s.VCPUs, s.MemoryMiB, s.DiskGiB, s.IP = 2, 320, 1, "10.10.7.9"
+	s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/cloud-init/"}
 	before := snapshotBase(t, q.Image)
 	overlay := filepath.Join(q.Dir, "disks", s.ID+".qcow2")
 
@@ -228,12 +230,18 @@ func TestQEMU(t *testing.T) {
 	})
 
 	t.Run("console", func(t *testing.T) {
-		// The boot as the guest saw it: its kernel, our command line,
-		// its ID from the SMBIOS serial, and the shell.
+		// The boot as the guest saw it: its kernel, our command line
+		// with the NoCloud seed, its ID from the SMBIOS SKU (which any
+		// user may read), the seed in the SMBIOS serial, and the shell.
 		c.WaitFor(t, "Linux version", bootTimeout)
-		c.WaitFor(t, "threes.dhcp=off", bootTimeout)
-		c.WaitFor(t, "threes-test: serial "+s.ID+"\r\n", bootTimeout)
+		c.WaitFor(t, "ds=nocloud-net;s=http://10.10.0.1/cloud-init/ threes.dhcp=off", bootTimeout)
+		c.WaitFor(t, "threes-test: id "+s.ID+"\r\n", bootTimeout)
+		c.WaitFor(t, "threes-test: serial ds=nocloud-net;s=http://10.10.0.1/cloud-init/\r\n", bootTimeout)
 		c.WaitFor(t, "threes-test: ready", bootTimeout)
+		// The SKU is readable by every user (the serial is root's).
+		c.Write(t, "stat -c threes-mode-%a-%n /sys/class/dmi/id/product_sku /sys/class/dmi/id/product_serial\n")
+		c.WaitFor(t, "threes-mode-444-/sys/class/dmi/id/product_sku", bootTimeout)
+		c.WaitFor(t, "threes-mode-400-/sys/class/dmi/id/product_serial", bootTimeout)
 		// Input reaches the guest's shell: it computes the answer.
 		c.Write(t, "echo threes-$((6*7))\n")
 		c.WaitFor(t, "threes-42", bootTimeout)

@@ -23,6 +23,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -471,6 +472,17 @@ func (s *Server) kv(w http.ResponseWriter, r *http.Request, c *caller) {
 		return
 	}
 	http.Error(w, "no such key", http.StatusNotFound)
+}
+
+// NoCloudURL is the seed URL of the cloud-init NoCloud datasource a Server
+// listening at addr serves (meta-data, user-data and vendor-data under it),
+// with the trailing slash cloud-init needs; port 80 is left out.
+func NoCloudURL(addr netip.AddrPort) *url.URL {
+	host := addr.String()
+	if addr.Port() == 80 {
+		host = addr.Addr().String()
+	}
+	return &url.URL{Scheme: "http", Host: host, Path: "/cloud-init/"}
 }
 
 // yamlString quotes s for YAML as JSON does: a JSON string is valid YAML.

@@ -202,6 +202,25 @@ func TestControlURL(t *testing.T) {
 	}
 }
 
+// TestNoCloudURL: the seed URL names the routes this server serves.
+func TestNoCloudURL(t *testing.T) {
+	for in, want := range map[string]string{
+		"10.10.0.1:80":   "http://10.10.0.1/cloud-init/",
+		"10.10.0.1:8080": "http://10.10.0.1:8080/cloud-init/",
+	} {
+		u := NoCloudURL(netip.MustParseAddrPort(in))
+		if u.String() != want {
+			t.Errorf("NoCloudURL(%s) = %s, want %s", in, u, want)
+		}
+		h := newHandlerLab(t, Config{})
+		for _, f := range []string{"meta-data", "user-data", "vendor-data"} {
+			if r := h.do("GET", u.JoinPath(f).Path, ipA); r.code != 200 {
+				t.Errorf("GET %s: %+v", u.JoinPath(f).Path, r)
+			}
+		}
+	}
+}
+
 func TestSourceErrors(t *testing.T) {
 	boom := errors.New("database on fire")
 	for _, tc := range []struct {
