@@ -17,6 +17,7 @@ require (
 	golang.org/x/term v0.46.0
 	google.golang.org/grpc v1.85.0
 	google.golang.org/protobuf v1.36.12
+	gopkg.in/yaml.v3 v3.0.1
 	libvirt.org/go/libvirtxml v1.12008.0
 	tailscale.com v1.102.5
 	tailscale.com/client/tailscale/v2 v2.12.0

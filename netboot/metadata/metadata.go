@@ -478,11 +478,19 @@ func (s *Server) kv(w http.ResponseWriter, r *http.Request, c *caller) {
 // listening at addr serves (meta-data, user-data and vendor-data under it),
 // with the trailing slash cloud-init needs; port 80 is left out.
 func NoCloudURL(addr netip.AddrPort) *url.URL {
+	u := baseURL(addr)
+	u.Path = "/cloud-init/"
+	return u
+}
+
+// baseURL is the root of a Server listening at addr; port 80 is left out.
+func baseURL(addr netip.AddrPort) *url.URL {
+	addr = netip.AddrPortFrom(addr.Addr().Unmap(), addr.Port())
 	host := addr.String()
 	if addr.Port() == 80 {
-		host = addr.Addr().String()
+		host = strings.TrimSuffix(host, ":80")
 	}
-	return &url.URL{Scheme: "http", Host: host, Path: "/cloud-init/"}
+	return &url.URL{Scheme: "http", Host: host}
 }
 
 // yamlString quotes s for YAML as JSON does: a JSON string is valid YAML.
@@ -515,9 +523,97 @@ func (s *Server) userData(w http.ResponseWriter, r *http.Request, c *caller) {
 	}
 }
 
+// vendorBoundary separates vendor-data's parts; no part can hold it (the
+// only text from elsewhere is a hostname and a URL, both quoted on one line).
+const vendorBoundary = "==threes-vendor-data=="
+
+// vendorData is threes' own part of the guest's configuration, apart from
+// the user's script (user-data): the hostname, and a script that brings
+// Tailscale up when the image has it. It is MIME multipart so the script is
+// a vendor script of its own: cloud-init runs those whatever the user-data
+// holds, where a runcmd here would be replaced by the user's own runcmd.
 func (s *Server) vendorData(w http.ResponseWriter, r *http.Request, c *caller) {
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	fmt.Fprintf(w, "#cloud-config\npreserve_hostname: false\nhostname: %s\n", yamlString(c.inst.Hostname))
+	local, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+	ap, err := netip.ParseAddrPort(fmt.Sprint(local))
+	if !ok || err != nil {
+		s.cfg.Log.Error("metadata vendor-data: no server address", "from", c.ip.String())
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "multipart/mixed; boundary=\""+vendorBoundary+"\"")
+	fmt.Fprintf(w, "Content-Type: multipart/mixed; boundary=\"%s\"\nMIME-Version: 1.0\n\n", vendorBoundary)
+	fmt.Fprintf(w, "--%s\nContent-Type: text/cloud-config; charset=\"utf-8\"\n\n", vendorBoundary)
+	fmt.Fprintf(w, "#cloud-config\npreserve_hostname: false\nhostname: %s\n\n", yamlString(c.inst.Hostname))
+	fmt.Fprintf(w, "--%s\nContent-Type: text/x-shellscript; charset=\"utf-8\"\n\n", vendorBoundary)
+	fmt.Fprint(w, s.tailscaleUp(ap, c.inst.Hostname))
+	fmt.Fprintf(w, "\n--%s--\n", vendorBoundary)
+}
+
+// shellQuote quotes v as one word for a POSIX shell.
+func shellQuote(v string) string {
+	return "'" + strings.ReplaceAll(v, "'", `'\''`) + "'"
+}
+
+// tailscaleUp is the vendor script that joins the tailnet: the one-time key
+// goes from this server into a file only root can read, which tailscale
+// reads itself (file:), so the key is on no command line and in no log;
+// the file is removed however the script ends.
+func (s *Server) tailscaleUp(server netip.AddrPort, hostname string) string {
+	login := ""
+	if s.cfg.ControlURL != "" {
+		login = " --login-server=" + shellQuote(s.cfg.ControlURL)
+	}
+	session := "0"
+	if s.cfg.RequireSession {
+		session = "1"
+	}
+	return `#!/bin/sh
+# threes: bring Tailscale up with this VM's one-time auth key, if the image
+# has Tailscale. The key never reaches a command line or a log.
+say() { echo "threes: $*" >&2; }
+if ! command -v tailscale >/dev/null 2>&1; then
+	say "no tailscale in this image: not joining the tailnet"
+	exit 0
+fi
+md=` + shellQuote(baseURL(server).String()) + `
+dir=$(umask 077 && mktemp -d /run/threes-tailscale.XXXXXX) || exit 1
+trap 'rm -rf "$dir"' EXIT
+trap 'exit 1' HUP INT TERM
+umask 077
+printf '%s
+' '` + FlavorHeader + `: ` + FlavorValue + `' >"$dir/headers"
+if [ ` + session + ` = 1 ]; then
+	# The server wants a session token first (IMDSv2-style).
+	tok=$(curl -fsS --max-time 10 -X PUT -H '` + SessionTTLHeader + `: 120' "$md/v1/session") || { say "no metadata session"; exit 1; }
+	printf '%s: %s
+' '` + SessionHeader + `' "$tok" >>"$dir/headers"
+	tok=
+fi
+if command -v curl >/dev/null 2>&1; then
+	code=$(curl -sS --max-time 10 -H "@$dir/headers" -o "$dir/key" -w '%{http_code}' "$md/v1/token")
+elif [ ` + session + ` = 0 ]; then
+	code=200
+	wget -q -O "$dir/key" --header='` + FlavorHeader + `: ` + FlavorValue + `' "$md/v1/token" || code=failed
+else
+	code="no curl"
+fi
+case $code in
+200) ;;
+410) say "auth key already taken: not joining the tailnet"; exit 1 ;;
+*) say "fetching the auth key failed ($code)"; exit 1 ;;
+esac
+i=0
+until tailscale version --daemon >/dev/null 2>&1; do
+	i=$((i + 1))
+	if [ $i -gt 60 ]; then
+		say "tailscaled is not running: not joining the tailnet"
+		exit 1
+	fi
+	sleep 1
+done
+tailscale up --auth-key="file:$dir/key" --hostname=` + shellQuote(hostname) + login + ` || { say "tailscale up failed"; exit 1; }
+say "on the tailnet"
+`
 }
 
 // session hands out a token bound to the caller's address, as IMDSv2's PUT

@@ -246,7 +246,6 @@ func TestMetadata(t *testing.T) {
 		{"/v1/token", []string{FlavorHeader, FlavorValue, "X-Forwarded-For", "1.2.3.4"}, resp{403, "forbidden\n"}},
 		{"/cloud-init/meta-data", nil, resp{200, "instance-id: \"vm-a-id\"\nlocal-hostname: \"vm-a\"\npublic-keys:\n  - \"ssh-ed25519 AAAAC3Nza test@a\"\n"}},
 		{"/cloud-init/user-data", nil, resp{200, "#!/bin/sh\necho hello > /tmp/hello\n"}},
-		{"/cloud-init/vendor-data", nil, resp{200, "#cloud-config\npreserve_hostname: false\nhostname: \"vm-a\"\n"}},
 	} {
 		if got := get(tc.path, tc.hdr...); got != tc.want {
 			t.Errorf("GET %s %v = %+v, want %+v", tc.path, tc.hdr, got, tc.want)
