@@ -27,6 +27,7 @@ import (
 
 	"github.com/creack/pty"
 	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
 	"github.com/threes-dev/threes/tsauth"
@@ -35,6 +36,11 @@ import (
 // Session is what a Runner gets: the command's words, where its input and output go
 // (the pty when the client asked for one), and an API connection authorised as the
 // caller.
+//
+// With a pty, Stdin, Stdout and Stderr are the tty end, an *os.File in Go's poller.
+// A Runner that checks or sets its terminal modes should do so through SyscallConn,
+// not Fd: Fd puts the file in blocking mode, and a read still pending when the Runner
+// returns then holds the session open until drain's bound (2 s) runs out.
 type Session struct {
 	Args   []string
 	Stdin  io.Reader
@@ -315,14 +321,42 @@ func openTerminal(cols, rows uint32) (*terminal, error) {
 		tty.Close()
 		return nil, err
 	}
+	// pty.Open's ioctls go through os.File.Fd, which leaves the master in
+	// blocking mode, where Close does not end a Read: the copy from it would
+	// then outlive the session whenever the tty stays open (a Runner's reader
+	// left blocked on it). A File on a non-blocking dup is in Go's poller.
+	if ptmx, err = pollable(ptmx); err != nil {
+		tty.Close()
+		return nil, err
+	}
 	t := &terminal{ptmx: ptmx, tty: tty}
 	t.resize(cols, rows)
 	return t, nil
 }
 
+func pollable(f *os.File) (*os.File, error) {
+	defer f.Close()
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("pty: %w", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("pty: %w", err)
+	}
+	return os.NewFile(uintptr(fd), f.Name()), nil
+}
+
+// resize sets the window size through SyscallConn: pty.Setsize would use Fd and put
+// the master back in blocking mode.
 func (t *terminal) resize(cols, rows uint32) {
-	if cols > 0 && rows > 0 && cols < 1<<16 && rows < 1<<16 {
-		pty.Setsize(t.ptmx, &pty.Winsize{Cols: uint16(cols), Rows: uint16(rows)})
+	if cols == 0 || rows == 0 || cols >= 1<<16 || rows >= 1<<16 {
+		return
+	}
+	if rc, err := t.ptmx.SyscallConn(); err == nil {
+		rc.Control(func(fd uintptr) {
+			unix.IoctlSetWinsize(int(fd), unix.TIOCSWINSZ, &unix.Winsize{Col: uint16(cols), Row: uint16(rows)})
+		})
 	}
 }
 
@@ -337,8 +371,10 @@ func (t *terminal) pump(ch ssh.Channel) {
 }
 
 // drain closes the tty end and waits for what the Runner wrote to reach the channel.
-// Linux reads the rest and then EIO from the master once the tty end is closed; the
-// bound is for a reader the Runner left blocked on the tty, which keeps it open.
+// Linux reads the rest and then EIO from the master once the tty end is closed. A
+// reader the Runner left on the tty is woken by the close as long as the tty is in
+// Go's poller (see Session); one in blocking mode keeps the tty open, and the bound
+// ends the session anyway: closing the master ends the copy.
 func (t *terminal) drain() {
 	t.tty.Close()
 	select {
