@@ -611,7 +611,9 @@ until tailscale version --daemon >/dev/null 2>&1; do
 	fi
 	sleep 1
 done
-tailscale up --auth-key="file:$dir/key" --hostname=` + shellQuote(hostname) + login + ` || { say "tailscale up failed"; exit 1; }
+# Bounded, so cloud-init's final stage ends even when the control server
+# cannot be reached; tailscaled itself goes on trying with the key.
+tailscale up --timeout=2m --auth-key="file:$dir/key" --hostname=` + shellQuote(hostname) + login + ` || { say "tailscale up failed"; exit 1; }
 say "on the tailnet"
 `
 }

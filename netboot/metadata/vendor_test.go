@@ -85,7 +85,7 @@ func TestVendorData(t *testing.T) {
 			}
 			sh := parts["text/x-shellscript"]
 			for _, want := range []string{"#!/bin/sh\n", "md='http://10.10.0.1'\n", "Metadata-Flavor: threes",
-				"tailscale up --auth-key=\"file:$dir/key\" --hostname='" + tc.hostname + "'" + tc.login + " ||"} {
+				"tailscale up --timeout=2m --auth-key=\"file:$dir/key\" --hostname='" + tc.hostname + "'" + tc.login + " ||"} {
 				if !strings.Contains(sh, want) {
 					t.Errorf("script lacks %q:\n%s", want, sh)
 				}
@@ -165,7 +165,7 @@ cat "$f" >`+dir+`/key
 		return string(b)
 	}
 	args := read("args")
-	if want := "up\n--auth-key=file:/run/threes-tailscale."; !strings.HasPrefix(args, want) ||
+	if want := "up\n--timeout=2m\n--auth-key=file:/run/threes-tailscale."; !strings.HasPrefix(args, want) ||
 		!strings.HasSuffix(args, "/key\n--hostname=vm-a\n--login-server=http://100.64.0.1:8080\n") {
 		t.Errorf("tailscale got %q", args)
 	}
@@ -175,7 +175,7 @@ cat "$f" >`+dir+`/key
 	if k := read("key"); k != authKey {
 		t.Errorf("key file holds %q..., want the VM's key", k[:min(len(k), 6)])
 	}
-	keyFile := strings.TrimPrefix(strings.SplitN(args, "\n", 3)[1], "--auth-key=file:")
+	keyFile := strings.TrimPrefix(strings.SplitN(args, "\n", 4)[2], "--auth-key=file:")
 	if _, err := os.Stat(filepath.Dir(keyFile)); !os.IsNotExist(err) {
 		t.Errorf("key's directory %s left behind: %v", filepath.Dir(keyFile), err)
 	}
