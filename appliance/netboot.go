@@ -195,7 +195,7 @@ func newMDSource(db *embeddb.DB, now func() time.Time) *mdSource {
 func (s *mdSource) ByIP(ctx context.Context, ip netip.Addr) (metadata.Instance, error) {
 	in, err := s.lookup(ctx, ip)
 	if err == nil {
-		s.phases.mark(in.ID, PhaseConfigFetched, s.now(), "")
+		s.phases.mark(in.ID, PhaseConfigFetched, s.now, "")
 	}
 	return in, err
 }
@@ -261,7 +261,7 @@ func (s *mdSource) TakeAuthKey(ctx context.Context, vmID string) (string, error)
 	served := s.served[vmID]
 	s.mu.RUnlock()
 	if served {
-		s.phases.mark(vmID, PhaseKeyTaken, s.now(), keyTakenAlready)
+		s.phases.mark(vmID, PhaseKeyTaken, s.now, keyTakenAlready)
 		return "", metadata.ErrAuthKeyTaken
 	}
 	key, err := s.db.TakeAuthKey(ctx, vmID, s.now())
@@ -272,11 +272,11 @@ func (s *mdSource) TakeAuthKey(ctx context.Context, vmID string) (string, error)
 	}
 	switch {
 	case err == nil && key != "":
-		s.phases.mark(vmID, PhaseKeyTaken, s.now(), "")
+		s.phases.mark(vmID, PhaseKeyTaken, s.now, "")
 	case errors.Is(err, embeddb.ErrAlreadyServed):
 		// Kept only if this VM never took it: a VM that joined and asks again
 		// (a reboot) keeps its key_taken.
-		s.phases.mark(vmID, PhaseKeyTaken, s.now(), keyTakenAlready)
+		s.phases.mark(vmID, PhaseKeyTaken, s.now, keyTakenAlready)
 	}
 	switch {
 	case errors.Is(err, embeddb.ErrAlreadyServed):

@@ -19,6 +19,7 @@ import (
 	"tailscale.com/tailcfg"
 
 	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/netboot/ipam"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 	"github.com/threes-dev/threes/tsauth/control"
 	"github.com/threes-dev/threes/tsauth/policy"
@@ -63,8 +64,17 @@ type phaseRecorder struct {
 	log *slog.Logger
 	q   chan phaseMark
 
-	mu   sync.Mutex
-	done map[string]bool // "vmID phase" (or "lease MAC IP") already recorded or queued
+	mu   sync.RWMutex
+	done map[markKey]bool // marks already recorded or queued
+}
+
+// markKey names a mark: a VM's phase (failed or not), or a DHCP lease (MAC and IP)
+// whose VM is not looked up yet.
+type markKey struct {
+	vmID, phase string
+	failed      bool
+	mac         ipam.MACKey
+	ip          netip.Addr
 }
 
 type phaseMark struct {
@@ -73,7 +83,7 @@ type phaseMark struct {
 	// mac and ip name a DHCP lease whose VM is looked up off the hot path.
 	mac net.HardwareAddr
 	ip  netip.Addr
-	key string
+	key markKey
 }
 
 // phaseQueue bounds the marks waiting to be written. When it is full a mark is
@@ -81,7 +91,7 @@ type phaseMark struct {
 const phaseQueue = 1024
 
 func newPhaseRecorder(db *embeddb.DB, log *slog.Logger) *phaseRecorder {
-	return &phaseRecorder{db: db, log: log, q: make(chan phaseMark, phaseQueue), done: map[string]bool{}}
+	return &phaseRecorder{db: db, log: log, q: make(chan phaseMark, phaseQueue), done: map[markKey]bool{}}
 }
 
 // run writes queued marks until ctx ends.
@@ -115,17 +125,24 @@ func (r *phaseRecorder) write(ctx context.Context, m phaseMark) {
 	}
 }
 
-// mark queues that the VM reached phase at time at (or failed it, with failure),
-// unless that is already recorded or queued.
-func (r *phaseRecorder) mark(vmID, phase string, at time.Time, failure string) {
+// mark queues that the VM reached phase now (or failed it, with failure), unless
+// that is already recorded or queued. A mark already made costs a read-locked map
+// lookup and no allocation: it sits on the metadata server's path.
+func (r *phaseRecorder) mark(vmID, phase string, now func() time.Time, failure string) {
 	if r == nil {
 		return
 	}
-	key := vmID + " " + phase
-	if failure != "" {
-		key += " failed"
+	key := markKey{vmID: vmID, phase: phase, failed: failure != ""}
+	if r.seen(key) {
+		return
 	}
-	r.enqueue(phaseMark{vmID: vmID, phase: phase, at: at, failure: failure, key: key})
+	r.enqueue(phaseMark{vmID: vmID, phase: phase, at: now(), failure: failure, key: key})
+}
+
+func (r *phaseRecorder) seen(key markKey) bool {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.done[key]
 }
 
 // leased is DHCP's hook: it acknowledged ip for mac at time at.
@@ -133,8 +150,14 @@ func (r *phaseRecorder) leased(mac net.HardwareAddr, ip netip.Addr, at time.Time
 	if r == nil {
 		return
 	}
-	r.enqueue(phaseMark{phase: PhaseAddressLeased, at: at, mac: slices.Clone(mac), ip: ip,
-		key: "lease " + mac.String() + " " + ip.String()})
+	if len(mac) != 6 {
+		return
+	}
+	key := markKey{mac: ipam.MACKey(mac), ip: ip}
+	if r.seen(key) {
+		return
+	}
+	r.enqueue(phaseMark{phase: PhaseAddressLeased, at: at, mac: slices.Clone(mac), ip: ip, key: key})
 }
 
 func (r *phaseRecorder) enqueue(m phaseMark) {
@@ -162,11 +185,11 @@ func (r *phaseRecorder) recordNow(ctx context.Context, vmID, phase string, at ti
 		return
 	}
 	r.mu.Lock()
-	r.done[vmID+" "+phase] = true
+	r.done[markKey{vmID: vmID, phase: phase}] = true
 	r.mu.Unlock()
 }
 
-func (r *phaseRecorder) forgetKey(key string) {
+func (r *phaseRecorder) forgetKey(key markKey) {
 	r.mu.Lock()
 	delete(r.done, key)
 	r.mu.Unlock()
@@ -177,10 +200,11 @@ func (r *phaseRecorder) forget(vmID string, mac string) {
 	if r == nil {
 		return
 	}
+	hw, _ := net.ParseMAC(mac)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for k := range r.done {
-		if strings.HasPrefix(k, vmID+" ") || (mac != "" && strings.HasPrefix(k, "lease "+mac+" ")) {
+		if k.vmID == vmID || (len(hw) == 6 && k.mac == ipam.MACKey(hw)) {
 			delete(r.done, k)
 		}
 	}

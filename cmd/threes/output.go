@@ -65,6 +65,18 @@ func printVM(w io.Writer, vm *threesv1.VM) {
 	row("MAC", vm.GetMac())
 	row("Created At", when(vm.GetCreatedAt()))
 	row("Deleted At", when(vm.GetDeletedAt()))
+	row("Tailnet Node", vm.GetTailnetNodeId())
+	for i, p := range vm.GetPhases() {
+		k := ""
+		if i == 0 {
+			k = "Phases:"
+		}
+		v := fmt.Sprintf("%-16s %s (+%.1fs)", phaseWord(p.GetPhase()), when(p.GetAt()), p.GetAt().AsTime().Sub(vm.GetCreatedAt().AsTime()).Seconds())
+		if p.GetError() != "" {
+			v += " FAILED: " + p.GetError()
+		}
+		fmt.Fprintf(tw, "    %s\t%s\n", k, v)
+	}
 	tw.Flush()
 }
 

@@ -82,6 +82,7 @@ type cmdVMCreate struct {
 	script      string
 	kvs         []string
 	secretKVs   []string
+	wait        bool
 }
 
 func (c *cmdVMCreate) command() *cobra.Command {
@@ -101,6 +102,7 @@ func (c *cmdVMCreate) command() *cobra.Command {
 	f.StringVarP(&c.script, "script", "c", "", "file holding a startup script for the VM")
 	f.StringArrayVar(&c.kvs, "kv", nil, "key=value to set on the VM (repeatable)")
 	f.StringArrayVar(&c.secretKVs, "secret-kv", nil, "key=value to set as a secret (repeatable)")
+	f.BoolVar(&c.wait, "wait", false, "print each phase as the VM reaches it and return once it is on the tailnet (--timeout bounds the whole wait, default 5m)")
 	cmd.MarkFlagRequired("image")
 	cmd.MarkFlagRequired("network")
 	return cmd
@@ -134,11 +136,27 @@ func (c *cmdVMCreate) run(cmd *cobra.Command, args []string) error {
 			req.Kvs = append(req.Kvs, kv)
 		}
 	}
+	if c.wait && !cmd.Flags().Changed("timeout") && !cmd.Flags().Changed("timeout-ms") {
+		c.global.timeout = waitTimeout
+	}
 	cl, ctx, err := c.global.connect(cmd)
 	if err != nil {
 		return err
 	}
 	vm, err := cl.Create(ctx, req)
+	if err != nil {
+		return err
+	}
+	if !c.wait {
+		return c.global.showVM(cmd.OutOrStdout(), vm)
+	}
+	// Phases go to stdout as text; with -o json to stderr, leaving stdout one VM.
+	w := cmd.OutOrStdout()
+	if c.global.output == "json" {
+		w = cmd.ErrOrStderr()
+	}
+	fmt.Fprintf(w, "%s (%s): waiting for it to come onto the tailnet\n", vm.GetName(), vm.GetId())
+	vm, err = waitForTailnet(ctx, cl, vm, w)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,155 @@
+package appliance_test
+
+import (
+	"bytes"
+	"context"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/threestest"
+)
+
+// TestCreateWait runs `vm create --wait` through the binary: phases print as the
+// appliance records them and the command exits 0 once the VM is on the tailnet; a
+// failed phase, or a timeout, exits 1 with one line naming the phase, and the VM is
+// left whole for delete and purge to remove. The phases after running are written
+// into the appliance's database here, as the appliance's DHCP, metadata server and
+// tailnet watcher (tested in appliance) or another host of a cluster write them.
+func TestCreateWait(t *testing.T) {
+	env := threestest.Start(t)
+	c := waitCLI{t: t, bin: threesBinary(t), global: []string{"--socket", env.Options.Socket}}
+	c.ok("network", "create", "cool-network")
+	db := env.Appliance.DB()
+	ctx := context.Background()
+
+	// Nothing past running on the test driver: the timeout names the next phase.
+	out, errOut, code := c.run("vm", "create", "--wait", "--timeout", "3s", "-i", "base", "--network", "cool-network", "slow")
+	if code != 1 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 ||
+		!strings.Contains(errOut, `waiting for phase "address leased"`) || !strings.Contains(errOut, "vm slow: timed out") {
+		t.Fatalf("create --wait with no DHCP: exit %d, stderr %q", code, errOut)
+	}
+	if !strings.Contains(out, "defined") || !strings.Contains(out, "running") {
+		t.Errorf("create --wait printed %q, want defined and running", out)
+	}
+
+	// start runs create --wait in the background and returns the VM's ID once the
+	// record exists, and a function that waits for the command's end.
+	start := func(name string) (string, func() (string, string, int)) {
+		t.Helper()
+		cmd := exec.Command(c.bin, append(c.global, "vm", "create", "--wait", "--timeout", "1m", "-i", "base", "--network", "cool-network", name)...)
+		var o, e bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &o, &e
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(time.Minute)
+		for {
+			vm, err := db.VMByName(ctx, name)
+			if err == nil && vm.State == appliance.StateRunning {
+				return vm.ID, func() (string, string, int) {
+					err := cmd.Wait()
+					code := 0
+					if ee, ok := err.(*exec.ExitError); ok {
+						code = ee.ExitCode()
+					}
+					return o.String(), e.String(), code
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("vm %s never recorded running: %v", name, err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	record := func(id, phase, failure string) {
+		t.Helper()
+		// Apart, so each reaches the watch on its own.
+		time.Sleep(300 * time.Millisecond)
+		if _, err := db.RecordVMPhase(ctx, id, phase, time.Now(), failure); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	id, wait := start("quick")
+	for _, p := range []string{appliance.PhaseAddressLeased, appliance.PhaseConfigFetched, appliance.PhaseKeyTaken, appliance.PhaseOnTailnet} {
+		record(id, p, "")
+	}
+	out, errOut, code = wait()
+	if code != 0 {
+		t.Fatalf("create --wait: exit %d, stderr %q", code, errOut)
+	}
+	var order []string
+	for _, line := range strings.Split(out, "\n") {
+		for _, p := range []string{"defined", "running", "address leased", "config fetched", "key taken", "on the tailnet"} {
+			if strings.HasPrefix(line, p+" ") && strings.Contains(line, "+") {
+				order = append(order, p)
+			}
+		}
+	}
+	if strings.Join(order, ",") != "defined,running,address leased,config fetched,key taken,on the tailnet" {
+		t.Fatalf("create --wait printed phases %v:\n%s", order, out)
+	}
+	if !strings.Contains(out, "Phases:") {
+		t.Errorf("create --wait did not end with the VM and its phases:\n%s", out)
+	}
+	if got := c.ok("vm", "get", "quick"); !strings.Contains(got, "Phases:") || !strings.Contains(got, "on the tailnet") {
+		t.Errorf("vm get = %q, want the phases", got)
+	}
+	if got := c.ok("-o", "json", "vm", "get", "quick"); !strings.Contains(got, `"VM_PHASE_ON_TAILNET"`) {
+		t.Errorf("vm get -o json = %q, want the phases", got)
+	}
+
+	// The key was taken before the VM asked: the phase fails, and so does the wait.
+	id, wait = start("robbed")
+	record(id, appliance.PhaseAddressLeased, "")
+	record(id, appliance.PhaseKeyTaken, "the vm asked for its auth key after it had already been taken")
+	out, errOut, code = wait()
+	if code != 1 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, `phase "key taken" failed`) ||
+		!strings.Contains(errOut, "already been taken") {
+		t.Fatalf("create --wait with the key taken: exit %d, stderr %q, stdout %q", code, errOut, out)
+	}
+
+	// Left whole, and delete and purge remove it.
+	for _, name := range []string{"slow", "robbed"} {
+		c.ok("vm", "delete", name)
+	}
+	c.ok("vm", "purge")
+	if got := c.ok("vm", "all", "--deleted"); strings.Contains(got, "slow") || strings.Contains(got, "robbed") {
+		t.Errorf("after delete and purge: %q", got)
+	}
+}
+
+// waitCLI runs the threes binary against an appliance.
+type waitCLI struct {
+	t      *testing.T
+	bin    string
+	global []string
+}
+
+// run returns stdout, stderr and the exit code.
+func (c waitCLI) run(args ...string) (string, string, int) {
+	c.t.Helper()
+	cmd := exec.Command(c.bin, append(append([]string{}, c.global...), args...)...)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		c.t.Fatalf("run threes %v: %v", args, err)
+	}
+	return o.String(), e.String(), code
+}
+
+func (c waitCLI) ok(args ...string) string {
+	c.t.Helper()
+	out, errOut, code := c.run(args...)
+	if code != 0 {
+		c.t.Fatalf("threes %s: exit %d: %s", strings.Join(args, " "), code, errOut)
+	}
+	return out
+}
