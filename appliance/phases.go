@@ -230,6 +230,7 @@ func (l *Lifecycle) watchJoins(ctx context.Context, lc tailnetStatus) {
 		return
 	}
 	settled := map[tailcfg.StableNodeID]bool{}
+	tries := map[tailcfg.StableNodeID]int{}
 	changed := make(chan struct{}, 1)
 	go func() {
 		for ctx.Err() == nil {
@@ -264,12 +265,17 @@ func (l *Lifecycle) watchJoins(ctx context.Context, lc tailnetStatus) {
 		case <-changed:
 		case <-t.C:
 		}
-		l.checkJoins(ctx, lc, settled)
+		l.checkJoins(ctx, lc, settled, tries)
 	}
 }
 
+// joinTries bounds how often the join watcher asks the control plane about a peer it
+// does not list: after that the peer is left alone (logged once), so a peer that never
+// shows up costs no API call every few seconds for ever.
+const joinTries = 12
+
 // checkJoins attributes the tagged peers not settled yet.
-func (l *Lifecycle) checkJoins(ctx context.Context, lc tailnetStatus, settled map[tailcfg.StableNodeID]bool) {
+func (l *Lifecycle) checkJoins(ctx context.Context, lc tailnetStatus, settled map[tailcfg.StableNodeID]bool, tries map[tailcfg.StableNodeID]int) {
 	st, err := lc.Status(ctx)
 	if err != nil {
 		return
@@ -294,11 +300,16 @@ func (l *Lifecycle) checkJoins(ctx context.Context, lc tailnetStatus, settled ma
 	}
 	for _, id := range fresh {
 		i := slices.IndexFunc(devs, func(d control.Device) bool { return d.ID == string(id) })
-		if i < 0 {
-			continue // not listed yet: the next check tries again
-		}
-		if l.joined(ctx, devs[i], at) {
+		if i >= 0 && l.joined(ctx, devs[i], at) {
 			settled[id] = true
+			delete(tries, id)
+			continue
+		}
+		// Not listed yet, or the database did not answer: the next check tries again.
+		if tries[id]++; tries[id] >= joinTries {
+			l.log.Warn("tailnet joins: a tagged peer the control plane does not list as a threes device; leaving it", "node", id)
+			settled[id] = true
+			delete(tries, id)
 		}
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/threes-dev/threes/netboot/dhcp"
 	"github.com/threes-dev/threes/netboot/ipam"
 	"github.com/threes-dev/threes/netboot/metadata"
+	"github.com/threes-dev/threes/tsauth/control"
 )
 
 // waitPhases polls the VM's record until it holds want (phase names, with their
@@ -204,5 +205,51 @@ func BenchmarkPhaseMarks(b *testing.B) {
 				i++
 			}
 		})
+	}
+}
+
+// TestDeviceVMWithoutKey: where the control plane does not say which key a device
+// joined with (Tailscale), a device is a VM's only when it is the one VM of the
+// device's network that took its key and is not on the tailnet yet, or, with
+// several, the one whose name the device reports.
+func TestDeviceVMWithoutKey(t *testing.T) {
+	ctx := context.Background()
+	db, first := openDB(t) // "cached", network lab, tag tag:threes-lab
+	l := &Lifecycle{db: db, ownerTag: "tag:threes"}
+	dev := control.Device{ID: "n1CNTRL", Hostname: "whatever", Tags: []string{"tag:threes-lab"}}
+	if _, err := l.deviceVM(ctx, dev); !errors.Is(err, embeddb.ErrNotFound) {
+		t.Fatalf("no VM took its key: deviceVM = %v, want not found", err)
+	}
+	if _, err := db.RecordVMPhase(ctx, first.ID, PhaseKeyTaken, time.Now(), ""); err != nil {
+		t.Fatal(err)
+	}
+	if vm, err := l.deviceVM(ctx, dev); err != nil || vm.ID != first.ID {
+		t.Fatalf("one VM waiting: deviceVM = %s, %v; want %s", vm.ID, err, first.ID)
+	}
+	other := control.Device{ID: "n2CNTRL", Hostname: "cached", Tags: []string{"tag:threes-elsewhere"}}
+	if _, err := l.deviceVM(ctx, other); !errors.Is(err, embeddb.ErrNotFound) {
+		t.Fatalf("a device of another network: deviceVM = %v, want not found", err)
+	}
+	now := time.Now()
+	second := embeddb.VM{ID: NewID(now), Name: "second", Network: "lab", State: StateRunning, Desired: StateRunning, CreatedAt: now}
+	if err := db.CreateVM(ctx, second, embeddb.VMConfig{}, embeddb.Address{IP: netip.MustParseAddr("10.10.0.7"), MAC: "52:54:00:00:00:07"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.RecordVMPhase(ctx, second.ID, PhaseKeyTaken, now, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.deviceVM(ctx, dev); !errors.Is(err, embeddb.ErrNotFound) {
+		t.Fatalf("two waiting, neither named so: deviceVM = %v, want not found", err)
+	}
+	dev.Hostname = "second"
+	if vm, err := l.deviceVM(ctx, dev); err != nil || vm.ID != second.ID {
+		t.Fatalf("two waiting: deviceVM = %s, %v; want the one named second", vm.ID, err)
+	}
+	// Once a VM's node is recorded, it is not waiting any more.
+	if err := db.SetVMNodeID(ctx, second.ID, "n9CNTRL"); err != nil {
+		t.Fatal(err)
+	}
+	if vm, err := l.deviceVM(ctx, dev); err != nil || vm.ID != first.ID {
+		t.Fatalf("one left waiting: deviceVM = %s, %v; want %s", vm.ID, err, first.ID)
 	}
 }
