@@ -7,7 +7,7 @@ PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1
 # Fuzz targets and how long each runs in `make test`.
 FUZZTIME ?= 20s
 
-.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled testimage clean mutation modules prereqs-run prereqs-test prereqs-bench
+.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled testimage cloudimage clean mutation modules prereqs-run prereqs-test prereqs-bench
 
 build:
 	$(GO) build -o $(BIN)/threes ./cmd/threes
@@ -49,6 +49,13 @@ $(BIN)/tailscale: tools/tailscaled/go.mod
 testimage: $(BIN)/testimage/vmlinuz
 $(BIN)/testimage/vmlinuz: scripts/mkimage
 	scripts/mkimage $(BIN)/testimage
+
+# cloudimage is a Debian 12 cloud image: systemd, cloud-init and OpenSSH as Debian ships
+# them, plus tailscale/tailscaled from bin/ (scripts/mkcloudimage; root, mmdebstrap, a few
+# minutes). TestCloudImageOnQEMU boots it under the appliance (THREES_CLOUDIMAGE).
+cloudimage: $(BIN)/cloudimage/disk.qcow2
+$(BIN)/cloudimage/disk.qcow2: scripts/mkcloudimage $(BIN)/tailscaled $(BIN)/tailscale
+	scripts/mkcloudimage $(BIN)/cloudimage $(BIN)
 
 # test runs the whole suite as root inside a fresh network namespace that holds only
 # loopback, its own libvirtd, and what the tests add (see scripts/testenv).
