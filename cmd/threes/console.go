@@ -59,14 +59,27 @@ func (c *cmdConsole) run(cmd *cobra.Command, args []string) error {
 	}
 	in := cmd.InOrStdin()
 	interactive := false
-	if f, ok := in.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
-		old, err := term.MakeRaw(int(f.Fd()))
+	if f, ok := in.(*os.File); ok {
+		// Through SyscallConn, not Fd: Fd puts the file in blocking mode, where the
+		// reader below outlives the session when the VM stops; over SSH it would hold
+		// the session's terminal open.
+		rc, err := f.SyscallConn()
 		if err != nil {
 			return fmt.Errorf("console: %w", err)
 		}
-		defer term.Restore(int(f.Fd()), old)
-		interactive = true
-		fmt.Fprintf(cmd.ErrOrStderr(), "Connected to %s's console. Ctrl-] leaves.\r\n", args[0])
+		var old *term.State
+		rc.Control(func(fd uintptr) {
+			if interactive = term.IsTerminal(int(fd)); interactive {
+				old, err = term.MakeRaw(int(fd))
+			}
+		})
+		if err != nil {
+			return fmt.Errorf("console: %w", err)
+		}
+		if interactive {
+			defer rc.Control(func(fd uintptr) { term.Restore(int(fd), old) })
+			fmt.Fprintf(cmd.ErrOrStderr(), "Connected to %s's console. Ctrl-] leaves.\r\n", args[0])
+		}
 	}
 
 	// Keystrokes out. Piped input just stops at EOF: closing our side would end
