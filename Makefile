@@ -66,7 +66,7 @@ test: prereqs-test modules build headscale tailscaled testimage
 # cores; run side by side, a slow headscale register makes a client send it again and
 # meet its own single-use key already spent ("authkey already used").
 test-go:
-	THREES_BIN=$(BIN)/threes THREES_HEADSCALE=$(BIN)/headscale THREES_TAILSCALED=$(BIN)/tailscaled THREES_TESTIMAGE=$(BIN)/testimage GOPROXY=off $(GO) test -p 1 -count=1 -timeout 40m ./...
+	THREES_BIN=$(BIN)/threes THREES_HEADSCALE=$(BIN)/headscale THREES_TAILSCALED=$(BIN)/tailscaled THREES_TAILSCALE=$(BIN)/tailscale THREES_TESTIMAGE=$(BIN)/testimage GOPROXY=off $(GO) test -p 1 -count=1 -timeout 40m ./...
 
 fuzz:
 	@set -e; for t in $$(grep -rlE '^func Fuzz' --include='*_test.go' . | xargs -n1 dirname | sort -u); do \
