@@ -30,17 +30,30 @@ const QEMUURI = "qemu:///system"
 // (fails under CI=true).
 func TestImageDir(tb testing.TB) string {
 	tb.Helper()
-	dir := os.Getenv("THREES_TESTIMAGE")
+	return imageDir(tb, "THREES_TESTIMAGE", "testimage", "make testimage")
+}
+
+// LabImageDir is TestImageDir for the lab image, the test image with
+// tailscaled that joins the tailnet by itself: $THREES_LABIMAGE, else
+// bin/labimage (what `make labimage` builds).
+func LabImageDir(tb testing.TB) string {
+	tb.Helper()
+	return imageDir(tb, "THREES_LABIMAGE", "labimage", "make labimage")
+}
+
+func imageDir(tb testing.TB, env, name, build string) string {
+	tb.Helper()
+	dir := os.Getenv(env)
 	if dir == "" {
 		root, err := repoRoot()
 		if err != nil {
-			Skip(tb, "no test image: THREES_TESTIMAGE is not set and %v", err)
+			Skip(tb, "no %s: %s is not set and %v", name, env, err)
 		}
-		dir = filepath.Join(root, "bin", "testimage")
+		dir = filepath.Join(root, "bin", name)
 	}
 	for _, f := range []string{"vmlinuz", "initrd.img", "disk.qcow2", "cmdline"} {
 		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
-			Skip(tb, "no test image in %s (%v): build it with scripts/mkimage %s", dir, err, dir)
+			Skip(tb, "no %s in %s (%v): build it with %s", name, dir, err, build)
 		}
 	}
 	return dir

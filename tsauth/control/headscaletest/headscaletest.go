@@ -15,11 +15,12 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -77,19 +78,35 @@ func SetClientEnv(t *testing.T) {
 	}
 }
 
-// Start runs headscale until t ends, and returns once its API answers and the
-// user and API key exist.
+// Start runs headscale on loopback until t ends, and returns once its API
+// answers and the user and API key exist.
 func Start(t testing.TB) *Server {
+	t.Helper()
+	return StartOn(t, netip.IPv4Unspecified())
+}
+
+// StartOn is Start with the control server, its DERP relay and STUN on ip
+// instead of loopback, for clients that are not on this host: guests on a
+// test's bridge reach it at the bridge's own address. ip must be on an
+// interface of the test's network namespace. The unspecified address means
+// loopback.
+func StartOn(t testing.TB, ip netip.Addr) *Server {
 	t.Helper()
 	netnstest.LoopbackUp(t)
 	bin := Binary(t)
+	if !ip.Is4() {
+		t.Fatalf("headscaletest: StartOn(%v): want an IPv4 address", ip)
+	}
+	if ip.IsUnspecified() {
+		ip = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	}
 	dir := t.TempDir()
 	s := &Server{Dir: dir, bin: bin, config: filepath.Join(dir, "config.yaml"), log: filepath.Join(dir, "headscale.log")}
 
-	port, metricsPort, grpcPort := freeTCPPort(t), freeTCPPort(t), freeTCPPort(t)
-	stunPort := freeUDPPort(t)
-	s.URL = "http://127.0.0.1:" + strconv.Itoa(port)
-	cfg := fmt.Sprintf(configTemplate, s.URL, port, metricsPort, grpcPort, dir, stunPort)
+	port, metricsPort, grpcPort := freeTCPPort(t, ip), freeTCPPort(t, netip.Addr{}), freeTCPPort(t, netip.Addr{})
+	stunPort := freeUDPPort(t, ip)
+	s.URL = "http://" + netip.AddrPortFrom(ip, uint16(port)).String()
+	cfg := fmt.Sprintf(configTemplate, s.URL, port, metricsPort, grpcPort, dir, stunPort, ip)
 	if err := os.WriteFile(s.config, []byte(cfg), 0o600); err != nil {
 		t.Fatalf("write headscale config: %v", err)
 	}
@@ -101,6 +118,9 @@ func Start(t testing.TB) *Server {
 	cmd := exec.Command(bin, "-c", s.config, "serve")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = dir
+	// A test binary killed by its timeout runs no cleanup: the kernel ends
+	// headscale with it, so no orphan keeps ports (or a test lock) held.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		t.Fatalf("start headscale: %v", err)
@@ -176,9 +196,11 @@ func (s *Server) tailLog() string {
 	return string(b)
 }
 
-func freeTCPPort(t testing.TB) int {
+// freeTCPPort and freeUDPPort pick a free port on ip (loopback when ip is
+// the zero Addr).
+func freeTCPPort(t testing.TB, ip netip.Addr) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := net.Listen("tcp", hostPort(ip))
 	if err != nil {
 		t.Fatalf("pick a port: %v", err)
 	}
@@ -186,9 +208,9 @@ func freeTCPPort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-func freeUDPPort(t testing.TB) int {
+func freeUDPPort(t testing.TB, ip netip.Addr) int {
 	t.Helper()
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	c, err := net.ListenPacket("udp", hostPort(ip))
 	if err != nil {
 		t.Fatalf("pick a port: %v", err)
 	}
@@ -196,10 +218,18 @@ func freeUDPPort(t testing.TB) int {
 	return c.LocalAddr().(*net.UDPAddr).Port
 }
 
-// configTemplate keeps everything on loopback and inside the test's directory:
+func hostPort(ip netip.Addr) string {
+	if !ip.IsValid() {
+		ip = netip.AddrFrom4([4]byte{127, 0, 0, 1})
+	}
+	return netip.AddrPortFrom(ip, 0).String()
+}
+
+// configTemplate keeps everything on loopback (or StartOn's address) and inside
+// the test's directory:
 // no DERP map download, no update check, no log upload.
 const configTemplate = `server_url: %[1]s
-listen_addr: 127.0.0.1:%[2]d
+listen_addr: %[7]s:%[2]d
 metrics_listen_addr: 127.0.0.1:%[3]d
 grpc_listen_addr: 127.0.0.1:%[4]d
 grpc_allow_insecure: false
@@ -216,10 +246,10 @@ derp:
     region_code: test
     region_name: threes test
     verify_clients: true
-    stun_listen_addr: 127.0.0.1:%[6]d
+    stun_listen_addr: %[7]s:%[6]d
     private_key_path: %[5]s/derp_server_private.key
     automatically_add_embedded_derp_region: true
-    ipv4: 127.0.0.1
+    ipv4: %[7]s
   urls: []
   paths: []
   auto_update_enabled: false
