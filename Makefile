@@ -72,7 +72,7 @@ $(BIN)/lab-tailscaled: tools/tailscaled/go.mod
 
 # test runs the whole suite as root inside a fresh network namespace that holds only
 # loopback, its own libvirtd, and what the tests add (see scripts/testenv).
-test: prereqs-test modules build headscale tailscaled testimage labimage
+test: prereqs-test modules build headscale tailscaled testimage labimage cloudimage
 	scripts/testenv $(MAKE) --no-print-directory test-go fuzz
 
 # -p 1: one package's tests at a time. Real tailnets, headscale and TCG guests share two
