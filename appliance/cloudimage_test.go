@@ -6,9 +6,11 @@ import (
 	"crypto/rand"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -21,7 +23,9 @@ import (
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/hvtest"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
-	"github.com/threes-dev/threes/tsauth/tailnettest"
+	"github.com/threes-dev/threes/tsauth/control"
+	"github.com/threes-dev/threes/tsauth/control/headscaletest"
+	"github.com/threes-dev/threes/tsauth/policy"
 )
 
 // cloudImageDir is the Debian cloud image scripts/mkcloudimage builds:
@@ -42,11 +46,12 @@ func cloudImageDir(t *testing.T) string {
 // Debian ships them boots under the appliance on QEMU, and cloud-init (a
 // client nobody here wrote) finds threes' NoCloud datasource from the SMBIOS
 // serial and applies it: the hostname, the SSH key for Debian's default
-// user, threes' vendor-data (whose script finds tailscale in the image and
-// asks for the key; this appliance has no control plane, so there is none
-// and the script says so),
-// and the user's script as user-data, example/startup, which creates the
-// user threes. Then the test logs in over SSH as both users with the key.
+// user, threes' vendor-data, whose script brings the image's Tailscale up
+// with the VM's one-time key on headscale (the control server the appliance
+// uses, on the bridge's address), and the user's script as user-data,
+// example/startup, which creates the user threes. The test logs in over SSH
+// as both users with the key, and the appliance's node sees the VM as a peer
+// with its network's tag.
 func TestCloudImageOnQEMU(t *testing.T) {
 	imgDir := cloudImageDir(t)
 	startup, err := os.ReadFile("../example/startup")
@@ -54,25 +59,42 @@ func TestCloudImageOnQEMU(t *testing.T) {
 		t.Fatal(err)
 	}
 	q := hvtest.OpenQEMU(t, hv.Config{StopTimeout: 2 * time.Minute})
-	if out, err := exec.Command("ip", "addr", "add", "10.78.0.1/24", "dev", q.Bridge).CombinedOutput(); err != nil {
+	const gw = "10.78.0.1"
+	if out, err := exec.Command("ip", "addr", "add", gw+"/24", "dev", q.Bridge).CombinedOutput(); err != nil {
 		t.Fatalf("address the bridge: %v %s", err, out)
+	}
+	hs := headscaletest.StartOn(t, netip.MustParseAddr(gw))
+	headscaletest.SetClientEnv(t)
+	hs.SetPolicy(t, operatorPolicy)
+	plane, err := control.NewHeadscale(control.HeadscaleConfig{
+		URL: hs.URL, APIKey: control.NewSecret(hs.APIKey),
+		Policy: policy.Options{OwnerTag: "tag:threes", Admins: []string{"threes@"}},
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
 	defer cancel()
 	a, err := appliance.Start(ctx, appliance.Options{
 		StateDir:   q.Dir,
-		ControlURL: tailnettest.Start(t).ControlURL,
+		ControlURL: hs.URL,
+		AuthKey:    hs.PreauthKey(t, "tag:threes"),
+		OwnerTag:   "tag:threes",
 		Socket:     filepath.Join(q.Dir, "threes.sock"),
 		CIDR:       "10.78.0.0/24",
 		Bridge:     q.Bridge,
 		Hypervisor: q.H,
+		Plane:      plane,
 		Logger:     slog.New(slog.NewTextHandler(tWriter{t}, nil)),
-		Ephemeral:  true,
+		TSLogf:     func(string, ...any) {},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { a.Close() })
+	if _, err := a.Tailnet().Up(ctx); err != nil {
+		t.Fatal(err)
+	}
 	conn, err := grpc.NewClient("unix:"+filepath.Join(q.Dir, "threes.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -109,7 +131,10 @@ func TestCloudImageOnQEMU(t *testing.T) {
 	// after threes' vendor script, and cloud-init names the datasource.
 	con.WaitFor(t, "example/startup: created user threes", 8*time.Minute)
 	con.WaitFor(t, "example/startup: threes logs in with the VM's SSH key", time.Minute)
-	con.WaitFor(t, "threes: fetching the auth key failed", time.Second)
+	con.WaitFor(t, "threes: on the tailnet", time.Second)
+	if strings.Contains(con.String(), "tskey") || strings.Contains(con.String(), "hskey") {
+		t.Errorf("an auth key reached the console")
+	}
 	// Found from the SMBIOS serial and the kernel command line alike.
 	con.WaitFor(t, "Datasource DataSourceNoCloudNet [seed=dmi,cmdline,http://10.78.0.1/cloud-init/][dsmode=net]", 2*time.Minute)
 
@@ -119,6 +144,30 @@ func TestCloudImageOnQEMU(t *testing.T) {
 		out := sshRun(t, net.JoinHostPort(vm.GetManagementIp(), "22"), user, signer, "id -un; hostname; sudo -n true && echo sudo-ok")
 		if want := user + "\ncloud1\nsudo-ok\n"; out != want {
 			t.Errorf("ssh %s@cloud1: %q, want %q", user, out, want)
+		}
+	}
+
+	// On the tailnet as cloud1, with its network's tag, as the appliance's
+	// own node sees it.
+	out := sshRun(t, net.JoinHostPort(vm.GetManagementIp(), "22"), "debian", signer, "sudo -n tailscale ip -4")
+	ip, err := netip.ParseAddr(strings.TrimSpace(out))
+	if err != nil {
+		t.Fatalf("tailscale ip -4 in the guest: %q", out)
+	}
+	lc, err := a.Tailnet().LocalClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
+		who, err := lc.WhoIs(ctx, ip.String())
+		if err == nil {
+			if !slices.Contains(who.Node.Tags, "tag:threes-lab") || !strings.HasPrefix(who.Node.ComputedName, "cloud1") {
+				t.Errorf("the appliance sees %s as %s with tags %v, want cloud1 with tag:threes-lab", ip, who.Node.ComputedName, who.Node.Tags)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the appliance does not see the guest at %v: %v", ip, err)
 		}
 	}
 }
