@@ -3,13 +3,24 @@ package appliance_test
 import (
 	"bytes"
 	"context"
+	"log/slog"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
 	"github.com/threes-dev/threes/appliance"
 	"github.com/threes-dev/threes/appliance/threestest"
+	"github.com/threes-dev/threes/hv"
+	"github.com/threes-dev/threes/hv/hvtest"
+	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
+	"github.com/threes-dev/threes/tsauth/control"
+	"github.com/threes-dev/threes/tsauth/control/headscaletest"
+	"github.com/threes-dev/threes/tsauth/policy"
 )
 
 // TestCreateWait runs `vm create --wait` through the binary: phases print as the
@@ -152,4 +163,82 @@ func (c waitCLI) ok(args ...string) string {
 		c.t.Fatalf("threes %s: exit %d: %s", strings.Join(args, " "), code, errOut)
 	}
 	return out
+}
+
+// TestWaitNoTailscaleOnQEMU: a real guest whose image has no Tailscale (the test
+// image under QEMU TCG) leases its address and reads its config, and never asks for
+// its key: `vm create --wait` fails with one line naming the key taken phase, and
+// the VM is left whole, so delete and purge remove all of it (domain, record, and
+// the key, revoked on the control server).
+func TestWaitNoTailscaleOnQEMU(t *testing.T) {
+	img := hvtest.TestImageDir(t)
+	q := hvtest.OpenQEMU(t, hv.Config{StopTimeout: 2 * time.Minute})
+	const gw, cidr = "10.79.0.1", "10.79.0.0/24"
+	if out, err := exec.Command("ip", "addr", "add", gw+"/24", "dev", q.Bridge).CombinedOutput(); err != nil {
+		t.Fatalf("address the bridge: %v %s", err, out)
+	}
+	hs := headscaletest.Start(t)
+	headscaletest.SetClientEnv(t)
+	hs.SetPolicy(t, operatorPolicy)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	plane, err := control.NewHeadscale(control.HeadscaleConfig{
+		URL: hs.URL, APIKey: control.NewSecret(hs.APIKey),
+		Policy: policy.Options{OwnerTag: "tag:threes", Admins: []string{"threes@"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(q.Dir, "threes.sock")
+	a, err := appliance.Start(ctx, appliance.Options{
+		StateDir: q.Dir, ControlURL: hs.URL, AuthKey: hs.PreauthKey(t, "tag:threes"), OwnerTag: "tag:threes",
+		Socket: sock, CIDR: cidr, Bridge: q.Bridge, Hypervisor: q.H, Plane: plane,
+		Logger: slog.New(slog.NewTextHandler(tWriter{t}, nil)), TSLogf: func(string, ...any) {},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	conn, err := grpc.NewClient("unix:"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	api := threesv1.NewThreesClient(conn)
+	uploadImage(t, ctx, api, "plain", img)
+	c := waitCLI{t: t, bin: threesBinary(t), global: []string{"--socket", sock}}
+	c.ok("network", "create", "lab")
+
+	out, errOut, code := c.run("vm", "create", "--wait", "--timeout", "75s", "-i", "plain", "--network", "lab", "plain1")
+	t.Logf("create --wait:\n%s%s", out, errOut)
+	if code != 1 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, `waiting for phase "key taken"`) ||
+		!strings.Contains(errOut, "does its image have Tailscale?") {
+		t.Fatalf("create --wait of an image without Tailscale: exit %d, stderr %q", code, errOut)
+	}
+	for _, p := range []string{"defined", "running", "address leased", "config fetched"} {
+		if !strings.Contains(out, "\n"+p+" ") {
+			t.Errorf("create --wait did not print phase %s:\n%s", p, out)
+		}
+	}
+	id := strings.TrimSpace(c.ok("vm", "get-id", "plain1"))
+	if got := c.ok("vm", "get", id); !strings.Contains(got, "config fetched") || strings.Contains(got, "key taken") {
+		t.Errorf("vm get = %q, want phases up to config fetched", got)
+	}
+	keys := networkKeys(t, hs, "tag:threes-lab")
+	if len(keys) != 1 || keys[0].Used {
+		t.Fatalf("the VM's key = %+v, want one, unused", keys)
+	}
+
+	// Nothing half-made: delete and purge leave no domain, no record, no usable key.
+	c.ok("vm", "delete", id)
+	c.ok("vm", "purge", id)
+	if _, err := hvtest.Virsh(t, "domstate", id); err == nil {
+		t.Error("domain still defined after purge")
+	}
+	if got := c.ok("vm", "all", "--deleted"); strings.Contains(got, id) {
+		t.Errorf("vm all --deleted after purge = %q", got)
+	}
+	if keys := networkKeys(t, hs, "tag:threes-lab"); len(keys) != 1 || keys[0].Expiration.After(time.Now()) {
+		t.Errorf("the VM's key after purge = %+v, want it expired", keys)
+	}
 }
