@@ -130,7 +130,7 @@ func watchLogin(ctx context.Context, ts *tsnet.Server, controlURL string, log *s
 		controlURL = "Tailscale's (https://controlplane.tailscale.com)"
 	}
 	start := time.Now()
-	var warned bool
+	var warned, refused bool
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
@@ -150,12 +150,30 @@ func watchLogin(ctx context.Context, ts *tsnet.Server, controlURL string, log *s
 				log.Info("control server reached", "control", controlURL)
 			}
 			return
+		case !refused && loginError(st) != "":
+			// The control server answered, and said no: waiting will not help.
+			refused, warned = true, true
+			log.Error("the control server refused the appliance's login: "+loginError(st)+
+				": check the auth key (--authkey or $TS_AUTHKEY: valid, unexpired, unused if single-use) and --tags (a key that carries tags already tags the node; headscale refuses --tags on top)",
+				"control", controlURL)
 		case !warned && time.Since(start) >= loginGrace:
 			warned = true
 			log.Warn(fmt.Sprintf("no answer from the control server in %v: check --control-url, and that this host can reach it (DNS, routes, firewall)", loginGrace),
 				"control", controlURL, "state", st.BackendState, "health", healthLine(st))
 		}
 	}
+}
+
+// loginError is the control server's reason for refusing the node's last login,
+// from tailscaled's health warnings, or "".
+func loginError(st *ipnstate.Status) string {
+	const marker = "The last login error was: "
+	for _, h := range st.Health {
+		if _, why, ok := strings.Cut(h, marker); ok {
+			return strings.TrimSpace(why)
+		}
+	}
+	return ""
 }
 
 func healthLine(st *ipnstate.Status) string {

@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+
+	"tailscale.com/ipn/ipnstate"
 )
 
 func TestTailscaleLogUpload(t *testing.T) {
@@ -36,5 +38,21 @@ func TestLogLine(t *testing.T) {
 		if !strings.Contains(b.String(), tc.want) {
 			t.Errorf("logLine(%q) = %q, want %q", tc.line, b.String(), tc.want)
 		}
+	}
+}
+
+// TestLoginError: the reason a control server gave for refusing the login is found in
+// tailscaled's health warnings (the text as tailscale v1.102.5 words it, seen with
+// headscale refusing --tags on a tagged key), so serve can say it at once.
+func TestLoginError(t *testing.T) {
+	st := &ipnstate.Status{Health: []string{
+		"Some other warning",
+		"You are logged out. The last login error was: handling register with auth key: creating new node: requested tags [tag:threes] are invalid or not permitted",
+	}}
+	if got, want := loginError(st), "handling register with auth key: creating new node: requested tags [tag:threes] are invalid or not permitted"; got != want {
+		t.Errorf("loginError = %q, want %q", got, want)
+	}
+	if got := loginError(&ipnstate.Status{Health: []string{"You are logged out."}}); got != "" {
+		t.Errorf("loginError with no login error = %q", got)
 	}
 }
