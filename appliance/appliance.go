@@ -46,6 +46,10 @@ type Options struct {
 	// bridge; by default they cannot, so traffic between networks goes over the
 	// tailnet, where the policy rules are.
 	CrossNetwork bool
+	// DiskOvercommit is hv.Config.DiskOvercommit for the hypervisor Open makes:
+	// how far the VMs' thin disks may promise more than the disk holds; zero
+	// means no free-space check.
+	DiskOvercommit float64
 	// MetadataSession makes every /v1 metadata request carry a session token
 	// (PUT /v1/session first); off by default, since guests written for the
 	// original protocol would lose their auth key.
@@ -178,7 +182,8 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		lv, err := hv.Open(ctx, hv.Config{URI: o.LibvirtURI, Owner: "threes/" + o.Hostname, Lazy: true,
 			DiskDir: filepath.Join(o.StateDir, "disks"), ProbeKernel: probeKernel(a.images),
 			ProbeVerdict: filepath.Join(o.StateDir, "kvm-verdict.json"),
-			BridgeNetNS:  o.BridgeNetNS, CrossNetwork: o.CrossNetwork})
+			BridgeNetNS:  o.BridgeNetNS, CrossNetwork: o.CrossNetwork,
+			DiskOvercommit: o.DiskOvercommit})
 		if err != nil {
 			return nil, fmt.Errorf("open hypervisor %s: %w", o.LibvirtURI, err)
 		}

@@ -78,6 +78,7 @@ var errorCodes = []struct {
 	{policy.ErrInvalidPolicy, codes.FailedPrecondition},
 	{control.ErrPolicyConflict, codes.Aborted},
 	{ipam.ErrFull, codes.ResourceExhausted},
+	{hv.ErrNoSpace, codes.ResourceExhausted},
 
 	// Try again later: libvirtd is down, or another host leads the database.
 	{hv.ErrUnavailable, codes.Unavailable},

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -40,6 +41,11 @@ func (h *Libvirt) createDisk(ctx context.Context, s Spec, own *owner) (path, for
 		return "", "", fmt.Errorf("%w: the VM needs a disk but hv has no Config.DiskDir", ErrInvalidSpec)
 	}
 	final := h.diskPath(s.ID)
+	h.diskMu.Lock()
+	defer h.diskMu.Unlock()
+	if err := h.checkSpace(s); err != nil {
+		return "", "", err
+	}
 	// Built under a temporary name and linked into place: link(2) never
 	// replaces a file, so of two Creates of one ID one gets ErrExists,
 	// and a crash leaves at most a temporary file Open removes.
@@ -95,6 +101,97 @@ func (h *Libvirt) createDisk(ctx context.Context, s Spec, own *owner) (path, for
 		return "", "", err
 	}
 	return final, format, nil
+}
+
+// ErrNoSpace means the disk directory cannot hold what a new VM's disk
+// promises on top of what the others already do.
+var ErrNoSpace = errors.New("not enough disk space")
+
+// defaultReserve is what checkSpace keeps free when Config.DiskReserve is 0:
+// room for the database (which shares the filesystem by default) to write.
+const defaultReserve = 1 << 30
+
+// checkSpace refuses the disk of s when the disk directory's filesystem
+// cannot keep the promises made so far: disks are thin, so each may still
+// grow to its virtual size. What they may still grow by, plus the new
+// disk's size, divided by the overcommit ratio, must fit in the free space
+// beyond the reserve. It is a no-op unless Config.DiskOvercommit is set.
+func (h *Libvirt) checkSpace(s Spec) error {
+	if h.overcommit <= 0 {
+		return nil
+	}
+	reserve := h.reserve
+	if reserve <= 0 {
+		reserve = defaultReserve
+	}
+	need := int64(s.DiskGiB) << 30
+	if need < s.Image.DiskBytes {
+		need = s.Image.DiskBytes
+	}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(h.diskDir, &st); err != nil {
+		return fmt.Errorf("free space of %s: %w", h.diskDir, err)
+	}
+	free := int64(st.Bavail) * st.Bsize
+	growth, n, err := diskGrowth(h.diskDir)
+	if err != nil {
+		return err
+	}
+	if float64(growth+need)/h.overcommit <= float64(free-reserve) {
+		return nil
+	}
+	return fmt.Errorf("%w: vm %s needs %s for its disk, but %s has %s free beyond its %s reserve, "+
+		"and the disks already there (%d) may still grow by %s (overcommit %g: serve --disk-overcommit)",
+		ErrNoSpace, s.Name, gib(need), h.diskDir, gib(max(free-reserve, 0)), gib(reserve), n, gib(growth), h.overcommit)
+}
+
+// diskGrowth sums how much the files in dir may still grow: a qcow2 file up
+// to the virtual size in its header, any other file not at all.
+func diskGrowth(dir string) (growth int64, n int, err error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, 0, fmt.Errorf("list disks in %s: %w", dir, err)
+	}
+	for _, e := range ents {
+		if !e.Type().IsRegular() {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		var st syscall.Stat_t
+		if err := syscall.Stat(p, &st); err != nil {
+			continue // removed meanwhile
+		}
+		n++
+		if v := qcow2Size(p); v > st.Blocks*512 {
+			growth += v - st.Blocks*512
+		}
+	}
+	return growth, n, nil
+}
+
+// qcow2Size reads the virtual size from a qcow2 header (big-endian at
+// byte 24, after the magic QFI\xfb); 0 if p is not qcow2. Reading 32 bytes
+// per disk keeps the check cheap with thousands of VMs, where qemu-img info
+// would start a process for each.
+func qcow2Size(p string) int64 {
+	f, err := os.Open(p)
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	var hdr [32]byte
+	if _, err := io.ReadFull(f, hdr[:]); err != nil || string(hdr[:4]) != "QFI\xfb" {
+		return 0
+	}
+	return int64(binary.BigEndian.Uint64(hdr[24:]))
+}
+
+// gib formats a byte count for an error a person reads.
+func gib(n int64) string {
+	if n < 1<<30 {
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	}
+	return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
 }
 
 // removeDisk deletes the disk of the VM id and reports whether there was one.

@@ -67,6 +67,14 @@ type Config struct {
 	// CrossNetwork lets the bridge forward frames between VMs of
 	// different networks (Spec.Network); by default it does not.
 	CrossNetwork bool
+	// DiskOvercommit turns on Create's free-space check (see
+	// checkSpace): the room the VMs' disks may still grow into, divided
+	// by DiskOvercommit, must fit in DiskDir's free space beyond
+	// DiskReserve. 1 promises only what the disk holds; zero means no check.
+	DiskOvercommit float64
+	// DiskReserve is kept free in DiskDir's filesystem for whatever
+	// shares it (the database, by default); zero means 1 GiB.
+	DiskReserve int64
 }
 
 const (
@@ -150,6 +158,12 @@ type Libvirt struct {
 
 	accelMu sync.Mutex
 	accel   *accelResult // nil until detected
+
+	// diskMu makes a free-space check and the disk it allows one step,
+	// so two Creates cannot both take the last room.
+	diskMu     sync.Mutex
+	overcommit float64
+	reserve    int64
 }
 
 var _ Hypervisor = (*Libvirt)(nil)
@@ -166,6 +180,8 @@ func Open(ctx context.Context, cfg Config) (*Libvirt, error) {
 		probeVerdict: cfg.ProbeVerdict,
 		probeTimeout: cfg.ProbeTimeout,
 		diskDir:      cfg.DiskDir,
+		overcommit:   cfg.DiskOvercommit,
+		reserve:      cfg.DiskReserve,
 		done:         make(chan struct{}),
 	}
 	h.guardEvery.Store(int64(guardCheckEvery))

@@ -60,6 +60,7 @@ Without an auth key the node logs a login URL and joins once someone approves it
 	f.StringVar(&o.LibvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection URI")
 	f.StringVar(&c.dns, "dns", "", "comma-separated name servers DHCP hands to VMs")
 	f.BoolVar(&o.CrossNetwork, "cross-network", false, "let VMs of different networks reach each other on the bridge (default: only over the tailnet, where the policy applies)")
+	f.Float64Var(&o.DiskOvercommit, "disk-overcommit", 1, "how many times its free space the VMs' thin disks may promise (1: every disk can fill up; 0: no check); 1 GiB stays free for the database")
 	f.BoolVar(&o.MetadataSession, "metadata-session", false, "require a session token (PUT /v1/session) on every /v1 metadata request")
 	f.StringVar(&c.opts.BridgeNetNS, "bridge-netns", "", "network namespace (as ip netns names it) holding the bridge, if not the host's")
 	f.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
