@@ -127,7 +127,7 @@ func TestBootOnQEMU(t *testing.T) {
 }
 
 // uploadImage imports the test image through the API, as `threes image import` does.
-func uploadImage(t *testing.T, ctx context.Context, c threesv1.ThreesClient, name, dir string) *threesv1.Image {
+func uploadImage(t testing.TB, ctx context.Context, c threesv1.ThreesClient, name, dir string) *threesv1.Image {
 	t.Helper()
 	cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
 	if err != nil {
@@ -164,7 +164,7 @@ func uploadImage(t *testing.T, ctx context.Context, c threesv1.ThreesClient, nam
 }
 
 // apiConsole opens the VM's console through the API as a ReadWriteCloser.
-func apiConsole(t *testing.T, ctx context.Context, c threesv1.ThreesClient, id string) io.ReadWriteCloser {
+func apiConsole(t testing.TB, ctx context.Context, c threesv1.ThreesClient, id string) io.ReadWriteCloser {
 	t.Helper()
 	ctx, cancel := context.WithCancel(ctx)
 	s, err := c.Console(ctx)

@@ -71,7 +71,7 @@ func Binary(t testing.TB) string {
 // and no port mapping probes. It goes through envknob because tailscale reads
 // these knobs once at start-up; t.Setenv alone would not reach them. Tests that
 // use it must not be parallel.
-func SetClientEnv(t *testing.T) {
+func SetClientEnv(t testing.TB) {
 	t.Helper()
 	for k, v := range map[string]string{"TS_DEBUG_USE_DERP_HTTP": "true", "TS_DISABLE_PORTMAPPER": "true"} {
 		envknob.SetenvForTest(t, k, v)
