@@ -7,7 +7,7 @@ PROTOC_GEN_GO_GRPC := google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.5.1
 # Fuzz targets and how long each runs in `make test`.
 FUZZTIME ?= 20s
 
-.PHONY: build run test test-go fuzz bench lint proto headscale tailscaled testimage labimage cloudimage clean mutation modules prereqs-run prereqs-test prereqs-bench
+.PHONY: build run serve test test-go fuzz bench lint proto headscale tailscaled testimage labimage cloudimage clean mutation modules prereqs-run prereqs-test prereqs-bench
 
 build:
 	$(GO) build -o $(BIN)/threes ./cmd/threes
@@ -25,9 +25,16 @@ modules:
 	cd tools/headscale && $(GO) mod download
 	cd tools/tailscaled && $(GO) mod download
 
-# run starts the appliance on this host (needs root; libvirtd and the bridge for VMs).
-# Pass serve's flags in ARGS, e.g. make run ARGS='--control-url https://hs.example.com'.
-run: prereqs-run build
+# run is the lab: a whole threes on this machine with no Tailscale account (scripts/lab):
+# headscale, the bridge, the appliance, the lab image and one VM on the tailnet, in a
+# network namespace of its own with its own libvirtd. Ctrl-C tears it all down. Needs root.
+run: prereqs-run build headscale tailscaled labimage
+	scripts/testenv scripts/lab
+
+# serve runs the appliance on this host for a real tailnet (needs root; libvirtd and the
+# bridge for VMs). Pass serve's flags in ARGS, e.g. make serve ARGS='--control-url
+# https://hs.example.com'.
+serve: prereqs-run build
 	$(BIN)/threes serve $(ARGS)
 
 # headscale is a real control server the tests run on loopback; built from its own
@@ -90,10 +97,11 @@ fuzz:
 	done
 
 # bench runs the Go benchmarks (API over the tailnet vs loopback, database, IPAM, DHCP,
-# hypervisor), then the side-by-side DHCP and metadata benchmark against Kea, dnsmasq
+# hypervisor, and a VM from create to each phase onto the tailnet beside plain QEMU
+# booting the same image), then the side-by-side DHCP and metadata benchmark against Kea, dnsmasq
 # and wrk (bench/netboot/run.sh). Needs root.
-bench: prereqs-bench modules build testimage
-	THREES_TESTIMAGE=$(BIN)/testimage scripts/testenv $(GO) test -run '^$$' -bench . -benchtime 2s ./...
+bench: prereqs-bench modules build headscale testimage labimage
+	THREES_TESTIMAGE=$(BIN)/testimage THREES_LABIMAGE=$(BIN)/labimage THREES_HEADSCALE=$(BIN)/headscale scripts/testenv $(GO) test -run '^$$' -bench . -benchtime 2s ./...
 	bash bench/netboot/run.sh
 
 # bench-scale is one host with many VMs (issue 15): one `threes serve` on libvirt's test
