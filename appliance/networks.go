@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/tsauth/policy"
@@ -13,6 +14,11 @@ import (
 // owns and prefixes every network tag.
 const DefaultOwnerTag = "tag:threes"
 
+// networkMu makes the check-edit-record steps of network creates and deletes in this
+// process one at a time: of two creates of one name, the second then finds the
+// first's record before it touches the policy.
+var networkMu sync.Mutex
+
 // CreateNetwork adds a network's tag and rules to the tailnet policy (when a control
 // plane is configured) and records it. Adding the rules first means a recorded network
 // always works; a failed record takes the rules out again.
@@ -20,6 +26,8 @@ func (l *Lifecycle) CreateNetwork(ctx context.Context, name string) (n embeddb.N
 	if err := ValidateName("name", name); err != nil {
 		return n, err
 	}
+	networkMu.Lock()
+	defer networkMu.Unlock()
 	tag, err := policy.NetworkTag(l.ownerTag, name)
 	if err != nil {
 		return n, fieldErr("name", "%v", err)
@@ -39,7 +47,14 @@ func (l *Lifecycle) CreateNetwork(ctx context.Context, name string) (n embeddb.N
 		if err := l.plane.EnsureNetwork(ctx, name); err != nil {
 			return n, fmt.Errorf("network %q: tailnet policy: %w", name, err)
 		}
-		undo.add("remove network from policy", func() error { return l.plane.RemoveNetwork(context.WithoutCancel(ctx), name) })
+		undo.add("remove network from policy", func() error {
+			// Another host's create of the same name may have recorded it
+			// meanwhile (the database is shared): the rules are then its.
+			if _, err := l.db.GetNetwork(context.WithoutCancel(ctx), name); err == nil {
+				return nil
+			}
+			return l.plane.RemoveNetwork(context.WithoutCancel(ctx), name)
+		})
 	}
 	n = embeddb.Network{Name: name, Tag: tag, CreatedAt: l.now()}
 	if err := l.db.CreateNetwork(ctx, n); err != nil {
@@ -54,6 +69,8 @@ func (l *Lifecycle) DeleteNetwork(ctx context.Context, name string) error {
 	if err := ValidateName("name", name); err != nil {
 		return err
 	}
+	networkMu.Lock()
+	defer networkMu.Unlock()
 	if _, err := l.db.GetNetwork(ctx, name); err != nil {
 		return fmt.Errorf("network %q: %w", name, err)
 	}
