@@ -105,6 +105,9 @@ const (
 	// letter or digit, and List skips them.
 	tmpPrefix = ".import-"
 	delPrefix = ".delete-"
+	// UploadPrefix starts the directories an upload is received into before
+	// Import checks it (appliance.ImportImage); Open removes what a crash left.
+	UploadPrefix = ".upload-"
 )
 
 // Open returns the store in dir, creating dir if needed. Images it holds
@@ -124,7 +127,7 @@ func Open(dir string) (*Store, error) {
 		return nil, fmt.Errorf("image store %s: %w", dir, err)
 	}
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), tmpPrefix) || strings.HasPrefix(e.Name(), delPrefix) {
+		if strings.HasPrefix(e.Name(), tmpPrefix) || strings.HasPrefix(e.Name(), delPrefix) || strings.HasPrefix(e.Name(), UploadPrefix) {
 			if err := os.RemoveAll(filepath.Join(s.dir, e.Name())); err != nil {
 				return nil, fmt.Errorf("image store %s: remove leftover: %w", dir, err)
 			}

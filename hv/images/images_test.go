@@ -263,6 +263,9 @@ func TestOpenRemovesLeftovers(t *testing.T) {
 	must(t, os.MkdirAll(filepath.Join(dir, ".import-x-123"), 0o755))
 	must(t, os.WriteFile(filepath.Join(dir, ".import-x-123", "disk.raw"), []byte("x"), 0o444))
 	must(t, os.MkdirAll(filepath.Join(dir, ".delete-y-456", "y"), 0o755))
+	// An upload the server was receiving when it crashed.
+	must(t, os.MkdirAll(filepath.Join(dir, images.UploadPrefix+"789"), 0o755))
+	must(t, os.WriteFile(filepath.Join(dir, images.UploadPrefix+"789", "disk"), []byte("half an image"), 0o600))
 	s, err := images.Open(dir)
 	must(t, err)
 	ents, err := os.ReadDir(s.Dir())
