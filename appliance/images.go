@@ -39,7 +39,7 @@ func (s *service) ImportImage(stream grpc.ClientStreamingServer[threesv1.ImageUp
 	if _, err := s.images.Get(h.GetName()); err == nil {
 		return fmt.Errorf("image %q: %w", h.GetName(), images.ErrExists)
 	}
-	tmp, err := os.MkdirTemp(s.images.Dir(), ".upload-")
+	tmp, err := os.MkdirTemp(s.images.Dir(), images.UploadPrefix)
 	if err != nil {
 		return fmt.Errorf("image upload: %w", err)
 	}
@@ -98,10 +98,35 @@ func (s *service) ImportImage(stream grpc.ClientStreamingServer[threesv1.ImageUp
 	}
 	img, err := s.images.Import(stream.Context(), h.GetName(), src)
 	if err != nil {
-		return fmt.Errorf("import image %q: %w", h.GetName(), err)
+		return uploadNames(err, tmp) // the store names the image already
 	}
 	return stream.SendAndClose(imageProto(img))
 }
+
+// uploadNames rewrites err's message to call the upload's files by what they are
+// ("disk", "kernel", "initrd") instead of by the temporary path the server kept them
+// at, which means nothing to the caller (the CLI then puts the user's own file
+// name there). The error still wraps err, so its code stays the same.
+func uploadNames(err error, dir string) error {
+	msg := err.Error()
+	for _, f := range []string{"disk", "kernel", "initrd"} {
+		p := filepath.Join(dir, f)
+		msg = strings.ReplaceAll(msg, f+" "+p, f) // "disk /x/.upload-1/disk: ..." reads "disk: ..."
+		msg = strings.ReplaceAll(msg, p, f)
+	}
+	if msg == err.Error() {
+		return err
+	}
+	return &renamed{msg, err}
+}
+
+type renamed struct {
+	msg string
+	err error
+}
+
+func (r *renamed) Error() string { return r.msg }
+func (r *renamed) Unwrap() error { return r.err }
 
 func (s *service) ListImages(ctx context.Context, _ *threesv1.ListImagesRequest) (*threesv1.ListImagesResponse, error) {
 	imgs, err := s.images.List()

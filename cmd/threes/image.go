@@ -134,11 +134,16 @@ func diskPath(args []string) string {
 	return ""
 }
 
-// uploadPath matches where the server holds an upload while it checks it.
-var uploadPath = regexp.MustCompile(`\S*/\.upload-[0-9]+/(kernel|initrd|disk)\b`)
+// uploadPath matches where a server before 2026-11 named its copy of an upload;
+// uploadFile where the server now calls a file by what it is: "bad image: disk: …",
+// or quoted in qemu-img's words ('disk').
+var (
+	uploadPath = regexp.MustCompile(`\S*/\.upload-[0-9]+/(kernel|initrd|disk)\b`)
+	uploadFile = regexp.MustCompile(`bad image: (kernel|initrd|disk):|'(kernel|initrd|disk)'`)
+)
 
 // nameUserFiles puts the person's own file names where the server's message names
-// its temporary copies, keeping the error's code.
+// the uploaded files, keeping the error's code.
 func nameUserFiles(err error, kernel, initrd, disk string) error {
 	st, ok := status.FromError(err)
 	if !ok {
@@ -148,6 +153,16 @@ func nameUserFiles(err error, kernel, initrd, disk string) error {
 	msg := uploadPath.ReplaceAllStringFunc(st.Message(), func(m string) string {
 		if name := names[uploadPath.FindStringSubmatch(m)[1]]; name != "" {
 			return name
+		}
+		return m
+	})
+	msg = uploadFile.ReplaceAllStringFunc(msg, func(m string) string {
+		sub := uploadFile.FindStringSubmatch(m)
+		switch {
+		case sub[1] != "" && names[sub[1]] != "":
+			return "bad image: " + sub[1] + " " + names[sub[1]] + ":"
+		case sub[2] != "" && names[sub[2]] != "":
+			return "'" + names[sub[2]] + "'"
 		}
 		return m
 	})
