@@ -300,9 +300,15 @@ func (l *Lifecycle) live(ctx context.Context, id string) (embeddb.VM, error) {
 	return vm, nil
 }
 
-// Start boots a VM's domain.
+// Start boots a VM's domain. Starting one that runs is refused, so a user who
+// expected it stopped learns otherwise (restart is the call that reboots it).
 func (l *Lifecycle) Start(ctx context.Context, id string) (embeddb.VM, error) {
-	return l.transition(ctx, id, StateRunning, l.hv.Start)
+	return l.transition(ctx, id, StateRunning, func(ctx context.Context, id string) error {
+		if st, err := l.hv.State(ctx, id); err == nil && st == hv.StateRunning {
+			return fmt.Errorf("already running (threes vm restart reboots it): %w", ErrState)
+		}
+		return l.hv.Start(ctx, id)
+	})
 }
 
 // Stop shuts a VM's domain down, gracefully first.
