@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"time"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
@@ -65,7 +66,15 @@ func principalFrom(ctx context.Context) tsauth.Principal {
 type gate struct {
 	identify IdentifyFunc
 	log      *slog.Logger
+	// reauth is how often a stream's caller is authorised again while it lasts
+	// (default streamReauth): a console or watch must not outlive a revoked grant.
+	reauth time.Duration
 }
+
+// streamReauth is how often a stream is authorised again by default. The identity
+// behind it is cached for tsauth.DefaultMaxAge, so a revoked grant ends a stream
+// within about the sum of the two.
+const streamReauth = 2 * time.Second
 
 func (g *gate) authorise(ctx context.Context, method string) (context.Context, error) {
 	p, err := g.principal(ctx)
@@ -118,20 +127,65 @@ func (g *gate) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h
 	return resp, toStatus(err)
 }
 
+// stream authorises a stream when it opens and again every g.reauth while it
+// lasts; once the caller's role no longer allows the method, the stream's context
+// ends and the call ends with the refusal.
 func (g *gate) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 	ctx, err := g.authorise(ss.Context(), info.FullMethod)
 	if err != nil {
 		return toStatus(err)
 	}
-	return toStatus(h(srv, &identifiedStream{ServerStream: ss, ctx: ctx}))
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	every := g.reauth
+	if every <= 0 {
+		every = streamReauth
+	}
+	go func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if _, err := g.authorise(ss.Context(), info.FullMethod); err != nil {
+				cancel(fmt.Errorf("%w (while the stream was open)", err))
+				return
+			}
+		}
+	}()
+	err = h(srv, &identifiedStream{ServerStream: ss, ctx: ctx})
+	if cause := context.Cause(ctx); cause != nil && ss.Context().Err() == nil {
+		// Refused mid-way: that, not the handler's "context canceled", is why.
+		return toStatus(cause)
+	}
+	return toStatus(err)
 }
 
+// identifiedStream carries the caller's principal, and refuses messages once the
+// caller was refused mid-stream (a handler blocked elsewhere still sees ctx end).
 type identifiedStream struct {
 	grpc.ServerStream
 	ctx context.Context
 }
 
 func (s *identifiedStream) Context() context.Context { return s.ctx }
+
+func (s *identifiedStream) SendMsg(m any) error {
+	if err := context.Cause(s.ctx); err != nil {
+		return err
+	}
+	return s.ServerStream.SendMsg(m)
+}
+
+func (s *identifiedStream) RecvMsg(m any) error {
+	if err := context.Cause(s.ctx); err != nil {
+		return err
+	}
+	return s.ServerStream.RecvMsg(m)
+}
 
 func shortMethod(full string) string {
 	for i := len(full) - 1; i >= 0; i-- {
