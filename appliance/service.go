@@ -72,7 +72,9 @@ func (s *service) Watch(ref *threesv1.VMRef, stream grpc.ServerStreamingServer[t
 	for {
 		select {
 		case <-ctx.Done():
-			return nil
+			// Not nil: a caller whose deadline passed must not read "the VM is
+			// gone" (a clean end) before its own timer says why.
+			return ctx.Err()
 		case <-t.C:
 		}
 		g := s.db.VMGen(id)

@@ -96,7 +96,8 @@ func waitForTailnet(ctx context.Context, cl threesv1.ThreesClient, vm *threesv1.
 				return vm, fail(fmt.Sprintf("it is %s, before phase %q", stateWord(vm.GetState()), phaseWord(next())))
 			}
 		}
-		if errors.Is(err, io.EOF) {
+		// The deadline first: the stream may end cleanly as it passes.
+		if errors.Is(err, io.EOF) && ctx.Err() == nil {
 			return vm, fmt.Errorf("vm %s: purged while waiting for phase %q", vm.GetName(), phaseWord(next()))
 		}
 		if ctx.Err() != nil || status.Code(err) == codes.DeadlineExceeded || status.Code(err) == codes.Canceled {
