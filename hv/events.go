@@ -31,6 +31,11 @@ func (h *Libvirt) Events(ctx context.Context) (<-chan Event, error) {
 func (h *Libvirt) pumpEvents(ctx context.Context, out chan<- Event) {
 	defer close(out)
 	send := func(ev Event) bool {
+		if ev.State == StateRunning {
+			// A domain found running at a (re)subscription, or
+			// started by someone else: record its console from now.
+			h.recordLater(ev.ID)
+		}
 		select {
 		case out <- ev:
 			return true

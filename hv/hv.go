@@ -158,12 +158,21 @@ type Hypervisor interface {
 	// libvirt's states even across libvirtd restarts.
 	Events(ctx context.Context) (<-chan Event, error)
 	// Console attaches to the running domain's serial console: reads
-	// return what the guest writes, writes are the guest's input (what
-	// the guest gets before its shell reads the console may be lost). It
-	// takes the console over from any other session, whose reads then
-	// fail, and ends at Close, when ctx ends, or when the domain stops
+	// first replay its recent output (up to 64 KiB, recorded from the
+	// domain's start even with nobody attached, so a late session sees
+	// the boot and the login prompt; output of an earlier boot is not
+	// replayed), then return what the guest writes; writes are the
+	// guest's input (what the guest gets before its shell reads the
+	// console may be lost). Output, escape sequences included, is passed
+	// on as the guest wrote it. Sessions share the console: each reads
+	// all the output and all their input reaches the guest. A session
+	// that leaves more than 256 KiB unread is cut off (its reads return
+	// an error after what it had) rather than holding up the others. A
+	// session ends at Close, when ctx ends, or when the domain stops
 	// (reads then return io.EOF). It fails with ErrNotRunning for a
-	// domain that is not running.
+	// domain that is not running. (libvirt's test driver keeps no
+	// recording: there a session reads from its attach on and takes the
+	// console over from any other.)
 	Console(ctx context.Context, id string) (io.ReadWriteCloser, error)
 	// Accel reports how domains run: KVM or TCG, and why.
 	Accel(ctx context.Context) (Accel, error)

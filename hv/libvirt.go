@@ -164,6 +164,9 @@ type Libvirt struct {
 	diskMu     sync.Mutex
 	overcommit float64
 	reserve    int64
+
+	// rec records QEMU domains' consoles (console.go).
+	rec recorders
 }
 
 var _ Hypervisor = (*Libvirt)(nil)
@@ -265,6 +268,7 @@ func (h *Libvirt) Close() error {
 	}
 	h.closed = true
 	close(h.done)
+	h.closeRecorders()
 	if h.conn == nil {
 		return nil
 	}
@@ -425,6 +429,7 @@ func (h *Libvirt) Create(ctx context.Context, s Spec) error {
 	if err := h.create(ctx, s); err != nil {
 		return fmt.Errorf("create domain %s: %w", s.ID, err)
 	}
+	h.record(ctx, s.ID) // from the first byte of the boot
 	return nil
 }
 
@@ -549,6 +554,7 @@ func (h *Libvirt) Start(ctx context.Context, id string) error {
 	if err := h.start(ctx, id); err != nil {
 		return fmt.Errorf("start domain %s: %w", id, err)
 	}
+	h.record(ctx, id)
 	return nil
 }
 
@@ -680,6 +686,7 @@ func (h *Libvirt) Restart(ctx context.Context, id string) error {
 	if err := h.start(ctx, id); err != nil {
 		return fmt.Errorf("restart domain %s: %w", id, err)
 	}
+	h.record(ctx, id)
 	return nil
 }
 
