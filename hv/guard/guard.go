@@ -8,6 +8,17 @@
 // network are dropped too, unless Config.CrossNetwork; frames to the host
 // (the gateway's DHCP and metadata) are not.
 //
+// Bridge ports that are not VMs' taps (a veth an admin attached, say) are
+// not guarded, so they may not speak for a VM: a frame from one with a
+// guarded VM's MAC is dropped, and on a bridge that holds a guarded tap
+// (Port.Bridge) the host takes in only frames with a guarded VM's MAC, so
+// nothing on such a port reaches the gateway's DHCP, metadata or anything
+// else the host serves there. The host's own traffic to its bridge address
+// never crosses a port and is not touched. The kernel's bridge family
+// cannot tell on which bridge a frame arrived without the nft_meta_bridge
+// module, so that check lives in tables of the inet and arp families of the
+// same name, which match the bridge device as the input interface.
+//
 // The rules live in one nftables table of the bridge family, written with
 // nft(8) in atomic batches: one batch per change, whatever the number of
 // rules. That is why threes does this itself rather than use libvirt's
@@ -34,10 +45,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os/exec"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 )
@@ -58,6 +72,11 @@ type Port struct {
 	// to VMs of the same Network, unless the Table allows crossing. The
 	// empty string is a network like any other.
 	Network string
+	// Bridge is the bridge the tap joins. On a bridge named by any Port,
+	// the host takes in frames only from guarded VMs (by their MACs, which
+	// no other port may use); empty leaves the tap's bridge open to its
+	// other ports, as before.
+	Bridge string
 }
 
 // ErrNotIntact means the table in the kernel is not the one this Table
@@ -112,6 +131,9 @@ var nameRE = regexp.MustCompile(`^[a-zA-Z][a-zA-Z0-9_]{0,30}$`)
 // devRE is what a tap name may look like: it ends up in the script.
 var devRE = regexp.MustCompile(`^[a-zA-Z0-9]{1,15}$`)
 
+// bridgeRE is what a bridge's name may look like; it ends up in the script.
+var bridgeRE = regexp.MustCompile(`^[a-zA-Z0-9_.-]{1,15}$`)
+
 // New returns the Table cfg describes; it changes nothing yet.
 func New(cfg Config) (*Table, error) {
 	if !nameRE.MatchString(cfg.Name) {
@@ -164,7 +186,9 @@ func (t *Table) Prefix() string { return t.prefix }
 func (t *Table) Sync(ctx context.Context, ports []Port) error {
 	var b strings.Builder
 	// "add" first makes the delete work on a host without the table.
-	fmt.Fprintf(&b, "add table bridge %s\ndelete table bridge %s\n", t.name, t.name)
+	for _, f := range families {
+		fmt.Fprintf(&b, "add table %s %s\ndelete table %s %s\n", f, t.name, f, t.name)
+	}
 	t.skeleton(&b)
 	byDev := make(map[string]Port, len(ports))
 	for _, p := range ports {
@@ -177,6 +201,7 @@ func (t *Table) Sync(ctx context.Context, ports []Port) error {
 		byDev[p.Dev] = p
 		t.port(&b, p, Port{}, false)
 	}
+	t.elements(&b, nil, byDev)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if err := t.write(ctx, "sync", b.String()); err != nil {
@@ -201,10 +226,16 @@ func (t *Table) Set(ctx context.Context, p Port) error {
 	old, had := t.ports[p.Dev]
 	var b strings.Builder
 	t.port(&b, p, old, had)
+	after := maps.Clone(t.ports)
+	if after == nil {
+		after = map[string]Port{}
+	}
+	after[p.Dev] = p
+	t.elements(&b, t.ports, after)
 	if err := t.write(ctx, "set "+p.Dev, b.String()); err != nil {
 		return err
 	}
-	t.ports[p.Dev] = p
+	t.ports = after
 	return nil
 }
 
@@ -232,10 +263,13 @@ func (t *Table) Delete(ctx context.Context, dev string) error {
 		fmt.Fprintf(&b, "delete element bridge %s nets { %q }\n", n, dev)
 		fmt.Fprintf(&b, "delete element bridge %s %s { %q }\n", n, netOf(p.Network), dev)
 	}
+	after := maps.Clone(t.ports)
+	delete(after, dev)
+	t.elements(&b, t.ports, after)
 	if err := t.write(ctx, "delete "+dev, b.String()); err != nil {
 		return err
 	}
-	delete(t.ports, dev)
+	t.ports = after
 	return nil
 }
 
@@ -256,7 +290,7 @@ func (t *Table) intact(ctx context.Context) error {
 	}
 	got, err := t.list(ctx)
 	if err != nil {
-		// Mostly "No such file or directory": the table is gone.
+		// Mostly "no table": the table is gone.
 		return fmt.Errorf("%w: %v", ErrNotIntact, err)
 	}
 	if got != t.want {
@@ -269,11 +303,26 @@ func (t *Table) intact(ctx context.Context) error {
 var counterRE = regexp.MustCompile(`counter packets [0-9]+ bytes [0-9]+`)
 
 func (t *Table) list(ctx context.Context) (string, error) {
-	out, err := t.run(ctx, fmt.Sprintf("list table bridge %s\n", t.name))
+	// One run for the three tables: nft 1.0 fails a batch of several
+	// list commands, and three runs would triple the cost of a check.
+	out, err := t.run(ctx, "list ruleset\n")
 	if err != nil {
 		return "", err
 	}
-	return counterRE.ReplaceAllString(out, "counter"), nil
+	var b strings.Builder
+	for _, f := range families {
+		head := fmt.Sprintf("table %s %s {\n", f, t.name)
+		i := strings.Index(out, head)
+		if i < 0 || (i > 0 && out[i-1] != '\n') {
+			return "", fmt.Errorf("no table %s %s", f, t.name)
+		}
+		block := out[i:]
+		if j := strings.Index(block, "\n}\n"); j >= 0 {
+			block = block[:j+3]
+		}
+		b.WriteString(block)
+	}
+	return counterRE.ReplaceAllString(b.String(), "counter"), nil
 }
 
 // write applies script and records the table it left; t.mu is held. When
@@ -306,6 +355,21 @@ func (t *Table) skeleton(b *strings.Builder) {
 	fmt.Fprintf(b, "add chain bridge %s from_vm { type filter hook prerouting priority -300 ; policy accept ; }\n", n)
 	fmt.Fprintf(b, "add rule bridge %s from_vm iifname vmap @ports\n", n)
 	fmt.Fprintf(b, "add rule bridge %s from_vm iifname %q counter drop\n", n, t.prefix+"*")
+	// Only frames from other ports get here: none may pose as a VM, to
+	// the host or to the bridge's forwarding table.
+	fmt.Fprintf(b, "add set bridge %s macs { type ether_addr ; }\n", n)
+	fmt.Fprintf(b, "add rule bridge %s from_vm ether saddr @macs counter drop\n", n)
+	// So on a bridge of VMs, a frame the host takes in with a guarded
+	// VM's MAC came from that VM's tap, and any other frame from a port
+	// that is not a VM. The host's own traffic to its addresses goes over
+	// loopback and is not seen here.
+	for _, f := range families[1:] {
+		fmt.Fprintf(b, "add table %s %s\n", f, n)
+		fmt.Fprintf(b, "add set %s %s bridges { type ifname ; }\n", f, n)
+		fmt.Fprintf(b, "add set %s %s macs { type ether_addr ; }\n", f, n)
+		fmt.Fprintf(b, "add chain %s %s to_host { type filter hook input priority -300 ; policy accept ; }\n", f, n)
+		fmt.Fprintf(b, "add rule %s %s to_host iifname @bridges ether saddr != @macs counter drop\n", f, n)
+	}
 	if !t.cross {
 		// Forwarding is what the bridge does between its ports; frames
 		// for the host do not pass here, so the gateway stays reachable.
@@ -368,6 +432,54 @@ func (t *Table) port(b *strings.Builder, p, old Port, had bool) {
 	fmt.Fprintf(b, "add element bridge %s nets { %q : goto %s }\n", n, p.Dev, nc)
 }
 
+// families are those of the tables t writes, all named t.name: the bridge
+// family's guards the ports; the inet and arp families' keep ports that
+// are not VMs from the host (see the package comment).
+var families = []string{"bridge", "inet", "arp"}
+
+// elements writes the changes to the sets of guarded MACs and bridges from
+// those of the ports before to those of after.
+func (t *Table) elements(b *strings.Builder, before, after map[string]Port) {
+	macsOf := func(ports map[string]Port) map[string]bool {
+		m := map[string]bool{}
+		for _, p := range ports {
+			m[p.MAC.String()] = true
+		}
+		return m
+	}
+	bridgesOf := func(ports map[string]Port) map[string]bool {
+		m := map[string]bool{}
+		for _, p := range ports {
+			if p.Bridge != "" {
+				m[strconv.Quote(p.Bridge)] = true
+			}
+		}
+		return m
+	}
+	diff := func(fams []string, set string, was, is map[string]bool) {
+		for _, op := range []struct {
+			verb     string
+			from, to map[string]bool
+		}{{"delete", is, was}, {"add", was, is}} {
+			var els []string
+			for e := range op.to {
+				if !op.from[e] {
+					els = append(els, e)
+				}
+			}
+			if len(els) == 0 {
+				continue
+			}
+			slices.Sort(els)
+			for _, f := range fams {
+				fmt.Fprintf(b, "%s element %s %s %s { %s }\n", op.verb, f, t.name, set, strings.Join(els, ", "))
+			}
+		}
+	}
+	diff(families, "macs", macsOf(before), macsOf(after))
+	diff(families[1:], "bridges", bridgesOf(before), bridgesOf(after))
+}
+
 // check reports what is wrong with p, before anything is written.
 func (t *Table) check(p Port) error {
 	if err := t.checkDev(p.Dev); err != nil {
@@ -378,6 +490,9 @@ func (t *Table) check(p Port) error {
 	}
 	if p.IP.IsValid() && !p.IP.Is4() {
 		return fmt.Errorf("guard tap %s: IP %s is not IPv4", p.Dev, p.IP)
+	}
+	if p.Bridge != "" && !bridgeRE.MatchString(p.Bridge) {
+		return fmt.Errorf("guard tap %s: bridge %q: want up to 15 letters, digits, '.', '-' or '_'", p.Dev, p.Bridge)
 	}
 	return nil
 }

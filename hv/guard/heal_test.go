@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -179,6 +180,10 @@ func TestDHCPBoundToPort(t *testing.T) {
 	r := newRig(t)
 	ctx := context.Background()
 	must(t, r.table.Sync(ctx, []guard.Port{r.port}))
+	// The host answers no ARP from a port that is not a VM's, so the
+	// control port is told the gateway's MAC to send it unicast.
+	gw := strings.TrimSpace(r.host.Run(t, "cat", "/sys/class/net/br0/address"))
+	r.other.Run(t, "ip", "neigh", "replace", "10.10.0.1", "lladdr", gw, "dev", "eth0")
 	var zero [4]byte
 	relay := [4]byte{10, 10, 0, 9}
 	own := "10.10.0.9:68"

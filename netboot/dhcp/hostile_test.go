@@ -3,9 +3,13 @@ package dhcp
 import (
 	"context"
 	"encoding/binary"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -37,7 +41,7 @@ func guardBridge(t testing.TB, b *bridgeServer, allocs ...ipam.Allocation) (*gua
 	var ports []guard.Port
 	var nss []*netnstest.NS
 	for _, a := range allocs {
-		p := guard.Port{Dev: guard.DevName("t3dh", a.Hostname), MAC: a.MAC, IP: a.IP}
+		p := guard.Port{Dev: guard.DevName("t3dh", a.Hostname), MAC: a.MAC, IP: a.IP, Bridge: bridgeName}
 		ports = append(ports, p)
 		nss = append(nss, b.ns.PlugPort(t, bridgeName, p.Dev, a.Hostname, a.MAC, ""))
 	}
@@ -164,5 +168,134 @@ func TestHostileNeighbour(t *testing.T) {
 	// The port's rate, not the flood's, reached the server.
 	if n, limit := len(b.seen[hostile.MAC.String()]), guard.DHCPBurst+int(elapsed.Seconds()*guard.DHCPRate)+1; n > limit {
 		t.Errorf("the server read %d packets from the flooding VM in %v, want at most %d", n, elapsed, limit)
+	}
+}
+
+// TestNotAVM has a bridge port that is not a VM's tap (a veth an admin
+// attached, which has no rules of its own) speak for a VM: REQUEST,
+// RELEASE and DECLINE carrying the VM's chaddr, first from its own MAC,
+// then from the VM's. None reaches the server: the VM's lease stays bound
+// and a real udhcpc on the VM's guarded port gets it again at once (an
+// honoured DECLINE would hold the address for a minute). The port cannot
+// reach a TCP service on the gateway's address either, as the metadata
+// server is, while the VM can.
+func TestNotAVM(t *testing.T) {
+	netnstest.Require(t, "busybox")
+	vm := allocFor(1, "vm")
+	b := startBridgeServer(t, []ipam.Allocation{vm})
+	_, nss := guardBridge(t, b, vm)
+	vns := nss[0]
+	outMAC := net.HardwareAddr{0x52, 0x54, 0x00, 0xab, 0xee, 0x01}
+	outsider := b.ns.Plug(t, bridgeName, "notvm", outMAC, "10.10.200.1/16")
+	server, bcast := netip.MustParseAddr("10.10.0.1"), netip.MustParseAddr("255.255.255.255")
+	// The host answers no ARP from the port: it is told the gateway's
+	// MAC, so its unicast really reaches the host's side of the bridge.
+	gw := strings.TrimSpace(b.ns.Run(t, "cat", "/sys/class/net/"+bridgeName+"/address"))
+	outsider.Run(t, "ip", "neigh", "replace", server.String(), "lladdr", gw, "dev", "eth0")
+
+	var ln net.Listener
+	if err := b.ns.Do(func() (err error) {
+		ln, err = net.Listen("tcp", netip.AddrPortFrom(server, 80).String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "metadata") }))
+	fetch := func(ns *netnstest.NS) string {
+		var got []byte
+		ns.Do(func() error {
+			c, err := net.DialTimeout("tcp", netip.AddrPortFrom(server, 80).String(), 2*time.Second)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(2 * time.Second))
+			io.WriteString(c, "GET /v1/token HTTP/1.0\r\n\r\n")
+			got, _ = io.ReadAll(c)
+			return nil
+		})
+		return string(got)
+	}
+
+	dir := t.TempDir()
+	script := writeScript(t, dir, "script", `env > "`+dir+`/.tmp" && mv "`+dir+`/.tmp" "`+dir+`/$1"`)
+	lease := func() string {
+		os.Remove(filepath.Join(dir, "bound"))
+		cmd := vns.Command("busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-t", "3", "-T", "1", "-s", script)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Logf("udhcpc: %v\n%s", err, out)
+			return ""
+		}
+		return readEnv(filepath.Join(dir, "bound"))["ip"]
+	}
+	if got := lease(); got != vm.IP.String() {
+		t.Fatalf("the VM leased %q, want %s", got, vm.IP)
+	}
+	vns.Run(t, "ip", "addr", "add", vm.IP.String()+"/16", "dev", "eth0")
+	waitLease(t, b.srv, vm.MAC, StateBound)
+	if got := fetch(vns); !strings.HasSuffix(got, "metadata") {
+		t.Fatalf("the VM's own request to the gateway got %q", got)
+	}
+
+	xid := uint32(hostileXID)
+	mk := func(mt dhcpv4.MessageType, mods ...dhcpv4.Modifier) []byte {
+		xid++
+		var id dhcpv4.TransactionID
+		binary.BigEndian.PutUint32(id[:], xid)
+		mods = append([]dhcpv4.Modifier{dhcpv4.WithHwAddr(vm.MAC), dhcpv4.WithMessageType(mt), dhcpv4.WithTransactionID(id),
+			dhcpv4.WithOption(dhcpv4.OptServerIdentifier(server.AsSlice()))}, mods...)
+		p, err := dhcpv4.New(mods...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p.ToBytes()
+	}
+	spoof := func() {
+		for _, p := range [][]byte{
+			mk(dhcpv4.MessageTypeRequest, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(vm.IP.AsSlice()))),
+			mk(dhcpv4.MessageTypeRelease, dhcpv4.WithClientIP(vm.IP.AsSlice())),
+			mk(dhcpv4.MessageTypeDecline, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(vm.IP.AsSlice()))),
+		} {
+			for _, dst := range []netip.Addr{server, bcast} {
+				if err := sendDHCP(outsider, netip.MustParseAddr("10.10.200.1"), dst, p); err != nil {
+					t.Fatalf("send from the port: %v", err)
+				}
+			}
+		}
+	}
+	spoof()
+	if got := fetch(outsider); got != "" {
+		t.Errorf("the port that is not a VM's reached the service on the gateway: %q", got)
+	}
+	// Then as the VM itself, by its MAC.
+	outsider.Run(t, "ip", "link", "set", "eth0", "address", vm.MAC.String())
+	outsider.Run(t, "ip", "neigh", "replace", server.String(), "lladdr", gw, "dev", "eth0")
+	spoof()
+	if got := fetch(outsider); got != "" {
+		t.Errorf("the port that is not a VM's, with the VM's MAC, reached the service on the gateway: %q", got)
+	}
+
+	// The VM's own exchange comes after the spoofs on the same socket.
+	if got := lease(); got != vm.IP.String() {
+		t.Errorf("after the spoofs the VM leased %q, want %s", got, vm.IP)
+	}
+	if l, ok := b.srv.Lease(vm.MAC); !ok || l.State != StateBound || l.IP != vm.IP {
+		t.Errorf("the VM's lease after the spoofs: %+v, want bound to %s", l, vm.IP)
+	}
+	for _, r := range []Reason{ReasonDecline, ReasonRelease} {
+		if n := b.srv.Count(r); n != 0 {
+			t.Errorf("the server acted on %d %s", n, r)
+		}
+	}
+	if got := fetch(vns); !strings.HasSuffix(got, "metadata") {
+		t.Errorf("after the spoofs the VM's own request to the gateway got %q", got)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, p := range b.all {
+		if x := binary.BigEndian.Uint32(p[4:]); x > hostileXID && x <= xid {
+			t.Errorf("the server read the port's packet %d", x-hostileXID)
+		}
 	}
 }
