@@ -1,6 +1,7 @@
 package dhcp
 
 import (
+	"bytes"
 	"net"
 	"net/netip"
 	"testing"
@@ -189,5 +190,95 @@ func TestDecideRejectsNonEthernet(t *testing.T) {
 	p.Options.Del(dhcpv4.OptionDHCPMessageType)
 	if d := Decide(p, testBindings, &testCfg); d.Reply != nil || d.Reason != ReasonNoMessageType {
 		t.Fatalf("bootp: %s", d.Reason)
+	}
+}
+
+// TestReplyOptions holds what Decide promises about the contents of its
+// replies beyond the lease itself: the lease, renewal (T1, half the lease)
+// and rebinding (T2, seven eighths) times, with one hour when the
+// configuration says none; no DNS option when there are no name servers;
+// the configured router over the server's own address; ciaddr zero in an
+// OFFER and the client's own in an ACK; and the client identifier and
+// relay agent information echoed only when the request carried them.
+func TestReplyOptions(t *testing.T) {
+	router := netip.MustParseAddr("10.10.0.254")
+	clientID := dhcpv4.WithOption(dhcpv4.OptClientIdentifier([]byte{1, 0x52, 0x54, 0, 0, 0, 1}))
+	agent := dhcpv4.WithOption(dhcpv4.OptGeneric(dhcpv4.OptionRelayAgentInformation, []byte{1, 2, 'p', '1'}))
+	ci := dhcpv4.WithClientIP(vmIP.AsSlice())
+	for _, tc := range []struct {
+		name            string
+		cfg             Config
+		pkt             *dhcpv4.DHCPv4
+		lease, t1, t2   time.Duration
+		dns             int
+		router, ciaddr  netip.Addr
+		clientID, agent bool
+	}{
+		{name: "configured lease", cfg: testCfg, pkt: packet(t, knownMAC, dhcpv4.MessageTypeDiscover),
+			lease: 10 * time.Minute, t1: 5 * time.Minute, t2: 8*time.Minute + 45*time.Second, dns: 2, router: serverIP, ciaddr: netip.IPv4Unspecified()},
+		{name: "default lease, no DNS, a router", cfg: Config{ServerIP: serverIP, Prefix: testCfg.Prefix, Router: router},
+			pkt:   packet(t, knownMAC, dhcpv4.MessageTypeDiscover),
+			lease: time.Hour, t1: 30 * time.Minute, t2: 52*time.Minute + 30*time.Second, router: router, ciaddr: netip.IPv4Unspecified()},
+		{name: "offer to a client that says its address", cfg: testCfg, pkt: packet(t, knownMAC, dhcpv4.MessageTypeDiscover, ci),
+			lease: 10 * time.Minute, t1: 5 * time.Minute, t2: 8*time.Minute + 45*time.Second, dns: 2, router: serverIP, ciaddr: netip.IPv4Unspecified()},
+		{name: "renewal ack", cfg: testCfg, pkt: packet(t, knownMAC, dhcpv4.MessageTypeRequest, ci, clientID, agent),
+			lease: 10 * time.Minute, t1: 5 * time.Minute, t2: 8*time.Minute + 45*time.Second, dns: 2, router: serverIP, ciaddr: vmIP,
+			clientID: true, agent: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := Decide(tc.pkt, testBindings, &tc.cfg)
+			if d.Reply == nil {
+				t.Fatalf("no reply: %s", d.Reason)
+			}
+			r, err := dhcpv4.FromBytes(d.Reply.ToBytes())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := r.IPAddressLeaseTime(0); got != tc.lease {
+				t.Errorf("lease time %s, want %s", got, tc.lease)
+			}
+			if got := r.IPAddressRenewalTime(0); got != tc.t1 {
+				t.Errorf("renewal time (T1) %s, want %s", got, tc.t1)
+			}
+			if got := r.IPAddressRebindingTime(0); got != tc.t2 {
+				t.Errorf("rebinding time (T2) %s, want %s", got, tc.t2)
+			}
+			if got := r.Options.Has(dhcpv4.OptionDomainNameServer); got != (tc.dns > 0) || len(r.DNS()) != tc.dns {
+				t.Errorf("DNS option present %v with %v, want %d servers", got, r.DNS(), tc.dns)
+			}
+			if rt := r.Router(); len(rt) != 1 || !rt[0].Equal(tc.router.AsSlice()) {
+				t.Errorf("router %v, want %s", rt, tc.router)
+			}
+			if !r.ClientIPAddr.Equal(tc.ciaddr.AsSlice()) {
+				t.Errorf("ciaddr %s, want %s", r.ClientIPAddr, tc.ciaddr)
+			}
+			if got := r.Options.Get(dhcpv4.OptionClientIdentifier); (got != nil) != tc.clientID || (tc.clientID && !bytes.Equal(got, tc.pkt.Options.Get(dhcpv4.OptionClientIdentifier))) {
+				t.Errorf("client identifier %x, want echoed %v", got, tc.clientID)
+			}
+			if got := r.Options.Get(dhcpv4.OptionRelayAgentInformation); (got != nil) != tc.agent || (tc.agent && !bytes.Equal(got, []byte{1, 2, 'p', '1'})) {
+				t.Errorf("relay agent information %x, want echoed %v", got, tc.agent)
+			}
+		})
+	}
+}
+
+// TestReasonNames checks that every reason has a metric name of its own
+// and that a value outside the list is "unknown", not a panic.
+func TestReasonNames(t *testing.T) {
+	seen := map[string]Reason{}
+	for r := Reason(0); r < numReasons; r++ {
+		n := r.String()
+		if n == "" || n == "unknown" {
+			t.Errorf("reason %d has no name (%q)", r, n)
+		}
+		if o, dup := seen[n]; dup {
+			t.Errorf("reasons %d and %d are both %q", o, r, n)
+		}
+		seen[n] = r
+	}
+	for _, r := range []Reason{-1, numReasons, numReasons + 1} {
+		if n := r.String(); n != "unknown" {
+			t.Errorf("Reason(%d) = %q, want unknown", r, n)
+		}
 	}
 }

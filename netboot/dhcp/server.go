@@ -68,7 +68,8 @@ type Lease struct {
 type RateLimit struct {
 	// Burst is how many packets a MAC may send at once; 0 disables limiting.
 	Burst int
-	// Every is the time to earn one more packet back.
+	// Every is the time to earn one more packet back; 0 earns none back,
+	// so a MAC gets Burst packets in all.
 	Every time.Duration
 }
 
