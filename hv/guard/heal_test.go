@@ -49,6 +49,10 @@ func TestIntact(t *testing.T) {
 		{"a VM's map entry deleted", []string{"nft", "delete", "element", "bridge", "threes_test", "ports", "{ " + dev1 + " }"}},
 		{"dispatch flushed", []string{"nft", "flush", "chain", "bridge", "threes_test", "from_vm"}},
 		{"a rule added", []string{"nft", "insert", "rule", "bridge", "threes_test", "from_vm", "accept"}},
+		{"the host's inet table deleted", []string{"nft", "delete", "table", "inet", "threes_test"}},
+		{"the host's arp check flushed", []string{"nft", "flush", "chain", "arp", "threes_test", "to_host"}},
+		{"a bridge let open", []string{"nft", "delete", "element", "inet", "threes_test", "bridges", "{ br0 }"}},
+		{"a VM's MAC free for other ports", []string{"nft", "delete", "element", "bridge", "threes_test", "macs", "{ " + macVM.String() + " }"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			r.host.Run(t, c.damage...)
