@@ -209,6 +209,20 @@ func (h *Libvirt) removeDisk(id string) (bool, error) {
 	return true, nil
 }
 
+// noDisk fails with ErrExists if the VM id has a disk: a Spec without one
+// must not make a domain beside a disk left by another (Remove would take
+// the disk with it).
+func (h *Libvirt) noDisk(id string) error {
+	if h.diskDir == "" {
+		return nil
+	}
+	p := h.diskPath(id)
+	if _, err := os.Lstat(p); err == nil {
+		return fmt.Errorf("disk %s: %w", p, ErrExists)
+	}
+	return nil
+}
+
 // Disks reports the IDs that have a disk; see Hypervisor.
 func (h *Libvirt) Disks(ctx context.Context) ([]string, error) {
 	if h.diskDir == "" {

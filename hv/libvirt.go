@@ -486,6 +486,8 @@ func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
 			_, err := h.removeDisk(s.ID)
 			return err
 		})
+	} else if err := h.noDisk(s.ID); err != nil {
+		return err
 	}
 	var port guard.Port
 	if h.guard != nil {
