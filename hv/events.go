@@ -72,20 +72,31 @@ func (h *Libvirt) isClosed() bool {
 	return h.closed
 }
 
-// subscribeOnce subscribes on the current connection, sends every domain's
+// subscribeOnce subscribes on a connection of its own, sends every domain's
 // state (and StateMissing for domains in mine that are gone), then forwards
 // events until the subscription ends. It reports whether the subscription
 // was made.
 func (h *Libvirt) subscribeOnce(ctx context.Context, mine map[string]bool, send func(Event) bool) bool {
-	conn, err := h.client(ctx)
-	if err != nil {
+	// A connection of the subscription's own: libvirtd refuses a second
+	// lifecycle subscription on one connection ("event callback already
+	// tracked"), and Events may be called again before the first ends.
+	conn := libvirt.NewWithDialer(dialer{ctx: ctx, socket: h.socket})
+	if err := conn.ConnectToURI(libvirt.ConnectURI(h.uri)); err != nil {
 		return false
 	}
+	defer func() { go conn.Disconnect() }() // may wait seconds for a gone libvirtd
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// Close ends the subscription, as it ends calls on h's connection.
+	go func() {
+		select {
+		case <-h.done:
+			cancel()
+		case <-sctx.Done():
+		}
+	}()
 	events, err := conn.LifecycleEvents(sctx)
 	if err != nil {
-		h.translate(conn, err)
 		return false
 	}
 	// Subscribed first, listed second: a change between the two shows
@@ -118,10 +129,9 @@ func (h *Libvirt) subscribeOnce(ctx context.Context, mine map[string]bool, send 
 		if _, known := mine[name]; !known && typ != libvirt.DomainEventUndefined {
 			// A domain defined since the listing: ours only if it
 			// carries our metadata.
-			owned, err := h.owns(conn, msg.Dom)
-			if err != nil && !hasCode(err, libvirt.ErrNoDomain) {
-				h.translate(conn, err)
-			}
+			// An error leaves it not ours; one from a broken
+			// connection ends the subscription next.
+			owned, _ := h.owns(conn, msg.Dom)
 			mine[name] = owned
 		}
 		if !mine[name] {
