@@ -61,7 +61,7 @@ func (h *Libvirt) Port(id string) string {
 func portOf(s Spec, prefix string) guard.Port {
 	mac, _ := net.ParseMAC(s.MAC)
 	ip, _ := netip.ParseAddr(s.IP) // empty: the zero Addr, any source IP
-	return guard.Port{Dev: guard.DevName(prefix, s.ID), MAC: mac, IP: ip, Network: s.Network}
+	return guard.Port{Dev: guard.DevName(prefix, s.ID), MAC: mac, IP: ip, Network: s.Network, Bridge: s.Bridge}
 }
 
 // portFromXML reads a domain's guarded port back from its definition; ok
@@ -91,6 +91,9 @@ func portFromXML(doc, owner, prefix string) (p guard.Port, ok bool, err error) {
 	}
 	p.Dev = nic.Target.Dev
 	p.Network = meta.VM[0].Network
+	if nic.Source != nil && nic.Source.Bridge != nil {
+		p.Bridge = nic.Source.Bridge.Bridge
+	}
 	if ip := meta.VM[0].IP; ip != "" {
 		if p.IP, err = netip.ParseAddr(ip); err != nil {
 			return p, false, fmt.Errorf("domain %s: IP %q: %w", d.Name, ip, err)
