@@ -9,8 +9,14 @@
 //
 // Every statement is parameterised and goes through rqlite's SQL processor;
 // writes that belong together travel as one transaction in one Raft entry.
-// Reads are linearizable (see readLevel). On a node that is not the leader,
-// reads and writes fail with ErrNotLeader until forwarding is added.
+// Reads are linearizable (see readLevel).
+//
+// Several nodes form one cluster (see Config.Join and BootstrapExpect, and
+// cluster.go): Raft and rqlite's cluster service share the one listener the
+// caller gives, every connection passes Config.Admit before a byte of it is
+// read, and a node that is not the leader carries reads and writes to the
+// leader, so every node answers alike. ErrNotLeader reaches a caller only
+// when no leader can be reached.
 //
 // The durable state is raft.db and the snapshots in Config.Dir; db.sqlite is
 // rebuilt from them at every Open.
@@ -26,6 +32,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rqlite/rqlite/v8/cluster"
@@ -51,8 +58,9 @@ var ErrAlreadyServed = errors.New("auth key already served")
 // ErrInvalid is returned when an argument is malformed or missing.
 var ErrInvalid = errors.New("invalid argument")
 
-// ErrNotLeader is returned when this node is not the Raft leader and the
-// request needs the leader; forwarding to the leader is not implemented yet.
+// ErrNotLeader is returned when a request needs the Raft leader and none
+// could be reached within leaderWait (no quorum, or an election that does
+// not end), or when a write forwarded to the leader lost its answer.
 var ErrNotLeader = errors.New("not the raft leader")
 
 // FieldError says which field of which object a sentinel error is about, so
@@ -86,8 +94,16 @@ func fieldErr(field, value string, err error) error {
 }
 
 // Config says where the node keeps its state and how it reaches its peers.
-// The caller supplies the network so that Raft can later travel over the
-// tailnet; a single node opens no port of its own.
+// The caller supplies the network (the appliance gives the tailnet); embeddb
+// opens no port of its own.
+//
+// A new node (empty Dir) with no Join bootstraps a cluster of itself alone;
+// with Join and no BootstrapExpect it joins the cluster those peers belong
+// to; with BootstrapExpect N it waits until N nodes (itself and Join) have
+// met and they form a new cluster together. A node with state in Dir is
+// already a member: it rejoins its peers from the Raft configuration it
+// stored, whatever Join says. A node that formed a cluster alone cannot join
+// another one (Raft cannot merge clusters): Open refuses.
 type Config struct {
 	// Dir is the Raft directory (durable state), created if missing.
 	Dir string
@@ -100,8 +116,23 @@ type Config struct {
 	// stable across restarts: it is this node's Raft address); empty means
 	// Listener.Addr().
 	Advertise string
-	// Dial reaches peers; unused on one node.
+	// Dial reaches peers' Listeners by their Raft address; unused on one
+	// node.
 	Dial func(ctx context.Context, addr string) (net.Conn, error)
+	// Join lists peers' Raft addresses (host:port, IP literals: rqlite
+	// resolves them with the system resolver). This node's own address may
+	// be among them.
+	Join []string
+	// BootstrapExpect, when above 1, forms a new cluster of that many
+	// nodes with those in Join instead of joining an existing one.
+	BootstrapExpect int
+	// Admit decides whether an accepted connection may reach Raft and the
+	// cluster service, which have no authentication of their own (the
+	// cluster service executes SQL and hands out backups of the whole
+	// database). It runs before anything is read from conn; an error
+	// closes conn. nil admits everything: only for a Listener no one else
+	// can reach.
+	Admit func(ctx context.Context, conn net.Conn) error
 	// Logf receives embeddb's and rqlite's store and mux logs; nil discards
 	// them. rqlite's snapshot store logs to stderr regardless, and Raft's
 	// own errors too (it is set to log only errors).
@@ -138,18 +169,23 @@ var storeOpenMu sync.Mutex
 type DB struct {
 	str     *store.Store
 	ln      net.Listener
+	svc     *cluster.Service
+	conns   *connSet
+	dir     string
 	muxDone chan struct{}
 	be      backend
 	logf    func(format string, args ...any)
 	gens    vmGens
 
+	clustered atomic.Bool // the clustered marker is written
+
 	closeOnce sync.Once
 	closeErr  error
 }
 
-// Open opens the store in cfg.Dir, bootstraps a one-node cluster if the node
-// is new, waits for a leader (bounded only by ctx) and applies pending schema
-// migrations.
+// Open opens the store in cfg.Dir, makes a new node a member of a cluster
+// (see Config), waits for a leader (bounded only by ctx) and applies pending
+// schema migrations (through the leader).
 func Open(ctx context.Context, cfg Config) (*DB, error) {
 	db, err := open(ctx, cfg, nil)
 	if err != nil {
@@ -191,15 +227,24 @@ func open(ctx context.Context, cfg Config, peers []*store.Server) (_ *DB, retErr
 	if adv == "" {
 		adv = cfg.Listener.Addr().String()
 	}
+	others, err := clusterOpts(cfg, adv)
+	if err != nil {
+		return nil, err
+	}
+	clustered := len(others) > 0 || len(peers) > 0 || hasClusteredMarker(cfg.Dir)
 
 	// One listener, demultiplexed by the first byte of each connection, as
-	// rqlited does; the cluster header is left for forwarding and joining.
-	mux, err := tcp.NewMux(cfg.Listener, advAddr(adv))
+	// rqlited does, behind the admission check.
+	conns := &connSet{}
+	ln := newAdmitListener(cfg.Listener, cfg.Admit, logf, conns)
+	cfg.Listener = ln // closed on failure
+	mux, err := tcp.NewMux(ln, advAddr(adv))
 	if err != nil {
 		return nil, fmt.Errorf("open embeddb: mux: %w", err)
 	}
 	mux.Logger = newLogger(cfg.Logf, "[mux] ")
 	raftLn := mux.Listen(cluster.MuxRaftHeader)
+	clusterLn := mux.Listen(cluster.MuxClusterHeader)
 	muxDone = make(chan struct{})
 	go func() {
 		defer close(muxDone)
@@ -208,7 +253,9 @@ func open(ctx context.Context, cfg Config, peers []*store.Server) (_ *DB, retErr
 
 	dbConf := store.NewDBConfig()
 	dbConf.FKConstraints = true // ON DELETE CASCADE; same on every node since it is set here
-	str := store.New(&raftLayer{Listener: raftLn, dial: cfg.Dial}, &store.Config{
+	raftDialer := &headerDialer{header: cluster.MuxRaftHeader, dial: cfg.Dial, conns: conns}
+	clusterDialer := &headerDialer{header: cluster.MuxClusterHeader, dial: cfg.Dial, conns: conns}
+	str := store.New(&raftLayer{Listener: raftLn, dialer: raftDialer}, &store.Config{
 		DBConf: dbConf,
 		Dir:    cfg.Dir,
 		ID:     cfg.NodeID,
@@ -220,7 +267,8 @@ func open(ctx context.Context, cfg Config, peers []*store.Server) (_ *DB, retErr
 	str.SnapshotInterval = snapshotInterval
 	str.HeartbeatTimeout = heartbeatTimeout
 	str.ElectionTimeout = electionTimeout
-	if len(peers) == 0 {
+	str.BootstrapExpect = cfg.BootstrapExpect
+	if !clustered {
 		str.HeartbeatTimeout = aloneHeartbeatTimeout
 		str.ElectionTimeout = aloneHeartbeatTimeout
 		str.LeaderLeaseTimeout = aloneLeaderLeaseTimeout
@@ -239,21 +287,30 @@ func open(ctx context.Context, cfg Config, peers []*store.Server) (_ *DB, retErr
 			str.Close(true)
 		}
 	}()
+	svc := cluster.New(clusterLn, str, str, nil)
+	svc.Open()
+	defer func() {
+		if retErr != nil {
+			svc.Close()
+			conns.closeAll()
+		}
+	}()
+	client := cluster.NewClient(clusterDialer, forwardTimeout)
+	client.SetLocal(adv, svc)
 
-	// Bootstrap only when the Raft configuration is empty (as rqlited does),
-	// so a node that crashed before bootstrapping still bootstraps.
+	// Join or bootstrap only when the Raft configuration is empty (as
+	// rqlited does), so a node that crashed before either still does it.
 	nodes, err := str.Nodes()
 	if err != nil {
 		return nil, fmt.Errorf("read raft configuration in %s: %w", cfg.Dir, err)
 	}
-	if len(nodes) == 0 {
-		if len(peers) == 0 {
-			peers = []*store.Server{store.NewServer(cfg.NodeID, adv, true)}
-		}
+	if len(peers) > 0 && len(nodes) == 0 {
 		logf("embeddb: bootstrapping new cluster of %d node(s) in %s", len(peers), cfg.Dir)
 		if err := str.Bootstrap(peers...); err != nil {
 			return nil, fmt.Errorf("bootstrap %s: %w", cfg.Dir, err)
 		}
+	} else if err := formCluster(ctx, cfg, adv, others, str, client, logf); err != nil {
+		return nil, err
 	}
 	for {
 		if _, err := str.WaitForLeader(250 * time.Millisecond); err == nil {
@@ -264,20 +321,34 @@ func open(ctx context.Context, cfg Config, peers []*store.Server) (_ *DB, retErr
 		}
 	}
 
-	return &DB{
+	db := &DB{
 		str:     str,
-		ln:      cfg.Listener,
+		ln:      ln,
+		svc:     svc,
+		conns:   conns,
+		dir:     cfg.Dir,
 		muxDone: muxDone,
-		be:      localBackend{str: str},
+		be:      clusterBackend{local: localBackend{str: str}, dialer: clusterDialer, self: adv},
 		logf:    logf,
-	}, nil
+	}
+	db.markClustered()
+	return db, nil
 }
 
-// Close shuts the node down and closes the listener. The durable state stays
-// in Dir for the next Open.
+// Close shuts the node down and closes the listener. A leader with peers
+// hands leadership over first, so the others go on without waiting out an
+// election. The durable state stays in Dir for the next Open.
 func (db *DB) Close() error {
 	db.closeOnce.Do(func() {
+		db.markClustered()
+		if db.clustered.Load() && db.str.IsLeader() {
+			if err := db.str.Stepdown(true, ""); err != nil {
+				db.logf("embeddb: step down before closing: %v", err)
+			}
+		}
+		db.svc.Close()
 		err := db.str.Close(true)
+		db.conns.closeAll()
 		if lerr := db.ln.Close(); lerr != nil && !errors.Is(lerr, net.ErrClosed) && err == nil {
 			err = lerr
 		}
@@ -296,32 +367,11 @@ func (db *DB) IsLeader() bool { return db.str.IsLeader() }
 // through the caller's Dial and announce themselves with the Raft header byte.
 type raftLayer struct {
 	net.Listener
-	dial func(ctx context.Context, addr string) (net.Conn, error)
+	dialer *headerDialer
 }
 
 func (l *raftLayer) Dial(addr string, timeout time.Duration) (net.Conn, error) {
-	if l.dial == nil {
-		return nil, fmt.Errorf("dial raft peer %s: no Dial configured", addr)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	conn, err := l.dial(ctx, addr)
-	if err != nil {
-		return nil, fmt.Errorf("dial raft peer %s: %w", addr, err)
-	}
-	if err := conn.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("dial raft peer %s: %w", addr, err)
-	}
-	if _, err := conn.Write([]byte{cluster.MuxRaftHeader}); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("dial raft peer %s: write header: %w", addr, err)
-	}
-	if err := conn.SetWriteDeadline(time.Time{}); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("dial raft peer %s: %w", addr, err)
-	}
-	return conn, nil
+	return l.dialer.Dial(addr, timeout)
 }
 
 // advAddr is the advertised address handed to the mux (and so to Raft as

@@ -18,12 +18,12 @@ import (
 // it, on one node now and in a cluster later (including just after a leader
 // change, when a WEAK read on the new leader could miss entries it has
 // committed but not yet applied). On one node the leadership check needs no
-// network, so it costs little. Followers get ErrNotLeader, like writes.
+// network, so it costs little. Followers carry it to the leader, like writes.
 const readLevel = proto.QueryRequest_QUERY_REQUEST_LEVEL_LINEARIZABLE
 
 // backend carries requests to the Raft leader. localBackend serves them on
-// this node only; forwarding to a remote leader (cluster.Client, as rqlited
-// does) slots in as another backend without touching the queries.
+// this node only; clusterBackend (cluster.go) forwards them to a remote
+// leader.
 type backend interface {
 	execute(ctx context.Context, req *proto.ExecuteRequest) ([]*proto.ExecuteQueryResponse, error)
 	query(ctx context.Context, req *proto.QueryRequest) ([]*proto.QueryRows, error)
@@ -63,8 +63,7 @@ func (b localBackend) mapErr(err error) error {
 	case err == nil:
 		return nil
 	case errors.Is(err, store.ErrNotLeader):
-		leader, _ := b.str.LeaderAddr()
-		return fmt.Errorf("%w (leader is %q; forwarding is not implemented)", ErrNotLeader, leader)
+		return ErrNotLeader
 	case errors.Is(err, store.ErrNotOpen):
 		return errors.New("database is closed")
 	}
