@@ -68,10 +68,11 @@ func QEMUTarget(tb testing.TB, q *QEMU) Target {
 		DomainTypes:  []string{"kvm", "qemu"},
 		Timeout:      3 * time.Minute, // a TCG boot on a busy machine
 		ConsoleReady: "threes-test: ready",
+		BootResumes:  "libvirt's QEMU driver starts the CPUs paused and reports their resuming before the boot",
 		Lose:         w.lose,
 		Pause:        w.pause,
-		// The test image's kernel reboots on a panic, and its domains
-		// have no pvpanic device to tell libvirt.
+		// Without a pvpanic device a guest's panic is not libvirt's
+		// business: the guest hangs or reboots by itself.
 		NoCrash: "a QEMU guest's crash reaches libvirt only through a panic device, which hv's domains do not have",
 	}
 }
