@@ -76,11 +76,19 @@ func TestConsoleFanout(t *testing.T) {
 	idle := f.attach() // never reads
 	want := append([]byte(nil), boot[len(boot)-consoleKeep:]...)
 	got := map[*session][]byte{}
-	// take reads what was written since the readers' last turn; it
-	// does not wait, the data being there already.
+	// take reads what was written since the readers' last turn, which
+	// must be waiting already: a read would wait for it otherwise.
 	take := func() {
+		t.Helper()
 		for _, s := range []*session{late, second} {
-			buf := make([]byte, len(want)-len(got[s]))
+			need := len(want) - len(got[s])
+			s.mu.Lock()
+			have := len(s.backlog)
+			s.mu.Unlock()
+			if have < need {
+				t.Fatalf("a session has %d bytes to read, want %d", have, need)
+			}
+			buf := make([]byte, need)
 			if _, err := io.ReadFull(s, buf); err != nil {
 				t.Fatalf("read: %v", err)
 			}
@@ -150,6 +158,12 @@ func TestConsoleSessionClose(t *testing.T) {
 	var f fanout
 	f.write([]byte("hello\r\n"))
 	s := f.attach()
+	s.mu.Lock()
+	replay := string(s.backlog)
+	s.mu.Unlock()
+	if replay != "hello\r\n" {
+		t.Fatalf("session attached with %q to read, want the recorded output", replay)
+	}
 	buf := make([]byte, 100)
 	if n, err := s.Read(buf); err != nil || string(buf[:n]) != "hello\r\n" {
 		t.Fatalf("first read = %q, %v; want the recorded output", buf[:n], err)
