@@ -16,6 +16,7 @@ import (
 	"tailscale.com/net/memnet"
 	"tailscale.com/tsnet"
 
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/appliance/sshd"
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
@@ -52,7 +53,7 @@ type Options struct {
 	DiskOvercommit float64
 	// MetadataSession makes every /v1 metadata request carry a session token
 	// (PUT /v1/session first); off by default, since guests written for the
-	// original protocol would lose their auth key.
+	// threes v0.1 protocol would lose their auth key.
 	MetadataSession bool
 	Images          []string
 
@@ -71,12 +72,13 @@ type Options struct {
 	// Hypervisor replaces the one opened from LibvirtURI (tests pass one that cleans up).
 	Hypervisor hv.Hypervisor
 	// ReconcileInterval is how often libvirt and the disks are converged with the
-	// database after the pass at start; default DefaultReconcileInterval, negative
-	// for none.
+	// database after the pass at start; default fleet.DefaultReconcileInterval,
+	// negative for none.
 	ReconcileInterval time.Duration
-	// TestCrashAt makes Create exit the process with CrashExitCode at the end of
-	// the step it names (see CreateSteps), for the crash test; empty outside it.
-	TestCrashAt string
+	// MetadataPort is the gateway's TCP port for the metadata server; default 80.
+	// Guests find it in their cloud-init seed URL; clients written for threes
+	// v0.1 expect 80.
+	MetadataPort uint16
 	// Store replaces the tailnet node's state file (tests keep it in memory).
 	Store     ipn.StateStore
 	Logger    *slog.Logger
@@ -84,12 +86,24 @@ type Options struct {
 	TSLogf    func(format string, args ...any) // tailscale's own chatter; default discarded
 	Ephemeral bool                             // the node leaves the tailnet when closed (tests)
 
-	// Test hooks, set through export_test.go: run at the start of each reconcile
-	// pass, and make new VMs' MACs and IDs.
-	beforeReconcile func(context.Context)
-	newMAC          func() string
-	newID           func(time.Time) string
+	// hooks are the fleet's test hooks, set only through export_test.go.
+	hooks fleet.Hooks
 }
+
+// DefaultCIDR is the management range when Options.CIDR is empty: the IPAM's.
+func DefaultCIDR() string { return ipam.DefaultPrefix.String() }
+
+// Defaults of Options, shared with the command line's flags.
+const (
+	DefaultStateDir            = "/var/lib/threes"
+	DefaultHostname            = "threes"
+	DefaultListen              = ":9999"
+	DefaultSocket              = "/run/threes/threes.sock"
+	DefaultSSHListen           = ":22"
+	DefaultBridge              = "threes0"
+	DefaultLibvirtURI          = "qemu:///system"
+	DefaultMetadataPort uint16 = 80
+)
 
 func (o *Options) defaults() {
 	set := func(p *string, v string) {
@@ -97,16 +111,19 @@ func (o *Options) defaults() {
 			*p = v
 		}
 	}
-	set(&o.StateDir, "/var/lib/threes")
-	set(&o.Hostname, "threes")
-	set(&o.Listen, ":9999")
-	set(&o.Socket, "/run/threes/threes.sock")
-	set(&o.SSHListen, ":22")
-	set(&o.CIDR, "10.10.0.0/16")
-	set(&o.Bridge, "threes0")
-	set(&o.LibvirtURI, "qemu:///system")
+	set(&o.StateDir, DefaultStateDir)
+	set(&o.Hostname, DefaultHostname)
+	set(&o.Listen, DefaultListen)
+	set(&o.Socket, DefaultSocket)
+	set(&o.SSHListen, DefaultSSHListen)
+	set(&o.CIDR, DefaultCIDR())
+	set(&o.Bridge, DefaultBridge)
+	set(&o.LibvirtURI, DefaultLibvirtURI)
+	if o.MetadataPort == 0 {
+		o.MetadataPort = DefaultMetadataPort
+	}
 	if o.OwnerTag == "" {
-		o.OwnerTag = DefaultOwnerTag
+		o.OwnerTag = fleet.DefaultOwnerTag
 		if len(o.Tags) > 0 {
 			o.OwnerTag = o.Tags[0]
 		}
@@ -130,7 +147,7 @@ type Appliance struct {
 	hv      hv.Hypervisor
 	hvClose func() error
 	images  *images.Store
-	life    *Lifecycle
+	fleet   *fleet.Fleet
 	servers []*grpc.Server
 	closers []func() error
 	cancel  context.CancelFunc
@@ -211,17 +228,11 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	if o.Plane == nil {
 		o.Logger.Warn("no control plane configured: networks are recorded but not written to the tailnet policy, and VMs get no auth keys")
 	}
-	a.life = &Lifecycle{db: a.db, hv: a.hv, ipam: pool, plane: o.Plane, ownerTag: o.OwnerTag,
-		images: a.images, bridge: o.Bridge, now: o.Now, log: o.Logger, crashAt: o.TestCrashAt,
-		newID: NewID, newMAC: NewMAC, beforePass: o.beforeReconcile}
-	if o.newMAC != nil {
-		a.life.newMAC = o.newMAC
-	}
-	if o.newID != nil {
-		a.life.newID = o.newID
-	}
+	a.fleet = fleet.New(fleet.Config{DB: a.db, HV: a.hv, IPAM: pool, Images: a.images,
+		Plane: o.Plane, OwnerTag: o.OwnerTag, Bridge: o.Bridge, NoCloud: noCloudURL(pool, o.MetadataPort),
+		Now: o.Now, Log: o.Logger}, o.hooks)
 	// In the background: everything below serves at once, whatever the VM count.
-	a.closers = append(a.closers, a.life.watch(o.ReconcileInterval))
+	a.closers = append(a.closers, a.fleet.Run(o.ReconcileInterval))
 
 	// 6. The tailnet node. The API listens on its tailnet addresses only.
 	a.ts = &tsnet.Server{
@@ -253,7 +264,7 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 			o.Logger.Error("watch tailnet for identity changes", "err", err)
 		}
 	}()
-	go a.life.watchJoins(runCtx, lc)
+	go a.fleet.WatchJoins(runCtx, lc)
 
 	// 7. DHCP and metadata for VMs, on the bridge only.
 	if err := a.startNetboot(runCtx, o, pool); err != nil {
@@ -261,7 +272,7 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	}
 
 	// 8. The API, on the tailnet and on the host-local socket, behind one gate.
-	svc := &service{life: a.life, db: a.db, images: a.images}
+	svc := &service{fleet: a.fleet}
 	g := &gate{identify: ident.Identify, log: o.Logger}
 	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, tsLn)
 	if o.Socket != "none" {
@@ -343,6 +354,11 @@ func loadIPAM(ctx context.Context, db *embeddb.DB, prefix netip.Prefix) (*ipam.I
 	return pool, nil
 }
 
+// Reconcile runs one reconcile pass now; see fleet.Fleet.Reconcile.
+func (a *Appliance) Reconcile(ctx context.Context) (fleet.ReconcileReport, error) {
+	return a.fleet.Reconcile(ctx)
+}
+
 // Tailnet returns the appliance's tailnet node.
 func (a *Appliance) Tailnet() *tsnet.Server { return a.ts }
 
@@ -374,7 +390,7 @@ func (a *Appliance) Close() error {
 // so benchmarks can compare the tailnet path with plain loopback TCP on the very same
 // service; nothing in threes serves a network listener this way.
 func (a *Appliance) ServeAs(ln net.Listener, who tsauth.Principal) {
-	svc := &service{life: a.life, db: a.db, images: a.images}
+	svc := &service{fleet: a.fleet}
 	g := &gate{identify: func(context.Context, netip.AddrPort) (tsauth.Principal, error) { return who, nil }, log: a.log}
 	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, ln)
 }

@@ -18,15 +18,11 @@ func (s *service) Console(stream grpc.BidiStreamingServer[threesv1.ConsoleInput,
 	if err != nil {
 		return fmt.Errorf("console: %w", err)
 	}
-	vm, err := s.life.live(stream.Context(), first.GetVmId())
-	if err != nil {
-		return err
-	}
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
-	con, err := s.life.hv.Console(ctx, vm.ID)
+	con, vm, err := s.fleet.Console(ctx, first.GetVmId())
 	if err != nil {
-		return fmt.Errorf("console of vm %s: %w", vm.Name, err)
+		return err
 	}
 	defer con.Close()
 	if len(first.GetData()) > 0 {

@@ -20,7 +20,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/appliance/threestest"
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/hvtest"
@@ -30,15 +30,13 @@ import (
 	"github.com/threes-dev/threes/tsauth/tailnettest"
 )
 
-// threesBinary returns the threes binary: $THREES_BIN (make test builds it), or one
-// built here.
+// threesBinary builds threes with the threes_testhooks tag, the only build whose
+// Create obeys THREES_TEST_CRASH_AT (see fleet's crashhook.go): a release binary
+// has no way to be made to exit halfway.
 func threesBinary(t *testing.T) string {
 	t.Helper()
-	if b := os.Getenv("THREES_BIN"); b != "" {
-		return b
-	}
 	bin := filepath.Join(t.TempDir(), "threes")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/threes-dev/threes/cmd/threes").CombinedOutput(); err != nil {
+	if out, err := exec.Command("go", "build", "-tags", "threes_testhooks", "-o", bin, "github.com/threes-dev/threes/cmd/threes").CombinedOutput(); err != nil {
 		t.Fatalf("build threes: %v\n%s", err, out)
 	}
 	return bin
@@ -185,7 +183,7 @@ func TestCreateCrash(t *testing.T) {
 	}
 	t.Run("tailnet", func(t *testing.T) {
 		tn := tailnettest.Start(t)
-		for _, step := range appliance.CreateSteps() {
+		for _, step := range fleet.CreateSteps() {
 			if step == "key-minted" {
 				continue // no control plane here to mint keys: the headscale cases do
 			}
@@ -241,8 +239,8 @@ func crashCreate(t *testing.T, r *crashRig, step string) {
 	if vm, err := s.api.Create(ctx, req); err == nil {
 		t.Fatalf("create returned %v although the process should have died at %s", vm, step)
 	}
-	if code := s.wait(); code != appliance.CrashExitCode {
-		t.Fatalf("threes serve exited %d, want %d from the hook at %s", code, appliance.CrashExitCode, step)
+	if code := s.wait(); code != fleet.CrashExitCode {
+		t.Fatalf("threes serve exited %d, want %d from the hook at %s", code, fleet.CrashExitCode, step)
 	}
 	if !strings.Contains(s.log.String(), "step="+step) {
 		t.Fatalf("the hook did not report step %s", step)

@@ -1,8 +1,10 @@
-// Package appliance is the threes server: it wires the tailnet node, the embedded
-// database, the hypervisor and the local bridge services together, serves the gRPC API,
-// authorises every call, and owns the VM lifecycle (create, start, stop, delete, purge)
-// including undoing a create that fails halfway.
+// Package appliance is the threes server's wiring: it opens the embedded database,
+// the image store and the hypervisor, builds the fleet (package fleet, which owns
+// every change to a VM), joins the tailnet, serves DHCP and metadata on the bridge,
+// and serves the gRPC API behind one gate that authorises every call by who the
+// caller is.
 //
-// It does not talk to libvirt, rqlite, the kernel or the control plane itself: those are
-// hv, embeddb, netboot and tsauth, each behind a small interface or type.
+// The gRPC service here only translates: requests into the fleet's calls, the
+// fleet's records into the API's messages (one table each way, api.go), and domain
+// errors into gRPC codes (one table, errors.go).
 package appliance

@@ -7,6 +7,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/guard"
@@ -22,9 +23,6 @@ var (
 	ErrPermission = errors.New("permission denied")
 	// ErrUnidentified means the caller could not be identified at all.
 	ErrUnidentified = errors.New("caller not identified")
-	// ErrState means the object exists but is in the wrong state for the call,
-	// such as starting a deleted VM or purging a live one.
-	ErrState = errors.New("wrong state")
 )
 
 // codes lists every sentinel error that can reach the API and the gRPC code a caller
@@ -63,8 +61,8 @@ var errorCodes = []struct {
 	{policy.ErrInvalidName, codes.InvalidArgument},
 
 	// Right request, wrong moment: something must change first.
-	{ErrState, codes.FailedPrecondition},
-	{ErrImageInUse, codes.FailedPrecondition},
+	{fleet.ErrState, codes.FailedPrecondition},
+	{fleet.ErrImageInUse, codes.FailedPrecondition},
 	{hv.ErrNotRunning, codes.FailedPrecondition},
 	{embeddb.ErrInUse, codes.FailedPrecondition},
 	{embeddb.ErrAlreadyServed, codes.FailedPrecondition},
@@ -106,7 +104,7 @@ func toStatus(err error) error {
 // codeOf is the gRPC code for err: InvalidArgument for a bad field of a request, the
 // table's code for a sentinel, else Internal.
 func codeOf(err error) codes.Code {
-	var fe *FieldError
+	var fe *fleet.FieldError
 	if errors.As(err, &fe) {
 		return codes.InvalidArgument
 	}

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
 )
@@ -70,7 +71,7 @@ func TestErrorCodes(t *testing.T) {
 		{fmt.Errorf("create vm: %w", embeddb.ErrNotLeader), codes.Unavailable},
 		{fmt.Errorf("vm x: %w", embeddb.ErrNotFound), codes.NotFound},
 		{fmt.Errorf("vm name toy0: %w", embeddb.ErrExists), codes.AlreadyExists},
-		{fieldErr("name", "too long"), codes.InvalidArgument},
+		{&fleet.FieldError{Field: "name", Msg: "too long"}, codes.InvalidArgument},
 		{fmt.Errorf("no sentinel at all"), codes.Internal},
 	} {
 		if got := status.Code(toStatus(tc.err)); got != tc.want {

@@ -2,6 +2,7 @@ package appliance
 
 import (
 	"context"
+	"net"
 	"time"
 
 	"github.com/threes-dev/threes/embeddb"
@@ -9,12 +10,12 @@ import (
 
 // SetBeforeReconcile makes every reconcile pass of an appliance started with o run
 // f first, so a test can hold a pass back.
-func SetBeforeReconcile(o *Options, f func(context.Context)) { o.beforeReconcile = f }
+func SetBeforeReconcile(o *Options, f func(context.Context)) { o.hooks.BeforePass = f }
 
 // SetGenerators makes an appliance started with o take new VMs' MACs and IDs from
-// mac and id (nil keeps NewMAC or NewID), so a test can force collisions.
-func SetGenerators(o *Options, mac func() string, id func(time.Time) string) {
-	o.newMAC, o.newID = mac, id
+// mac and id (nil keeps fleet.NewMAC or fleet.NewID), so a test can force collisions.
+func SetGenerators(o *Options, mac func() net.HardwareAddr, id func(time.Time) string) {
+	o.hooks.NewMAC, o.hooks.NewID = mac, id
 }
 
 // DB returns the appliance's database, for tests that write what another host of a

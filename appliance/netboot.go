@@ -8,13 +8,12 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
-	"sync"
 	"time"
 
 	"github.com/vishvananda/netns"
 	"tailscale.com/ipn"
 
-	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/internal/nsdo"
 	"github.com/threes-dev/threes/netboot/dhcp"
 	"github.com/threes-dev/threes/netboot/ipam"
@@ -32,8 +31,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 	var checker *neigh.Checker
 	var ln net.Listener
 	var missing error
-	src := newMDSource(a.db, o.Now)
-	src.phases = a.life.phases
+	src := a.fleet.MetadataSource()
 	// The sockets are opened where the bridge is; they stay there afterwards.
 	open := func() (err error) {
 		if missing = bridgeHas(o.Bridge, gw); missing != nil {
@@ -45,7 +43,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 			IPAM:      pool,
 			Log:       log.With("component", "dhcp"),
 			Now:       o.Now,
-			OnAck:     a.life.phases.leased,
+			OnAck:     a.fleet.Leased,
 		}); err != nil {
 			return fmt.Errorf("dhcp on %s: %w", o.Bridge, err)
 		}
@@ -54,7 +52,7 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 			return fmt.Errorf("neighbour check on %s: %w", o.Bridge, err)
 		}
 		a.closers = append(a.closers, checker.Close)
-		if ln, err = net.Listen("tcp", netip.AddrPortFrom(gw, metadataPort).String()); err != nil {
+		if ln, err = net.Listen("tcp", netip.AddrPortFrom(gw, o.MetadataPort).String()); err != nil {
 			return fmt.Errorf("metadata server on %s: %w", gw, err)
 		}
 		a.closers = append(a.closers, ln.Close)
@@ -97,13 +95,10 @@ func (a *Appliance) startNetboot(ctx context.Context, o Options, pool *ipam.IPAM
 	return nil
 }
 
-// metadataPort is where the metadata server listens on the gateway.
-const metadataPort = 80
-
 // noCloudURL is the NoCloud seed URL hv puts in each VM's SMBIOS serial (and
 // a kernel image's command line): the metadata server on pool's gateway.
-func noCloudURL(pool *ipam.IPAM) *url.URL {
-	return metadata.NoCloudURL(netip.AddrPortFrom(pool.Gateway(), metadataPort))
+func noCloudURL(pool *ipam.IPAM, port uint16) *url.URL {
+	return metadata.NoCloudURL(netip.AddrPortFrom(pool.Gateway(), port))
 }
 
 // guestControlURL is the control server guests are told to join: empty for
@@ -123,7 +118,7 @@ type portNamer interface{ Port(id string) string }
 // portOf tells the neighbour check which bridge port the VM at ip is plugged
 // into, so that a VM forging another's MAC and IP is refused: the bridge learns
 // a MAC on the port its frames really came from. Nil without named ports.
-func (a *Appliance) portOf(src *mdSource) func(netip.Addr, net.HardwareAddr) string {
+func (a *Appliance) portOf(src *fleet.MetadataSource) func(netip.Addr, net.HardwareAddr) string {
 	pn, ok := a.hv.(portNamer)
 	if !ok {
 		return nil
@@ -131,8 +126,8 @@ func (a *Appliance) portOf(src *mdSource) func(netip.Addr, net.HardwareAddr) str
 	return func(ip netip.Addr, _ net.HardwareAddr) string {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		// lookup, not ByIP: the request is not served yet, and may be refused.
-		in, err := src.lookup(ctx, ip)
+		// Lookup, not ByIP: the request is not served yet, and may be refused.
+		in, err := src.Lookup(ctx, ip)
 		if err != nil {
 			// No VM there: the request is refused by the source anyway.
 			return ""
@@ -163,139 +158,4 @@ func bridgeHas(name string, addr netip.Addr) error {
 		}
 	}
 	return fmt.Errorf("%s does not hold %s", name, addr)
-}
-
-// mdSource is the database as the metadata server sees it: live VMs by address,
-// from a per-VM cache. A VM's entry is current while the database's VMGen for it
-// stays what it was when the entry was read, so a request costs no database read
-// (let alone a round trip to the Raft leader) until this appliance writes something
-// about that VM; every write about a VM goes through this appliance's database.
-type mdSource struct {
-	db  *embeddb.DB
-	now func() time.Time
-	// phases hears which VMs read their config and took their key (nil: nobody).
-	phases *phaseRecorder
-
-	mu     sync.RWMutex
-	byIP   map[netip.Addr]mdEntry
-	served map[string]bool // VM IDs whose auth key was handed out: that never reverts
-}
-
-type mdEntry struct {
-	inst metadata.Instance
-	gen  uint64 // db.VMGen(inst.ID) before the entry was read
-}
-
-func newMDSource(db *embeddb.DB, now func() time.Time) *mdSource {
-	return &mdSource{db: db, now: now, byIP: map[netip.Addr]mdEntry{}, served: map[string]bool{}}
-}
-
-// ByIP is the metadata server's lookup, made once the request passed its checks:
-// the VM is reading its config.
-func (s *mdSource) ByIP(ctx context.Context, ip netip.Addr) (metadata.Instance, error) {
-	in, err := s.lookup(ctx, ip)
-	if err == nil {
-		s.phases.mark(in.ID, PhaseConfigFetched, s.now, "")
-	}
-	return in, err
-}
-
-// lookup returns the live VM at ip, from the cache while it is current.
-func (s *mdSource) lookup(ctx context.Context, ip netip.Addr) (metadata.Instance, error) {
-	s.mu.RLock()
-	e, ok := s.byIP[ip]
-	s.mu.RUnlock()
-	if ok && s.db.VMGen(e.inst.ID) == e.gen {
-		return e.inst, nil
-	}
-	in, gen, err := s.read(ctx, ip)
-	if err != nil {
-		return in, err
-	}
-	// Kept only if nothing was written about the VM while it was read: a write
-	// that raced the read changed VMGen, and the next request reads again.
-	if s.db.VMGen(in.ID) == gen {
-		s.mu.Lock()
-		s.byIP[ip] = mdEntry{inst: in, gen: gen}
-		s.mu.Unlock()
-	}
-	return in, nil
-}
-
-// read reads the VM at ip from the database, with the VMGen it had before.
-func (s *mdSource) read(ctx context.Context, ip netip.Addr) (metadata.Instance, uint64, error) {
-	addr, err := s.db.AddressByIP(ctx, ip)
-	if err != nil {
-		return metadata.Instance{}, 0, notFound(err)
-	}
-	// Taken before the VM's rows are read. If the address changed hands since it
-	// was read, its old VM was purged: that read below fails, or it comes after
-	// the purge changed the gen, and the entry is not kept.
-	gen := s.db.VMGen(addr.VMID)
-	vm, err := s.db.GetVM(ctx, addr.VMID)
-	if err != nil {
-		return metadata.Instance{}, 0, notFound(err)
-	}
-	if !vm.DeletedAt.IsZero() {
-		return metadata.Instance{}, 0, fmt.Errorf("vm %s is deleted: %w", vm.ID, metadata.ErrNotFound)
-	}
-	cfg, err := s.db.GetVMConfig(ctx, vm.ID)
-	if err != nil {
-		return metadata.Instance{}, 0, notFound(err)
-	}
-	kvs, err := s.db.GetKVs(ctx, vm.ID)
-	if err != nil {
-		return metadata.Instance{}, 0, notFound(err)
-	}
-	in := metadata.Instance{ID: vm.ID, Hostname: cfg.Hostname, Script: cfg.Script, PublicKey: cfg.PublicKey}
-	for _, kv := range kvs {
-		in.KVs = append(in.KVs, metadata.KV{Key: kv.Key, Value: kv.Value, Secret: kv.Secret})
-	}
-	return in, gen, nil
-}
-
-// TakeAuthKey hands the key out through the database's conditional write, which
-// makes it once only, on every node; a key known served is refused without a write.
-func (s *mdSource) TakeAuthKey(ctx context.Context, vmID string) (string, error) {
-	s.mu.RLock()
-	served := s.served[vmID]
-	s.mu.RUnlock()
-	if served {
-		s.phases.mark(vmID, PhaseKeyTaken, s.now, keyTakenAlready)
-		return "", metadata.ErrAuthKeyTaken
-	}
-	key, err := s.db.TakeAuthKey(ctx, vmID, s.now())
-	if err == nil || errors.Is(err, embeddb.ErrAlreadyServed) {
-		s.mu.Lock()
-		s.served[vmID] = true
-		s.mu.Unlock()
-	}
-	switch {
-	case err == nil && key != "":
-		s.phases.mark(vmID, PhaseKeyTaken, s.now, "")
-	case errors.Is(err, embeddb.ErrAlreadyServed):
-		// Kept only if this VM never took it: a VM that joined and asks again
-		// (a reboot) keeps its key_taken.
-		s.phases.mark(vmID, PhaseKeyTaken, s.now, keyTakenAlready)
-	}
-	switch {
-	case errors.Is(err, embeddb.ErrAlreadyServed):
-		return "", metadata.ErrAuthKeyTaken
-	case err != nil:
-		return "", notFound(err)
-	case key == "":
-		return "", fmt.Errorf("vm %s has no auth key (no control plane configured): %w", vmID, metadata.ErrNotFound)
-	}
-	return key, nil
-}
-
-// keyTakenAlready is the key_taken phase's error when a VM asks for its key after it
-// was handed out, to it before or to whoever asked first.
-const keyTakenAlready = "the vm asked for its auth key after it had already been taken"
-
-func notFound(err error) error {
-	if errors.Is(err, embeddb.ErrNotFound) {
-		return fmt.Errorf("%w: %w", metadata.ErrNotFound, err)
-	}
-	return err
 }

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/appliance/threestest"
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/hvtest"
@@ -185,7 +185,7 @@ func TestReconcileDriftAndOrphans(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		wantDrift := []appliance.Drift{{VMID: gone, Name: "gone", Problem: "domain missing (disk present)"}}
+		wantDrift := []fleet.Drift{{VMID: gone, Name: "gone", Problem: "domain missing (disk present)"}}
 		if !slices.Equal(rep.Drift, wantDrift) {
 			t.Errorf("pass %d: drift = %+v, want %+v", pass, rep.Drift, wantDrift)
 		}

@@ -15,6 +15,7 @@ import (
 	"github.com/insomniacslk/dhcp/dhcpv4/server4"
 
 	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/appliance/threestest"
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/internal/netnstest"
@@ -56,9 +57,12 @@ func (q *queue[T]) left() int {
 // create: it tries again with new ones.
 func TestCreateRetriesCollisions(t *testing.T) {
 	env := threestest.Start(t)
-	macs := &queue[string]{fallback: appliance.NewMAC}
-	ids := &queue[string]{fallback: func() string { return appliance.NewID(time.Now()) }}
-	appliance.SetGenerators(&env.Options, macs.pop, func(time.Time) string { return ids.pop() })
+	macs := &queue[string]{fallback: func() string { return fleet.NewMAC().String() }}
+	ids := &queue[string]{fallback: func() string { return fleet.NewID(time.Now()) }}
+	appliance.SetGenerators(&env.Options, func() net.HardwareAddr {
+		hw, _ := net.ParseMAC(macs.pop())
+		return hw
+	}, func(time.Time) string { return ids.pop() })
 	logs := restartWith(t, env, -1)
 	ctx := ctxT(t)
 	c := env.Local(t)
@@ -84,8 +88,8 @@ func TestCreateRetriesCollisions(t *testing.T) {
 	// A MAC only the database knows: another host of the cluster holds it.
 	const far = "52:54:00:fa:fa:fa"
 	now := time.Now()
-	if err := env.Appliance.DB().CreateVM(ctx, embeddb.VM{ID: appliance.NewID(now), Name: "elsewhere", Network: "lab",
-		State: appliance.StateRunning, Desired: appliance.StateRunning, CreatedAt: now},
+	if err := env.Appliance.DB().CreateVM(ctx, embeddb.VM{ID: fleet.NewID(now), Name: "elsewhere", Network: "lab",
+		State: fleet.StateRunning, Desired: fleet.StateRunning, CreatedAt: now},
 		embeddb.VMConfig{Hostname: "elsewhere"},
 		embeddb.Address{IP: netip.MustParseAddr("10.10.250.250"), MAC: far, Hostname: "elsewhere"}); err != nil {
 		t.Fatal(err)

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/appliance/threestest"
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/hvtest"
@@ -59,7 +60,7 @@ func TestCreateWait(t *testing.T) {
 		deadline := time.Now().Add(time.Minute)
 		for {
 			vm, err := db.VMByName(ctx, name)
-			if err == nil && vm.State == appliance.StateRunning {
+			if err == nil && vm.State == fleet.StateRunning {
 				return vm.ID, func() (string, string, int) {
 					err := cmd.Wait()
 					code := 0
@@ -85,7 +86,7 @@ func TestCreateWait(t *testing.T) {
 	}
 
 	id, wait := start("quick")
-	for _, p := range []string{appliance.PhaseAddressLeased, appliance.PhaseConfigFetched, appliance.PhaseKeyTaken, appliance.PhaseOnTailnet} {
+	for _, p := range []string{fleet.PhaseAddressLeased, fleet.PhaseConfigFetched, fleet.PhaseKeyTaken, fleet.PhaseOnTailnet} {
 		record(id, p, "")
 	}
 	out, errOut, code = wait()
@@ -115,8 +116,8 @@ func TestCreateWait(t *testing.T) {
 
 	// The key was taken before the VM asked: the phase fails, and so does the wait.
 	id, wait = start("robbed")
-	record(id, appliance.PhaseAddressLeased, "")
-	record(id, appliance.PhaseKeyTaken, "the vm asked for its auth key after it had already been taken")
+	record(id, fleet.PhaseAddressLeased, "")
+	record(id, fleet.PhaseKeyTaken, "the vm asked for its auth key after it had already been taken")
 	out, errOut, code = wait()
 	if code != 1 || strings.Count(strings.TrimSpace(errOut), "\n") != 0 || !strings.Contains(errOut, `phase "key taken" failed`) ||
 		!strings.Contains(errOut, "already been taken") {

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"tailscale.com/client/local"
 
+	"github.com/threes-dev/threes/appliance/fleet"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 )
 
@@ -111,14 +112,4 @@ func resolveVM(ctx context.Context, c threesv1.ThreesClient, ref string) (string
 	return "", err
 }
 
-func looksLikeID(s string) bool {
-	if len(s) != 20 {
-		return false
-	}
-	for _, c := range s {
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'v') {
-			return false
-		}
-	}
-	return true
-}
+func looksLikeID(s string) bool { return fleet.ValidateID(s) == nil }

@@ -15,6 +15,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/threes-dev/threes/appliance"
 )
 
 func main() {
@@ -95,7 +97,7 @@ type global struct {
 }
 
 // defaultSocket is where serve puts its admin socket unless told otherwise.
-const defaultSocket = "/run/threes/threes.sock"
+const defaultSocket = appliance.DefaultSocket
 
 func newRoot() (*cobra.Command, *global) {
 	g := &global{}

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/threes-dev/threes/appliance"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 )
 
@@ -91,7 +92,10 @@ func printVMTable(w io.Writer, vms []*threesv1.VM) {
 }
 
 func typeWord(t threesv1.VMType) string {
-	return strings.ToLower(strings.TrimPrefix(t.String(), "VM_TYPE_"))
+	if name, ok := appliance.TypeName(t); ok {
+		return name
+	}
+	return strings.ToLower(strings.TrimPrefix(t.String(), "VM_TYPE_")) // a newer server's type
 }
 
 func stateWord(s threesv1.VMState) string {

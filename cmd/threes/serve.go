@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/tsauth/control"
 	"github.com/threes-dev/threes/tsauth/policy"
 )
@@ -47,25 +48,26 @@ Without an auth key the node logs a login URL and joins once someone approves it
 	}
 	f := cmd.Flags()
 	o := &c.opts
-	f.StringVar(&o.StateDir, "state-dir", "/var/lib/threes", "where the tailnet node and the database keep their state")
-	f.StringVar(&o.Hostname, "hostname", "threes", "the appliance's name on the tailnet")
+	f.StringVar(&o.StateDir, "state-dir", appliance.DefaultStateDir, "where the tailnet node and the database keep their state")
+	f.StringVar(&o.Hostname, "hostname", appliance.DefaultHostname, "the appliance's name on the tailnet")
 	f.StringVar(&o.AuthKey, "authkey", os.Getenv("TS_AUTHKEY"), "tailnet auth key (default $TS_AUTHKEY)")
 	f.StringVar(&o.ControlURL, "control-url", "", "control server URL, e.g. your headscale (default Tailscale's)")
 	f.StringVar(&c.tags, "tags", "", "comma-separated ACL tags for the appliance's node, e.g. tag:threes")
-	f.StringVarP(&o.Listen, "listen-addr", "l", ":9999", "address for the API on the tailnet (tailnet only)")
-	f.StringVar(&o.Socket, "socket", "/run/threes/threes.sock", `local admin socket ("none" for none)`)
-	f.StringVar(&o.SSHListen, "ssh-listen", ":22", `address for SSH on the tailnet (tailnet only; "none" for none)`)
-	f.StringVarP(&o.CIDR, "cidr", "c", "10.10.0.0/16", "CIDR for VMs' management addresses")
-	f.StringVarP(&o.Bridge, "interface", "i", "threes0", "bridge VMs attach to, served by DHCP and metadata")
-	f.StringVar(&o.LibvirtURI, "libvirt-uri", "qemu:///system", "libvirt connection URI")
+	f.StringVarP(&o.Listen, "listen-addr", "l", appliance.DefaultListen, "address for the API on the tailnet (tailnet only)")
+	f.StringVar(&o.Socket, "socket", appliance.DefaultSocket, `local admin socket ("none" for none)`)
+	f.StringVar(&o.SSHListen, "ssh-listen", appliance.DefaultSSHListen, `address for SSH on the tailnet (tailnet only; "none" for none)`)
+	f.StringVarP(&o.CIDR, "cidr", "c", appliance.DefaultCIDR(), "CIDR for VMs' management addresses")
+	f.StringVarP(&o.Bridge, "interface", "i", appliance.DefaultBridge, "bridge VMs attach to, served by DHCP and metadata")
+	f.StringVar(&o.LibvirtURI, "libvirt-uri", appliance.DefaultLibvirtURI, "libvirt connection URI")
 	f.StringVar(&c.dns, "dns", "", "comma-separated name servers DHCP hands to VMs")
 	f.BoolVar(&o.CrossNetwork, "cross-network", false, "let VMs of different networks reach each other on the bridge (default: only over the tailnet, where the policy applies)")
 	f.Float64Var(&o.DiskOvercommit, "disk-overcommit", 1, "how many times its free space the VMs' thin disks may promise (1: every disk can fill up; 0: no check); 1 GiB stays free for the database")
+	f.Uint16Var(&o.MetadataPort, "metadata-port", appliance.DefaultMetadataPort, "TCP port of the metadata server on the bridge's gateway address (guests find it in their cloud-init seed URL)")
 	f.BoolVar(&o.MetadataSession, "metadata-session", false, "require a session token (PUT /v1/session) on every /v1 metadata request")
 	f.StringVar(&c.opts.BridgeNetNS, "bridge-netns", "", "network namespace (as ip netns names it) holding the bridge, if not the host's")
 	f.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&c.logUpload, "tailscale-log-upload", true, "let the tailnet node upload its logs to Tailscale's log service (default: only when --control-url is Tailscale's)")
-	f.DurationVar(&c.opts.ReconcileInterval, "reconcile-interval", appliance.DefaultReconcileInterval, "how often to converge libvirt and the disks with the database")
+	f.DurationVar(&c.opts.ReconcileInterval, "reconcile-interval", fleet.DefaultReconcileInterval, "how often to converge libvirt and the disks with the database")
 
 	f.StringVarP(&c.tailnet, "tailnet", "n", "", `Tailscale tailnet whose policy, keys and devices threes manages ("-" for the credential's own)`)
 	f.StringVarP(&c.apiKey, "token", "t", "", "Tailscale API access token (default $TS_API_KEY; an OAuth client is better: it does not expire)")
@@ -119,6 +121,11 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 	upload := tailscaleLogUpload(c.opts.ControlURL, cmd.Flags().Changed("tailscale-log-upload"), c.logUpload)
 	setTailscaleLogUpload(upload)
 	logger.Info("tailnet node's log upload to Tailscale's log service (--tailscale-log-upload)", "on", upload)
+	for flag, env := range map[string]string{"authkey": "TS_AUTHKEY", "token": "TS_API_KEY"} {
+		if cmd.Flags().Changed(flag) {
+			logger.Warn("a secret given as a flag shows in the process list to every user of this host: set $"+env+" instead", "flag", "--"+flag)
+		}
+	}
 	c.opts.Tags = splitList(c.tags)
 	for _, d := range splitList(c.dns) {
 		ip, err := netip.ParseAddr(d)
@@ -127,7 +134,7 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 		}
 		c.opts.DNS = append(c.opts.DNS, ip)
 	}
-	c.opts.OwnerTag = appliance.DefaultOwnerTag
+	c.opts.OwnerTag = fleet.DefaultOwnerTag
 	if len(c.opts.Tags) > 0 {
 		c.opts.OwnerTag = c.opts.Tags[0]
 	}
@@ -142,9 +149,6 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 	for _, k := range []string{"TS_AUTHKEY", "TS_API_KEY", "TS_OAUTH_CLIENT_SECRET", "HEADSCALE_API_KEY"} {
 		os.Unsetenv(k)
 	}
-	// The crash test's hook, and the only place it is read: kill the process at a
-	// step of every create. No flag, so nobody finds it in --help.
-	c.opts.TestCrashAt = os.Getenv("THREES_TEST_CRASH_AT")
 	// SSH sessions run this very command tree, as their callers.
 	c.opts.SSH = sshRun
 	a, err := appliance.Start(cmd.Context(), c.opts)

@@ -11,6 +11,8 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 
+	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/fleet"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 )
 
@@ -109,12 +111,12 @@ func (c *cmdVMCreate) command() *cobra.Command {
 }
 
 func (c *cmdVMCreate) run(cmd *cobra.Command, args []string) error {
-	typ, ok := threesv1.VMType_value["VM_TYPE_"+strings.ToUpper(c.typ)]
-	if !ok || typ == 0 {
-		return usagef("--type: %q is not one of teeny, small, middy, biggun, fatlad", c.typ)
+	typ, ok := appliance.TypeOf(c.typ)
+	if !ok {
+		return usagef("--type: %q is not one of %s", c.typ, fleet.SizeNames())
 	}
 	req := &threesv1.CreateRequest{
-		Name: args[0], Image: c.image, Network: c.network, Type: threesv1.VMType(typ),
+		Name: args[0], Image: c.image, Network: c.network, Type: typ,
 		Description: c.description, PublicKey: strings.TrimSpace(c.publicKey),
 	}
 	if c.script != "" {

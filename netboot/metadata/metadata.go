@@ -1,5 +1,5 @@
 // Package metadata serves each VM its own configuration over HTTP on the
-// bridge's gateway address: the original threes endpoints, a cloud-init
+// bridge's gateway address: threes v0.1's endpoints, a cloud-init
 // NoCloud datasource, and the Tailscale auth key, once.
 //
 // Every request is tied to a VM by its source address, and only after the
@@ -115,7 +115,7 @@ type Config struct {
 	// RequireSession makes every /v1 request carry a session token, as
 	// EC2's IMDSv2 does; the token's reply leaves with IP TTL 1, so a
 	// container or anything the VM routes for cannot get one. Off by
-	// default: guests written for the original threes protocol fetch
+	// default: guests written for threes v0.1's protocol fetch
 	// /v1/config without a session, and the flavor header already stops
 	// URL-only SSRF. The cloud-init routes stay open: cloud-init's
 	// NoCloud datasource cannot fetch a token, and they hold no secrets.
@@ -413,7 +413,7 @@ func (s *Server) takeKey(w http.ResponseWriter, r *http.Request, c *caller) (str
 	return k, true
 }
 
-// config is the original's JSON, field names kept; the token is there the
+// config is threes v0.1's JSON, field names kept; the token is there the
 // first time only, and only for a request with the flavor header.
 func (s *Server) config(w http.ResponseWriter, r *http.Request, c *caller) {
 	var k string

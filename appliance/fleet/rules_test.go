@@ -1,4 +1,4 @@
-package appliance
+package fleet
 
 import (
 	"errors"
@@ -146,7 +146,7 @@ func TestSizes(t *testing.T) {
 func TestNewMAC(t *testing.T) {
 	seen := map[string]bool{}
 	for range 100 {
-		m := NewMAC()
+		m := NewMAC().String()
 		if !strings.HasPrefix(m, "52:54:00:") || len(m) != 17 {
 			t.Fatalf("NewMAC() = %q", m)
 		}

@@ -1,4 +1,4 @@
-package appliance
+package fleet
 
 import (
 	"context"
@@ -6,12 +6,16 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
+	"net/url"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv"
 	"github.com/threes-dev/threes/hv/images"
+	"github.com/threes-dev/threes/internal/revert"
 	"github.com/threes-dev/threes/netboot/ipam"
 	"github.com/threes-dev/threes/tsauth/control"
 )
@@ -28,6 +32,11 @@ const (
 	StateMissing = "missing"
 )
 
+// States lists the states a VM record can hold.
+func States() []string {
+	return []string{StateCreating, StateRunning, StateStopped, StateCrashed, StateMissing}
+}
+
 // CreateSpec is a validated request for a new VM.
 type CreateSpec struct {
 	Name, Description, Network, Image, Type string
@@ -35,37 +44,130 @@ type CreateSpec struct {
 	KVs                                     []embeddb.KV
 }
 
-// Lifecycle owns VM state changes: each one touches the database, the hypervisor and
-// the IPAM in an order that leaves nothing behind when a step fails.
-type Lifecycle struct {
-	db   *embeddb.DB
-	hv   hv.Hypervisor
-	ipam *ipam.IPAM
-	// plane edits the tailnet (policy, auth keys, devices); nil when threes only
+// Config is what a Fleet works with. DB, HV, IPAM and Images are required.
+type Config struct {
+	DB     *embeddb.DB
+	HV     hv.Hypervisor
+	IPAM   *ipam.IPAM
+	Images *images.Store
+	// Plane edits the tailnet (policy, auth keys, devices); nil when threes only
 	// records networks and VMs join the tailnet by other means.
+	Plane control.Plane
+	// OwnerTag is the appliance's own tag, owner and prefix of network tags;
+	// default DefaultOwnerTag.
+	OwnerTag string
+	// Bridge is the bridge VMs' NICs attach to.
+	Bridge string
+	// NoCloud is the cloud-init seed URL every VM is given (the metadata
+	// server's /cloud-init/); nil gives none.
+	NoCloud *url.URL
+	Now     func() time.Time // default time.Now
+	Log     *slog.Logger     // default slog.Default()
+}
+
+// Fleet owns VM state changes: each one touches the database, the hypervisor and
+// the IPAM in an order that leaves nothing behind when a step fails, under the
+// VM's lock.
+type Fleet struct {
+	db       *embeddb.DB
+	hv       hv.Hypervisor
+	ipam     *ipam.IPAM
 	plane    control.Plane
 	ownerTag string
 	images   *images.Store
 	bridge   string
+	noCloud  *url.URL
 	now      func() time.Time
 	log      *slog.Logger
 	locks    keyedMutex
 	rec      reconciler
-	// crashAt is the crash test's hook (Options.TestCrashAt); empty outside tests.
-	crashAt string
-	// newID and newMAC make a new VM's ID and MAC (NewID and NewMAC; tests force
-	// collisions).
-	newID  func(time.Time) string
-	newMAC func() string
-	// beforePass runs at the start of each reconcile pass (tests hold a pass
-	// back with it); nil outside tests.
-	beforePass func(context.Context)
-	// phases records the phases a new VM reaches (set up by watch).
+	hooks    Hooks
+	// imageMu keeps an image from going while a create uses it: creates
+	// share it, DeleteImage takes it alone.
+	imageMu sync.RWMutex
+	// phases records the phases a new VM reaches.
 	phases *phaseRecorder
+	md     *MetadataSource
 }
 
+// Hooks let a test steer what is otherwise random or timed. Production code leaves
+// them zero; tests set them through New's caller (see appliance's export_test.go).
+type Hooks struct {
+	// NewID and NewMAC make a new VM's ID and MAC; default NewID and NewMAC
+	// (tests force collisions).
+	NewID  func(time.Time) string
+	NewMAC func() net.HardwareAddr
+	// BeforePass runs at the start of each reconcile pass (tests hold a pass
+	// back with it).
+	BeforePass func(context.Context)
+}
+
+// New returns a Fleet over cfg. Its background work (events, reconcile, phase
+// marks) starts with Run.
+func New(cfg Config, hooks Hooks) *Fleet {
+	if cfg.OwnerTag == "" {
+		cfg.OwnerTag = DefaultOwnerTag
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if hooks.NewID == nil {
+		hooks.NewID = NewID
+	}
+	if hooks.NewMAC == nil {
+		hooks.NewMAC = NewMAC
+	}
+	f := &Fleet{db: cfg.DB, hv: cfg.HV, ipam: cfg.IPAM, plane: cfg.Plane, ownerTag: cfg.OwnerTag,
+		images: cfg.Images, bridge: cfg.Bridge, noCloud: cfg.NoCloud, now: cfg.Now, log: cfg.Log,
+		hooks: hooks, phases: newPhaseRecorder(cfg.DB, cfg.Log)}
+	f.md = newMDSource(cfg.DB, cfg.Now)
+	f.md.phases = f.phases
+	return f
+}
+
+// MetadataSource is the fleet as the metadata server reads it.
+func (f *Fleet) MetadataSource() *MetadataSource { return f.md }
+
+// Leased records that DHCP acknowledged a VM's address (dhcp.ServerConfig.OnAck).
+func (f *Fleet) Leased(mac net.HardwareAddr, ip netip.Addr, at time.Time) {
+	f.phases.leased(mac, ip, at)
+}
+
+// List returns the VMs, deleted ones too when includeDeleted.
+func (f *Fleet) List(ctx context.Context, includeDeleted bool) ([]embeddb.VM, error) {
+	vms, err := f.db.ListVMs(ctx)
+	if err != nil || includeDeleted {
+		return vms, err
+	}
+	return slices.DeleteFunc(vms, func(vm embeddb.VM) bool { return !vm.Live() }), nil
+}
+
+// ByName returns the live VM of that name.
+func (f *Fleet) ByName(ctx context.Context, name string) (embeddb.VM, error) {
+	if err := ValidateName("name", name); err != nil {
+		return embeddb.VM{}, err
+	}
+	vm, err := f.db.VMByName(ctx, name)
+	if err != nil {
+		return vm, fmt.Errorf("vm %q: %w", name, err)
+	}
+	return vm, nil
+}
+
+// Networks lists the networks.
+func (f *Fleet) Networks(ctx context.Context) ([]embeddb.Network, error) {
+	return f.db.ListNetworks(ctx)
+}
+
+// Gen is a counter that changes whenever this host writes about the VM: a watcher
+// reads the VM again only when it moved. It costs no database read.
+func (f *Fleet) Gen(id string) uint64 { return f.db.VMGen(id) }
+
 // validate checks a create request field by field, naming the first bad one.
-func (l *Lifecycle) validate(s CreateSpec) (Size, error) {
+func (f *Fleet) validate(s CreateSpec) (Size, error) {
 	if err := ValidateName("name", s.Name); err != nil {
 		return Size{}, err
 	}
@@ -112,31 +214,33 @@ func validateKVs(kvs []embeddb.KV) error {
 // and undoes every step already done if a later one fails. An ID, MAC or address that
 // turns out to be taken (in this appliance's IPAM, or in the database, which every
 // host of a cluster shares) is not an error: the create starts again with new ones.
-func (l *Lifecycle) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, err error) {
-	size, err := l.validate(s)
+func (f *Fleet) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, err error) {
+	size, err := f.validate(s)
 	if err != nil {
 		return vm, err
 	}
-	img, err := l.image(s.Image)
+	f.imageMu.RLock()
+	defer f.imageMu.RUnlock()
+	img, err := f.image(s.Image)
 	if err != nil {
 		return vm, err
 	}
-	if _, err := l.db.GetNetwork(ctx, s.Network); err != nil {
+	if _, err := f.db.GetNetwork(ctx, s.Network); err != nil {
 		return vm, fmt.Errorf("network %q: %w", s.Network, err)
 	}
-	if _, err := l.db.VMByName(ctx, s.Name); err == nil {
+	if _, err := f.db.VMByName(ctx, s.Name); err == nil {
 		return vm, fmt.Errorf("vm name %q: %w", s.Name, embeddb.ErrExists)
 	} else if !errors.Is(err, embeddb.ErrNotFound) {
 		return vm, err
 	}
 
 	for attempt := 1; ; attempt++ {
-		vm, err = l.create(ctx, s, size, img)
+		vm, err = f.create(ctx, s, size, img)
 		var c *collision
 		if !errors.As(err, &c) || attempt == maxCreateAttempts {
 			return vm, err
 		}
-		l.log.Info("create: generated "+c.what+" already taken; trying new ones", "name", s.Name, "attempt", attempt, "err", c.err)
+		f.log.Info("create: generated "+c.what+" already taken; trying new ones", "name", s.Name, "attempt", attempt, "err", c.err)
 	}
 }
 
@@ -173,39 +277,39 @@ func collided(err error) error {
 }
 
 // create is one attempt at Create with a new ID and MAC.
-func (l *Lifecycle) create(ctx context.Context, s CreateSpec, size Size, img images.Image) (vm embeddb.VM, err error) {
-	now := l.now()
-	id := l.newID(now)
+func (f *Fleet) create(ctx context.Context, s CreateSpec, size Size, img images.Image) (vm embeddb.VM, err error) {
+	now := f.now()
+	id := f.hooks.NewID(now)
 	// Held until the undo below has run: reconcile takes it before it judges a
 	// record, domain or disk with this ID.
-	defer l.locks.lock(id)()
-	var undo reverter
+	defer f.locks.lock(id)()
+	var undo revert.Reverter
 	defer func() {
 		if err != nil {
-			undo.run(l.log)
+			f.undo(ctx, &undo)
 		}
 	}()
 
-	mac := l.newMAC()
-	hw, _ := net.ParseMAC(mac)
-	alloc, err := l.ipam.Reserve(hw, s.Name)
+	hw := f.hooks.NewMAC()
+	mac := hw.String()
+	alloc, err := f.ipam.Reserve(hw, s.Name)
 	if err != nil {
 		return vm, collided(fmt.Errorf("reserve address for %s: %w", s.Name, err))
 	}
-	undo.add("release address", func() error { return l.ipam.Release(hw) })
-	l.crashPoint(stepAddressReserved)
+	undo.Add("release address", func(context.Context) error { return f.ipam.Release(hw) })
+	f.crashPoint(stepAddressReserved)
 
 	// The VM's key to join the tailnet, minted before the record so the record holds
 	// it. If the process dies before the record is written, the key was never handed
 	// out, is single-use, and expires on its own.
 	var key control.AuthKey
-	if l.plane != nil {
-		key, err = l.plane.MintAuthKey(ctx, control.KeyRequest{Network: s.Network, VMID: id})
+	if f.plane != nil {
+		key, err = f.plane.MintAuthKey(ctx, control.KeyRequest{Network: s.Network, VMID: id})
 		if err != nil {
 			return vm, fmt.Errorf("create vm %s: auth key: %w", s.Name, err)
 		}
-		undo.add("revoke auth key", func() error { return l.plane.RevokeAuthKey(context.WithoutCancel(ctx), key.ID) })
-		l.crashPoint(stepKeyMinted)
+		undo.Add("revoke auth key", func(ctx context.Context) error { return f.plane.RevokeAuthKey(ctx, key.ID) })
+		f.crashPoint(stepKeyMinted)
 	}
 
 	vm = embeddb.VM{
@@ -216,57 +320,57 @@ func (l *Lifecycle) create(ctx context.Context, s CreateSpec, size Size, img ima
 	cfg := embeddb.VMConfig{VMID: vm.ID, Hostname: s.Name, Script: s.Script, PublicKey: s.PublicKey,
 		AuthKey: key.Key.Reveal(), AuthKeyID: key.ID}
 	addr := embeddb.Address{IP: alloc.IP, MAC: mac, Hostname: s.Name, VMID: vm.ID, LeasedAt: now}
-	if err := l.db.CreateVM(ctx, vm, cfg, addr); err != nil {
+	if err := f.db.CreateVM(ctx, vm, cfg, addr); err != nil {
 		return vm, collided(err)
 	}
 	// The record goes last on the way out: if the process dies before this undo runs,
 	// the creating state tells the next start what to clean up.
-	undo.add("remove record", func() error { return l.db.PurgeVM(context.WithoutCancel(ctx), vm.ID) })
-	l.crashPoint(stepRecordWritten)
+	undo.Add("remove record", func(ctx context.Context) error { return f.db.PurgeVM(ctx, vm.ID) })
+	f.crashPoint(stepRecordWritten)
 	// Persisted: DHCP may answer the VM from now on (a fast guest asks before the
 	// domain call returns).
-	if err := l.ipam.Commit(hw); err != nil {
+	if err := f.ipam.Commit(hw); err != nil {
 		return vm, err
 	}
 	if len(s.KVs) > 0 {
-		if err := l.db.UpsertKVs(ctx, vm.ID, s.KVs); err != nil {
+		if err := f.db.UpsertKVs(ctx, vm.ID, s.KVs); err != nil {
 			return vm, err
 		}
-		l.crashPoint(stepKVsWritten)
+		f.crashPoint(stepKVsWritten)
 	}
 
-	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: mac, Bridge: l.bridge,
+	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: mac, Bridge: f.bridge,
 		IP: vm.IP, Network: vm.Network, Image: img, DiskGiB: max(size.DiskGiB, int((img.DiskBytes+1<<30-1)>>30)),
-		NoCloud: noCloudURL(l.ipam)}
-	if err := l.hv.Create(ctx, spec); err != nil {
+		NoCloud: f.noCloud}
+	if err := f.hv.Create(ctx, spec); err != nil {
 		return vm, fmt.Errorf("create vm %s: %w", vm.Name, err)
 	}
-	undo.add("remove domain", func() error { return l.hv.Remove(context.WithoutCancel(ctx), vm.ID) })
-	l.crashPoint(stepDomainCreated)
+	undo.Add("remove domain", func(ctx context.Context) error { return f.hv.Remove(ctx, vm.ID) })
+	f.crashPoint(stepDomainCreated)
 	// hv.Create defines and starts in one call: the domain is defined now.
-	l.phases.recordNow(ctx, vm.ID, PhaseDefined, l.now())
+	f.phases.recordNow(ctx, vm.ID, PhaseDefined, f.now())
 
-	if err := l.setState(ctx, &vm, StateRunning); err != nil {
+	if err := f.setState(ctx, &vm, StateRunning); err != nil {
 		return vm, err
 	}
-	l.crashPoint(stepStateRunning)
-	l.phases.recordNow(ctx, vm.ID, PhaseRunning, vm.UpdatedAt)
+	f.crashPoint(stepStateRunning)
+	f.phases.recordNow(ctx, vm.ID, PhaseRunning, vm.UpdatedAt)
 	// Read back for the phases just recorded; a failed read is no reason to undo.
-	if got, rerr := l.db.GetVM(ctx, vm.ID); rerr == nil {
+	if got, rerr := f.db.GetVM(ctx, vm.ID); rerr == nil {
 		vm = got
 	}
 	return vm, nil
 }
 
 // image looks a VM's base image up in the store, as a field error when it is unknown.
-func (l *Lifecycle) image(name string) (images.Image, error) {
+func (f *Fleet) image(name string) (images.Image, error) {
 	if err := images.ValidateName(name); err != nil {
 		return images.Image{}, fieldErr("image", "%v", err)
 	}
-	img, err := l.images.Get(name)
+	img, err := f.images.Get(name)
 	if errors.Is(err, images.ErrNotFound) {
 		names := []string{}
-		if all, lerr := l.images.List(); lerr == nil {
+		if all, lerr := f.images.List(); lerr == nil {
 			for _, i := range all {
 				names = append(names, i.Name)
 			}
@@ -277,11 +381,11 @@ func (l *Lifecycle) image(name string) (images.Image, error) {
 }
 
 // Get returns a VM by ID, live or deleted.
-func (l *Lifecycle) Get(ctx context.Context, id string) (embeddb.VM, error) {
+func (f *Fleet) Get(ctx context.Context, id string) (embeddb.VM, error) {
 	if err := ValidateID(id); err != nil {
 		return embeddb.VM{}, err
 	}
-	vm, err := l.db.GetVM(ctx, id)
+	vm, err := f.db.GetVM(ctx, id)
 	if err != nil {
 		return vm, fmt.Errorf("vm %s: %w", id, err)
 	}
@@ -289,8 +393,8 @@ func (l *Lifecycle) Get(ctx context.Context, id string) (embeddb.VM, error) {
 }
 
 // live returns a VM that is not deleted, for calls that change it.
-func (l *Lifecycle) live(ctx context.Context, id string) (embeddb.VM, error) {
-	vm, err := l.Get(ctx, id)
+func (f *Fleet) live(ctx context.Context, id string) (embeddb.VM, error) {
+	vm, err := f.Get(ctx, id)
 	if err != nil {
 		return vm, err
 	}
@@ -302,28 +406,28 @@ func (l *Lifecycle) live(ctx context.Context, id string) (embeddb.VM, error) {
 
 // Start boots a VM's domain. Starting one that runs is refused, so a user who
 // expected it stopped learns otherwise (restart is the call that reboots it).
-func (l *Lifecycle) Start(ctx context.Context, id string) (embeddb.VM, error) {
-	return l.transition(ctx, id, StateRunning, func(ctx context.Context, id string) error {
-		if st, err := l.hv.State(ctx, id); err == nil && st == hv.StateRunning {
+func (f *Fleet) Start(ctx context.Context, id string) (embeddb.VM, error) {
+	return f.transition(ctx, id, StateRunning, func(ctx context.Context, id string) error {
+		if st, err := f.hv.State(ctx, id); err == nil && st == hv.StateRunning {
 			return fmt.Errorf("already running (threes vm restart reboots it): %w", ErrState)
 		}
-		return l.hv.Start(ctx, id)
+		return f.hv.Start(ctx, id)
 	})
 }
 
 // Stop shuts a VM's domain down, gracefully first.
-func (l *Lifecycle) Stop(ctx context.Context, id string) (embeddb.VM, error) {
-	return l.transition(ctx, id, StateStopped, l.hv.Stop)
+func (f *Fleet) Stop(ctx context.Context, id string) (embeddb.VM, error) {
+	return f.transition(ctx, id, StateStopped, f.hv.Stop)
 }
 
 // Restart stops and starts a VM's domain.
-func (l *Lifecycle) Restart(ctx context.Context, id string) (embeddb.VM, error) {
-	return l.transition(ctx, id, StateRunning, l.hv.Restart)
+func (f *Fleet) Restart(ctx context.Context, id string) (embeddb.VM, error) {
+	return f.transition(ctx, id, StateRunning, f.hv.Restart)
 }
 
-func (l *Lifecycle) transition(ctx context.Context, id, to string, do func(context.Context, string) error) (embeddb.VM, error) {
-	defer l.locks.lock(id)()
-	vm, err := l.live(ctx, id)
+func (f *Fleet) transition(ctx context.Context, id, to string, do func(context.Context, string) error) (embeddb.VM, error) {
+	defer f.locks.lock(id)()
+	vm, err := f.live(ctx, id)
 	if err != nil {
 		return vm, err
 	}
@@ -331,50 +435,50 @@ func (l *Lifecycle) transition(ctx context.Context, id, to string, do func(conte
 		return vm, fmt.Errorf("vm %s is still being created: %w", vm.Name, ErrState)
 	}
 	// The owner's intent first, so a crash during the call still honours it.
-	if err := l.setDesired(ctx, &vm, to); err != nil {
+	if err := f.setDesired(ctx, &vm, to); err != nil {
 		return vm, err
 	}
 	if err := do(ctx, id); err != nil {
 		return vm, fmt.Errorf("vm %s: %w", vm.Name, err)
 	}
-	return vm, l.setState(ctx, &vm, to)
+	return vm, f.setState(ctx, &vm, to)
 }
 
 // Delete stops a VM and marks it deleted. Its domain, disk and address stay until Purge,
 // so a mistaken delete can still be looked into.
-func (l *Lifecycle) Delete(ctx context.Context, id string) (embeddb.VM, error) {
-	defer l.locks.lock(id)()
-	vm, err := l.live(ctx, id)
+func (f *Fleet) Delete(ctx context.Context, id string) (embeddb.VM, error) {
+	defer f.locks.lock(id)()
+	vm, err := f.live(ctx, id)
 	if err != nil {
 		return vm, err
 	}
 	// Off the tailnet first: if the control plane cannot be reached, nothing has
 	// changed yet and the delete can simply be tried again.
-	if err := l.leaveTailnet(ctx, vm); err != nil {
+	if err := f.leaveTailnet(ctx, vm); err != nil {
 		return vm, fmt.Errorf("delete vm %s: %w", vm.Name, err)
 	}
-	if err := l.setDesired(ctx, &vm, StateStopped); err != nil {
+	if err := f.setDesired(ctx, &vm, StateStopped); err != nil {
 		return vm, err
 	}
-	if err := l.hv.Stop(ctx, id); err != nil && !errors.Is(err, hv.ErrNotFound) {
+	if err := f.hv.Stop(ctx, id); err != nil && !errors.Is(err, hv.ErrNotFound) {
 		return vm, fmt.Errorf("delete vm %s: %w", vm.Name, err)
 	}
-	now := l.now()
-	if err := l.db.SetVMState(ctx, id, StateStopped, now); err != nil {
+	now := f.now()
+	if err := f.db.SetVMState(ctx, id, StateStopped, now); err != nil {
 		return vm, err
 	}
-	if err := l.db.MarkVMDeleted(ctx, id, now); err != nil {
+	if err := f.db.MarkVMDeleted(ctx, id, now); err != nil {
 		return vm, fmt.Errorf("delete vm %s: %w", vm.Name, err)
 	}
-	return l.db.GetVM(ctx, id)
+	return f.db.GetVM(ctx, id)
 }
 
 // Purge removes deleted VMs for good: domain, record, key/values and address. With no
 // IDs it purges every deleted VM. Naming a live VM is an error and purges nothing.
-func (l *Lifecycle) Purge(ctx context.Context, ids []string) ([]string, error) {
+func (f *Fleet) Purge(ctx context.Context, ids []string) ([]string, error) {
 	var targets []embeddb.VM
 	if len(ids) == 0 {
-		all, err := l.db.ListVMs(ctx)
+		all, err := f.db.ListVMs(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -385,7 +489,7 @@ func (l *Lifecycle) Purge(ctx context.Context, ids []string) ([]string, error) {
 		}
 	}
 	for _, id := range ids {
-		vm, err := l.Get(ctx, id)
+		vm, err := f.Get(ctx, id)
 		if err != nil {
 			return nil, err
 		}
@@ -396,7 +500,7 @@ func (l *Lifecycle) Purge(ctx context.Context, ids []string) ([]string, error) {
 	}
 	var purged []string
 	for _, vm := range targets {
-		if err := l.purge(ctx, vm); err != nil {
+		if err := f.purge(ctx, vm); err != nil {
 			return purged, err
 		}
 		purged = append(purged, vm.ID)
@@ -407,100 +511,92 @@ func (l *Lifecycle) Purge(ctx context.Context, ids []string) ([]string, error) {
 // leaveTailnet removes a VM's device from the tailnet and revokes its auth key, in
 // case it was never used. The device is found by what the guest cannot change: the
 // node ID recorded when it joined, and the key it joined with (see vmDevices).
-func (l *Lifecycle) leaveTailnet(ctx context.Context, vm embeddb.VM) error {
-	if l.plane == nil {
+func (f *Fleet) leaveTailnet(ctx context.Context, vm embeddb.VM) error {
+	if f.plane == nil {
 		return nil
 	}
-	cfg, err := l.db.GetVMConfig(ctx, vm.ID)
+	cfg, err := f.db.GetVMConfig(ctx, vm.ID)
 	if err != nil {
 		return err
 	}
-	ids, err := l.vmDevices(ctx, vm, cfg)
+	ids, err := f.vmDevices(ctx, vm, cfg)
 	if err != nil {
 		return fmt.Errorf("find device on tailnet: %w", err)
 	}
 	for _, id := range ids {
-		if err := l.plane.RemoveDevice(ctx, id); err != nil {
+		if err := f.plane.RemoveDevice(ctx, id); err != nil {
 			return fmt.Errorf("remove device %s from tailnet: %w", id, err)
 		}
 	}
 	if cfg.AuthKeyID != "" {
-		if err := l.plane.RevokeAuthKey(ctx, cfg.AuthKeyID); err != nil {
+		if err := f.plane.RevokeAuthKey(ctx, cfg.AuthKeyID); err != nil {
 			return fmt.Errorf("revoke auth key: %w", err)
 		}
 	}
 	return nil
 }
 
-func (l *Lifecycle) purge(ctx context.Context, vm embeddb.VM) error {
-	defer l.locks.lock(vm.ID)()
-	return l.purgeLocked(ctx, vm)
+func (f *Fleet) purge(ctx context.Context, vm embeddb.VM) error {
+	defer f.locks.lock(vm.ID)()
+	return f.purgeLocked(ctx, vm)
 }
 
 // purgeLocked removes a VM whole: off the tailnet, domain, disk, record and address.
 // The caller holds the VM's lock.
-func (l *Lifecycle) purgeLocked(ctx context.Context, vm embeddb.VM) error {
+func (f *Fleet) purgeLocked(ctx context.Context, vm embeddb.VM) error {
 	// Delete took the VM off the tailnet; a half-created VM never got that far, and
 	// its key may still be usable.
 	if vm.DeletedAt.IsZero() {
-		if err := l.leaveTailnet(ctx, vm); err != nil {
+		if err := f.leaveTailnet(ctx, vm); err != nil {
 			return fmt.Errorf("purge vm %s: %w", vm.Name, err)
 		}
 	}
-	if err := l.hv.Remove(ctx, vm.ID); err != nil && !errors.Is(err, hv.ErrNotFound) {
+	if err := f.hv.Remove(ctx, vm.ID); err != nil && !errors.Is(err, hv.ErrNotFound) {
 		return fmt.Errorf("purge vm %s: %w", vm.Name, err)
 	}
-	if err := l.db.PurgeVM(ctx, vm.ID); err != nil {
+	if err := f.db.PurgeVM(ctx, vm.ID); err != nil {
 		return fmt.Errorf("purge vm %s: %w", vm.Name, err)
 	}
-	l.phases.forget(vm.ID, vm.MAC)
+	f.phases.forget(vm.ID, vm.MAC)
 	if hw, err := net.ParseMAC(vm.MAC); err == nil {
-		if err := l.ipam.Release(hw); err != nil && !errors.Is(err, ipam.ErrNotFound) {
-			l.log.Warn("release address", "vm", vm.ID, "err", err)
+		if err := f.ipam.Release(hw); err != nil && !errors.Is(err, ipam.ErrNotFound) {
+			f.log.Warn("release address", "vm", vm.ID, "err", err)
 		}
 	}
 	return nil
 }
 
-func (l *Lifecycle) setState(ctx context.Context, vm *embeddb.VM, state string) error {
-	now := l.now()
-	if err := l.db.SetVMState(ctx, vm.ID, state, now); err != nil {
+func (f *Fleet) setState(ctx context.Context, vm *embeddb.VM, state string) error {
+	now := f.now()
+	if err := f.db.SetVMState(ctx, vm.ID, state, now); err != nil {
 		return fmt.Errorf("vm %s: record state %s: %w", vm.Name, state, err)
 	}
 	vm.State, vm.UpdatedAt = state, now
 	return nil
 }
 
-func (l *Lifecycle) setDesired(ctx context.Context, vm *embeddb.VM, desired string) error {
-	now := l.now()
-	if err := l.db.SetVMDesired(ctx, vm.ID, desired, now); err != nil {
+func (f *Fleet) setDesired(ctx context.Context, vm *embeddb.VM, desired string) error {
+	now := f.now()
+	if err := f.db.SetVMDesired(ctx, vm.ID, desired, now); err != nil {
 		return fmt.Errorf("vm %s: record desired state %s: %w", vm.Name, desired, err)
 	}
 	vm.Desired, vm.UpdatedAt = desired, now
 	return nil
 }
 
-// reverter undoes the steps of a half-done operation, last first.
-type reverter struct {
-	steps []revertStep
-}
-
-type revertStep struct {
-	name string
-	fn   func() error
-}
-
-func (r *reverter) add(name string, fn func() error) {
-	r.steps = append(r.steps, revertStep{name, fn})
-}
-
-func (r *reverter) run(log *slog.Logger) {
-	for i := len(r.steps) - 1; i >= 0; i-- {
-		if err := r.steps[i].fn(); err != nil {
-			log.Error("undo", "step", r.steps[i].name, "err", err)
-		}
+// undo reverts a failed change's steps with a context of their own: the caller's
+// may be what ended the change. What cannot be undone is logged; reconcile finds
+// what it left.
+func (f *Fleet) undo(ctx context.Context, r *revert.Reverter) {
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), undoTimeout)
+	defer cancel()
+	if err := r.Run(uctx); err != nil {
+		f.log.Error("undo a failed change", "err", err)
 	}
 }
+
+// undoTimeout bounds the undo of one failed change.
+const undoTimeout = 30 * time.Second
 
 // keyedMutex serialises changes to one VM on this host without blocking others.
 type keyedMutex struct {

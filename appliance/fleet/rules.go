@@ -1,4 +1,4 @@
-package appliance
+package fleet
 
 import (
 	"crypto/rand"
@@ -85,10 +85,10 @@ func ValidateKey(k string) error {
 // maxValueLen bounds a key/value's value and a startup script: metadata, not storage.
 const maxValueLen = 64 << 10
 
-// idEncoding is base32hex in lower case, the alphabet of the original's IDs.
+// idEncoding is base32hex in lower case, the alphabet of threes v0.1's IDs.
 var idEncoding = base32.NewEncoding("0123456789abcdefghijklmnopqrstuv").WithPadding(base32.NoPadding)
 
-// NewID returns a 20-character VM ID in the original's format (e.g. d1e4dplqs5f51296gtdg):
+// NewID returns a 20-character VM ID in threes v0.1's format (e.g. d1e4dplqs5f51296gtdg):
 // 12 bytes, a big-endian Unix time in seconds then 8 random bytes, so IDs sort by age.
 func NewID(now time.Time) string {
 	var b [12]byte
@@ -111,10 +111,10 @@ func ValidateID(id string) error {
 }
 
 // NewMAC returns a random unicast MAC in QEMU's locally administered range 52:54:00.
-func NewMAC() string {
+func NewMAC() net.HardwareAddr {
 	var b [3]byte
 	rand.Read(b[:])
-	return net.HardwareAddr{0x52, 0x54, 0x00, b[0], b[1], b[2]}.String()
+	return net.HardwareAddr{0x52, 0x54, 0x00, b[0], b[1], b[2]}
 }
 
 // FieldError is bad input in one named field of a request.

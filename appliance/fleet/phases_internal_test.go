@@ -1,4 +1,4 @@
-package appliance
+package fleet
 
 import (
 	"context"
@@ -67,7 +67,7 @@ func TestPhaseMarks(t *testing.T) {
 	waitPhases(t, db, vm.ID, PhaseAddressLeased)
 	first := waitPhases(t, db, vm.ID, PhaseAddressLeased).Phases[0].At
 	rec.leased(mac, ip, time.Now().Add(time.Hour)) // a renewal
-	if _, err := src.lookup(ctx, ip); err != nil {
+	if _, err := src.Lookup(ctx, ip); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := src.ByIP(ctx, ip); err != nil {
@@ -215,19 +215,19 @@ func BenchmarkPhaseMarks(b *testing.B) {
 func TestDeviceVMWithoutKey(t *testing.T) {
 	ctx := context.Background()
 	db, first := openDB(t) // "cached", network lab, tag tag:threes-lab
-	l := &Lifecycle{db: db, ownerTag: "tag:threes"}
+	f := &Fleet{db: db, ownerTag: "tag:threes"}
 	dev := control.Device{ID: "n1CNTRL", Hostname: "whatever", Tags: []string{"tag:threes-lab"}}
-	if _, err := l.deviceVM(ctx, dev); !errors.Is(err, embeddb.ErrNotFound) {
+	if _, err := f.deviceVM(ctx, dev); !errors.Is(err, embeddb.ErrNotFound) {
 		t.Fatalf("no VM took its key: deviceVM = %v, want not found", err)
 	}
 	if _, err := db.RecordVMPhase(ctx, first.ID, PhaseKeyTaken, time.Now(), ""); err != nil {
 		t.Fatal(err)
 	}
-	if vm, err := l.deviceVM(ctx, dev); err != nil || vm.ID != first.ID {
+	if vm, err := f.deviceVM(ctx, dev); err != nil || vm.ID != first.ID {
 		t.Fatalf("one VM waiting: deviceVM = %s, %v; want %s", vm.ID, err, first.ID)
 	}
 	other := control.Device{ID: "n2CNTRL", Hostname: "cached", Tags: []string{"tag:threes-elsewhere"}}
-	if _, err := l.deviceVM(ctx, other); !errors.Is(err, embeddb.ErrNotFound) {
+	if _, err := f.deviceVM(ctx, other); !errors.Is(err, embeddb.ErrNotFound) {
 		t.Fatalf("a device of another network: deviceVM = %v, want not found", err)
 	}
 	now := time.Now()
@@ -238,18 +238,18 @@ func TestDeviceVMWithoutKey(t *testing.T) {
 	if _, err := db.RecordVMPhase(ctx, second.ID, PhaseKeyTaken, now, ""); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := l.deviceVM(ctx, dev); !errors.Is(err, embeddb.ErrNotFound) {
+	if _, err := f.deviceVM(ctx, dev); !errors.Is(err, embeddb.ErrNotFound) {
 		t.Fatalf("two waiting, neither named so: deviceVM = %v, want not found", err)
 	}
 	dev.Hostname = "second"
-	if vm, err := l.deviceVM(ctx, dev); err != nil || vm.ID != second.ID {
+	if vm, err := f.deviceVM(ctx, dev); err != nil || vm.ID != second.ID {
 		t.Fatalf("two waiting: deviceVM = %s, %v; want the one named second", vm.ID, err)
 	}
 	// Once a VM's node is recorded, it is not waiting any more.
 	if err := db.SetVMNodeID(ctx, second.ID, "n9CNTRL"); err != nil {
 		t.Fatal(err)
 	}
-	if vm, err := l.deviceVM(ctx, dev); err != nil || vm.ID != first.ID {
+	if vm, err := f.deviceVM(ctx, dev); err != nil || vm.ID != first.ID {
 		t.Fatalf("one left waiting: deviceVM = %s, %v; want %s", vm.ID, err, first.ID)
 	}
 }

@@ -1,4 +1,4 @@
-package appliance
+package fleet
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"sync"
 
 	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/internal/revert"
 	"github.com/threes-dev/threes/tsauth/policy"
 )
 
@@ -22,42 +23,42 @@ var networkMu sync.Mutex
 // CreateNetwork adds a network's tag and rules to the tailnet policy (when a control
 // plane is configured) and records it. Adding the rules first means a recorded network
 // always works; a failed record takes the rules out again.
-func (l *Lifecycle) CreateNetwork(ctx context.Context, name string) (n embeddb.Network, err error) {
+func (f *Fleet) CreateNetwork(ctx context.Context, name string) (n embeddb.Network, err error) {
 	if err := ValidateName("name", name); err != nil {
 		return n, err
 	}
 	networkMu.Lock()
 	defer networkMu.Unlock()
-	tag, err := policy.NetworkTag(l.ownerTag, name)
+	tag, err := policy.NetworkTag(f.ownerTag, name)
 	if err != nil {
 		return n, fieldErr("name", "%v", err)
 	}
-	if _, err := l.db.GetNetwork(ctx, name); err == nil {
+	if _, err := f.db.GetNetwork(ctx, name); err == nil {
 		return n, fmt.Errorf("network %q: %w", name, embeddb.ErrExists)
 	} else if !errors.Is(err, embeddb.ErrNotFound) {
 		return n, err
 	}
-	var undo reverter
+	var undo revert.Reverter
 	defer func() {
 		if err != nil {
-			undo.run(l.log)
+			f.undo(ctx, &undo)
 		}
 	}()
-	if l.plane != nil {
-		if err := l.plane.EnsureNetwork(ctx, name); err != nil {
+	if f.plane != nil {
+		if err := f.plane.EnsureNetwork(ctx, name); err != nil {
 			return n, fmt.Errorf("network %q: tailnet policy: %w", name, err)
 		}
-		undo.add("remove network from policy", func() error {
+		undo.Add("remove network from policy", func(ctx context.Context) error {
 			// Another host's create of the same name may have recorded it
 			// meanwhile (the database is shared): the rules are then its.
-			if _, err := l.db.GetNetwork(context.WithoutCancel(ctx), name); err == nil {
+			if _, err := f.db.GetNetwork(ctx, name); err == nil {
 				return nil
 			}
-			return l.plane.RemoveNetwork(context.WithoutCancel(ctx), name)
+			return f.plane.RemoveNetwork(ctx, name)
 		})
 	}
-	n = embeddb.Network{Name: name, Tag: tag, CreatedAt: l.now()}
-	if err := l.db.CreateNetwork(ctx, n); err != nil {
+	n = embeddb.Network{Name: name, Tag: tag, CreatedAt: f.now()}
+	if err := f.db.CreateNetwork(ctx, n); err != nil {
 		return n, fmt.Errorf("network %q: %w", name, err)
 	}
 	return n, nil
@@ -65,16 +66,16 @@ func (l *Lifecycle) CreateNetwork(ctx context.Context, name string) (n embeddb.N
 
 // DeleteNetwork removes a network that no live VM uses, from the database and from
 // the tailnet policy.
-func (l *Lifecycle) DeleteNetwork(ctx context.Context, name string) error {
+func (f *Fleet) DeleteNetwork(ctx context.Context, name string) error {
 	if err := ValidateName("name", name); err != nil {
 		return err
 	}
 	networkMu.Lock()
 	defer networkMu.Unlock()
-	if _, err := l.db.GetNetwork(ctx, name); err != nil {
+	if _, err := f.db.GetNetwork(ctx, name); err != nil {
 		return fmt.Errorf("network %q: %w", name, err)
 	}
-	vms, err := l.db.ListVMs(ctx)
+	vms, err := f.db.ListVMs(ctx)
 	if err != nil {
 		return err
 	}
@@ -83,16 +84,16 @@ func (l *Lifecycle) DeleteNetwork(ctx context.Context, name string) error {
 			return fmt.Errorf("network %q: vm %s uses it: %w", name, vm.Name, embeddb.ErrInUse)
 		}
 	}
-	if l.plane != nil {
-		if err := l.plane.RemoveNetwork(ctx, name); err != nil {
+	if f.plane != nil {
+		if err := f.plane.RemoveNetwork(ctx, name); err != nil {
 			return fmt.Errorf("network %q: tailnet policy: %w", name, err)
 		}
 	}
-	if err := l.db.DeleteNetwork(ctx, name); err != nil {
+	if err := f.db.DeleteNetwork(ctx, name); err != nil {
 		// A VM joined the network meanwhile: put its rules back.
-		if l.plane != nil {
-			if perr := l.plane.EnsureNetwork(context.WithoutCancel(ctx), name); perr != nil {
-				l.log.Error("restore network in policy", "network", name, "err", perr)
+		if f.plane != nil {
+			if perr := f.plane.EnsureNetwork(context.WithoutCancel(ctx), name); perr != nil {
+				f.log.Error("restore network in policy", "network", name, "err", perr)
 			}
 		}
 		return fmt.Errorf("network %q: %w", name, err)

@@ -1,4 +1,4 @@
-package appliance
+package fleet
 
 import (
 	"context"
@@ -12,7 +12,6 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/protobuf/types/known/timestamppb"
 	"tailscale.com/client/local"
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
@@ -20,7 +19,6 @@ import (
 
 	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/netboot/ipam"
-	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 	"github.com/threes-dev/threes/tsauth/control"
 	"github.com/threes-dev/threes/tsauth/policy"
 )
@@ -36,25 +34,11 @@ const (
 	PhaseOnTailnet     = "on_tailnet"     // the appliance's node sees it as a tagged peer
 )
 
+// Phases lists the phases in the order a VM reaches them.
+func Phases() []string { return slices.Clone(phaseOrder) }
+
 // phaseOrder lists the phases in the order a VM reaches them.
 var phaseOrder = []string{PhaseDefined, PhaseRunning, PhaseAddressLeased, PhaseConfigFetched, PhaseKeyTaken, PhaseOnTailnet}
-
-func phaseEnum(name string) threesv1.VMPhase {
-	return threesv1.VMPhase(threesv1.VMPhase_value["VM_PHASE_"+strings.ToUpper(name)])
-}
-
-// phasesProto gives the VM's phases in phase order; ones this build does not know
-// (recorded by a newer one) are left out.
-func phasesProto(ps []embeddb.VMPhase) []*threesv1.Phase {
-	var out []*threesv1.Phase
-	for _, p := range ps {
-		if e := phaseEnum(p.Phase); e != threesv1.VMPhase_VM_PHASE_UNSPECIFIED {
-			out = append(out, &threesv1.Phase{Phase: e, At: timestamppb.New(p.At), Error: p.Error})
-		}
-	}
-	slices.SortStableFunc(out, func(a, b *threesv1.Phase) int { return int(a.Phase) - int(b.Phase) })
-	return out
-}
 
 // phaseRecorder writes the phases that DHCP and the metadata server see. They are
 // seen on those servers' hot paths: a mark costs a map lookup there, and the write
@@ -210,8 +194,9 @@ func (r *phaseRecorder) forget(vmID string, mac string) {
 	}
 }
 
-// tailnetStatus is the part of the appliance's tailnet node the join watcher reads.
-type tailnetStatus interface {
+// TailnetStatus is the part of the appliance's tailnet node the join watcher reads
+// (a tailscale local client).
+type TailnetStatus interface {
 	WatchIPNBus(ctx context.Context, mask ipn.NotifyWatchOpt) (*local.IPNBusWatcher, error)
 	Status(ctx context.Context) (*ipnstate.Status, error)
 }
@@ -220,13 +205,13 @@ type tailnetStatus interface {
 // a netmap change: a device the control plane did not list yet is tried again.
 const joinRecheck = 5 * time.Second
 
-// watchJoins records each VM that comes onto the tailnet: the appliance's own node
+// WatchJoins records each VM that comes onto the tailnet: the appliance's own node
 // sees a peer with a threes network tag, the control plane says which VM's key that
 // node joined with, and the VM gets the node's ID and its on_tailnet phase. Without a
 // control plane threes mints no keys and cannot tell which VM a node is. It runs
 // until ctx ends.
-func (l *Lifecycle) watchJoins(ctx context.Context, lc tailnetStatus) {
-	if l.plane == nil {
+func (f *Fleet) WatchJoins(ctx context.Context, lc TailnetStatus) {
+	if f.plane == nil {
 		return
 	}
 	settled := map[tailcfg.StableNodeID]bool{}
@@ -265,7 +250,7 @@ func (l *Lifecycle) watchJoins(ctx context.Context, lc tailnetStatus) {
 		case <-changed:
 		case <-t.C:
 		}
-		l.checkJoins(ctx, lc, settled, tries)
+		f.checkJoins(ctx, lc, settled, tries)
 	}
 }
 
@@ -275,15 +260,15 @@ func (l *Lifecycle) watchJoins(ctx context.Context, lc tailnetStatus) {
 const joinTries = 12
 
 // checkJoins attributes the tagged peers not settled yet.
-func (l *Lifecycle) checkJoins(ctx context.Context, lc tailnetStatus, settled map[tailcfg.StableNodeID]bool, tries map[tailcfg.StableNodeID]int) {
+func (f *Fleet) checkJoins(ctx context.Context, lc TailnetStatus, settled map[tailcfg.StableNodeID]bool, tries map[tailcfg.StableNodeID]int) {
 	st, err := lc.Status(ctx)
 	if err != nil {
 		return
 	}
-	at := l.now()
+	at := f.now()
 	var fresh []tailcfg.StableNodeID
 	for _, p := range st.Peer {
-		if settled[p.ID] || p.Tags == nil || !slices.ContainsFunc(p.Tags.AsSlice(), l.isNetworkTag) {
+		if settled[p.ID] || p.Tags == nil || !slices.ContainsFunc(p.Tags.AsSlice(), f.isNetworkTag) {
 			continue
 		}
 		fresh = append(fresh, p.ID)
@@ -291,23 +276,23 @@ func (l *Lifecycle) checkJoins(ctx context.Context, lc tailnetStatus, settled ma
 	if len(fresh) == 0 {
 		return
 	}
-	devs, err := l.plane.Devices(ctx)
+	devs, err := f.plane.Devices(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
-			l.log.Warn("tailnet joins: list devices", "err", err)
+			f.log.Warn("tailnet joins: list devices", "err", err)
 		}
 		return
 	}
 	for _, id := range fresh {
 		i := slices.IndexFunc(devs, func(d control.Device) bool { return d.ID == string(id) })
-		if i >= 0 && l.joined(ctx, devs[i], at) {
+		if i >= 0 && f.joined(ctx, devs[i], at) {
 			settled[id] = true
 			delete(tries, id)
 			continue
 		}
 		// Not listed yet, or the database did not answer: the next check tries again.
 		if tries[id]++; tries[id] >= joinTries {
-			l.log.Warn("tailnet joins: a tagged peer the control plane does not list as a threes device; leaving it", "node", id)
+			f.log.Warn("tailnet joins: a tagged peer the control plane does not list as a threes device; leaving it", "node", id)
 			settled[id] = true
 			delete(tries, id)
 		}
@@ -316,31 +301,31 @@ func (l *Lifecycle) checkJoins(ctx context.Context, lc tailnetStatus, settled ma
 
 // joined records that device d is the VM whose key it joined with, and reports
 // whether d is settled (a VM's, or no VM's).
-func (l *Lifecycle) joined(ctx context.Context, d control.Device, at time.Time) bool {
-	vm, err := l.deviceVM(ctx, d)
+func (f *Fleet) joined(ctx context.Context, d control.Device, at time.Time) bool {
+	vm, err := f.deviceVM(ctx, d)
 	if errors.Is(err, embeddb.ErrNotFound) {
 		return true
 	}
 	if err != nil {
 		if ctx.Err() == nil {
-			l.log.Warn("tailnet joins: which vm", "device", d.ID, "err", err)
+			f.log.Warn("tailnet joins: which vm", "device", d.ID, "err", err)
 		}
 		return false
 	}
-	if tag, _ := policy.NetworkTag(l.ownerTag, vm.Network); !slices.Contains(d.Tags, tag) {
-		l.log.Warn("tailnet joins: vm's node lacks its network's tag", "vm", vm.ID, "name", vm.Name, "device", d.ID, "tags", d.Tags, "want", tag)
+	if tag, _ := policy.NetworkTag(f.ownerTag, vm.Network); !slices.Contains(d.Tags, tag) {
+		f.log.Warn("tailnet joins: vm's node lacks its network's tag", "vm", vm.ID, "name", vm.Name, "device", d.ID, "tags", d.Tags, "want", tag)
 		return true
 	}
 	// Under the VM's lock, read again: a delete in between has removed the device.
-	defer l.locks.lock(vm.ID)()
-	if vm, err = l.db.GetVM(ctx, vm.ID); err != nil || !vm.Live() || vm.NodeID == d.ID {
+	defer f.locks.lock(vm.ID)()
+	if vm, err = f.db.GetVM(ctx, vm.ID); err != nil || !vm.Live() || vm.NodeID == d.ID {
 		return err == nil || errors.Is(err, embeddb.ErrNotFound)
 	}
-	if err := l.db.SetVMNodeID(ctx, vm.ID, d.ID); err != nil {
+	if err := f.db.SetVMNodeID(ctx, vm.ID, d.ID); err != nil {
 		return errors.Is(err, embeddb.ErrNotFound)
 	}
-	l.phases.recordNow(ctx, vm.ID, PhaseOnTailnet, at)
-	l.log.Info("vm on the tailnet", "vm", vm.ID, "name", vm.Name, "node", d.ID, "hostname", d.Hostname)
+	f.phases.recordNow(ctx, vm.ID, PhaseOnTailnet, at)
+	f.log.Info("vm on the tailnet", "vm", vm.ID, "name", vm.Name, "node", d.ID, "hostname", d.Hostname)
 	return true
 }
 
@@ -349,17 +334,17 @@ func (l *Lifecycle) joined(ctx context.Context, d control.Device, at time.Time) 
 // there a device is a VM's only when exactly one live VM of the device's network
 // has taken its key and is not on the tailnet yet (or, with several, the one whose
 // name the device reports).
-func (l *Lifecycle) deviceVM(ctx context.Context, d control.Device) (embeddb.VM, error) {
+func (f *Fleet) deviceVM(ctx context.Context, d control.Device) (embeddb.VM, error) {
 	if d.AuthKeyID != "" {
-		return l.db.VMByAuthKeyID(ctx, d.AuthKeyID)
+		return f.db.VMByAuthKeyID(ctx, d.AuthKeyID)
 	}
-	all, err := l.db.ListVMs(ctx)
+	all, err := f.db.ListVMs(ctx)
 	if err != nil {
 		return embeddb.VM{}, err
 	}
 	var waiting []embeddb.VM
 	for _, vm := range all {
-		tag, _ := policy.NetworkTag(l.ownerTag, vm.Network)
+		tag, _ := policy.NetworkTag(f.ownerTag, vm.Network)
 		if vm.Live() && vm.NodeID == "" && slices.Contains(d.Tags, tag) && hasPhase(vm, PhaseKeyTaken) {
 			waiting = append(waiting, vm)
 		}
@@ -377,22 +362,22 @@ func hasPhase(vm embeddb.VM, phase string) bool {
 	return slices.ContainsFunc(vm.Phases, func(p embeddb.VMPhase) bool { return p.Phase == phase && p.Error == "" })
 }
 
-func (l *Lifecycle) isNetworkTag(tag string) bool { return strings.HasPrefix(tag, l.ownerTag+"-") }
+func (f *Fleet) isNetworkTag(tag string) bool { return strings.HasPrefix(tag, f.ownerTag+"-") }
 
 // vmDevices returns the IDs of the tailnet devices that are the VM's: the node
 // recorded when it joined, and any device that joined with its key. Only where
 // the control plane cannot say which key a device used (Tailscale) and the join
 // was never seen is a device of the VM's network with the VM's name taken as its.
-func (l *Lifecycle) vmDevices(ctx context.Context, vm embeddb.VM, cfg embeddb.VMConfig) ([]string, error) {
+func (f *Fleet) vmDevices(ctx context.Context, vm embeddb.VM, cfg embeddb.VMConfig) ([]string, error) {
 	var ids []string
 	if vm.NodeID != "" {
 		ids = append(ids, vm.NodeID)
 	}
-	devs, err := l.plane.Devices(ctx)
+	devs, err := f.plane.Devices(ctx)
 	if err != nil {
 		return nil, err
 	}
-	tag, _ := policy.NetworkTag(l.ownerTag, vm.Network)
+	tag, _ := policy.NetworkTag(f.ownerTag, vm.Network)
 	for _, d := range devs {
 		byKey := cfg.AuthKeyID != "" && d.AuthKeyID == cfg.AuthKeyID
 		byName := d.AuthKeyID == "" && vm.NodeID == "" && d.Hostname == vm.Name && slices.Contains(d.Tags, tag)

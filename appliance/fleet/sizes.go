@@ -1,4 +1,4 @@
-package appliance
+package fleet
 
 import (
 	"fmt"
@@ -27,12 +27,13 @@ var Sizes = []Size{
 func SizeOf(typ string) (Size, error) {
 	i := slices.IndexFunc(Sizes, func(s Size) bool { return s.Type == typ })
 	if i < 0 {
-		return Size{}, fieldErr("type", "unknown type %q: want one of %s", typ, sizeNames())
+		return Size{}, fieldErr("type", "unknown type %q: want one of %s", typ, SizeNames())
 	}
 	return Sizes[i], nil
 }
 
-func sizeNames() string {
+// SizeNames lists the VM types, for messages.
+func SizeNames() string {
 	names := make([]string, len(Sizes))
 	for i, s := range Sizes {
 		names[i] = s.Type

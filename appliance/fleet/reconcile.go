@@ -1,10 +1,9 @@
-package appliance
+package fleet
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -14,8 +13,8 @@ import (
 	"github.com/threes-dev/threes/hv"
 )
 
-// DefaultReconcileInterval is how often the appliance converges libvirt and the disk
-// files with the database when Options.ReconcileInterval is zero.
+// DefaultReconcileInterval is how often Run converges libvirt and the disk files
+// with the database when given no interval.
 const DefaultReconcileInterval = 30 * time.Second
 
 // ReconcileReport says what one reconcile pass found and did. IDs are VM IDs, which
@@ -80,22 +79,17 @@ func (r *reconciler) saw(ev hv.Event) {
 // full, else from its events. A domain the events have wrong costs only a look at
 // that one VM: reconcileVM asks libvirt again before it acts, and an orphan that is
 // not there is not there to remove.
-func (l *Lifecycle) domains(ctx context.Context, full bool) ([]hv.Domain, error) {
+func (f *Fleet) domains(ctx context.Context, full bool) ([]hv.Domain, error) {
 	if full {
-		return l.hv.List(ctx)
+		return f.hv.List(ctx)
 	}
-	l.rec.mu.Lock()
-	defer l.rec.mu.Unlock()
-	doms := make([]hv.Domain, 0, len(l.rec.seen))
-	for id, st := range l.rec.seen {
+	f.rec.mu.Lock()
+	defer f.rec.mu.Unlock()
+	doms := make([]hv.Domain, 0, len(f.rec.seen))
+	for id, st := range f.rec.seen {
 		doms = append(doms, hv.Domain{ID: id, State: st})
 	}
 	return doms, nil
-}
-
-// Reconcile runs one reconcile pass now; see Lifecycle.Reconcile.
-func (a *Appliance) Reconcile(ctx context.Context) (ReconcileReport, error) {
-	return a.life.Reconcile(ctx)
 }
 
 // Reconcile converges libvirt's domains and the disk files with the database:
@@ -114,32 +108,32 @@ func (a *Appliance) Reconcile(ctx context.Context) (ReconcileReport, error) {
 // libvirt reports, in case an event was missed. Each fix is logged, and the drift of
 // the whole pass in one line. A VM that cannot be fixed does not stop the pass; the
 // errors come back joined.
-func (l *Lifecycle) Reconcile(ctx context.Context) (ReconcileReport, error) {
-	return l.reconcile(ctx, true)
+func (f *Fleet) Reconcile(ctx context.Context) (ReconcileReport, error) {
+	return f.reconcile(ctx, true)
 }
 
 // reconcile is one pass; full asks libvirt for its domains rather than take them
 // from its events.
-func (l *Lifecycle) reconcile(ctx context.Context, full bool) (ReconcileReport, error) {
-	l.rec.pass.Lock()
-	defer l.rec.pass.Unlock()
-	if l.beforePass != nil {
-		l.beforePass(ctx)
+func (f *Fleet) reconcile(ctx context.Context, full bool) (ReconcileReport, error) {
+	f.rec.pass.Lock()
+	defer f.rec.pass.Unlock()
+	if f.hooks.BeforePass != nil {
+		f.hooks.BeforePass(ctx)
 	}
 	start := time.Now()
 	var rep ReconcileReport
 	// The hypervisor's view first, then the database's: a domain made after the
 	// listing has its record already, and an ID that seems to have none is checked
 	// again under its lock before anything is removed.
-	doms, err := l.domains(ctx, full)
+	doms, err := f.domains(ctx, full)
 	if err != nil {
 		return rep, fmt.Errorf("reconcile: %w", err)
 	}
-	diskIDs, err := l.hv.Disks(ctx)
+	diskIDs, err := f.hv.Disks(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("reconcile: %w", err)
 	}
-	vms, err := l.db.ListVMs(ctx)
+	vms, err := f.db.ListVMs(ctx)
 	if err != nil {
 		return rep, fmt.Errorf("reconcile: %w", err)
 	}
@@ -165,7 +159,7 @@ func (l *Lifecycle) reconcile(ctx context.Context, full bool) (ReconcileReport, 
 			}
 			continue
 		}
-		if err := l.reconcileVM(ctx, vm.ID, disks[vm.ID], &rep); err != nil {
+		if err := f.reconcileVM(ctx, vm.ID, disks[vm.ID], &rep); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -182,12 +176,12 @@ func (l *Lifecycle) reconcile(ctx context.Context, full bool) (ReconcileReport, 
 	}
 	slices.Sort(orphans)
 	for _, id := range slices.Compact(orphans) {
-		if err := l.removeOrphan(ctx, id, &rep); err != nil {
+		if err := f.removeOrphan(ctx, id, &rep); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	l.logDrift(rep.Drift)
-	l.log.Debug("reconcile: pass done", "full", full, "vms", len(vms), "started", len(rep.Started),
+	f.logDrift(rep.Drift)
+	f.log.Debug("reconcile: pass done", "full", full, "vms", len(vms), "started", len(rep.Started),
 		"removed", len(rep.Removed), "drift", len(rep.Drift), "errors", len(errs), "took", time.Since(start))
 	return rep, errors.Join(errs...)
 }
@@ -222,7 +216,7 @@ func missingProblem(hasDisk bool) string {
 }
 
 // logDrift reports a pass's drift in one line, however many VMs it holds.
-func (l *Lifecycle) logDrift(drift []Drift) {
+func (f *Fleet) logDrift(drift []Drift) {
 	if len(drift) == 0 {
 		return
 	}
@@ -231,17 +225,17 @@ func (l *Lifecycle) logDrift(drift []Drift) {
 	for _, d := range drift[:min(len(drift), shown)] {
 		some = append(some, d.Name+" ("+d.VMID+"): "+d.Problem)
 	}
-	l.log.Warn("reconcile: drift: live vms have no domain; not making them up (their state says missing)",
+	f.log.Warn("reconcile: drift: live vms have no domain; not making them up (their state says missing)",
 		"vms", len(drift), "first", strings.Join(some, "; "))
 }
 
 // reconcileVM converges one VM that the database listed; hasDisk is whether the
 // listing found its disk. It reads the record and the domain's state again, under
 // the VM's lock.
-func (l *Lifecycle) reconcileVM(ctx context.Context, id string, hasDisk bool, rep *ReconcileReport) error {
-	defer l.locks.lock(id)()
+func (f *Fleet) reconcileVM(ctx context.Context, id string, hasDisk bool, rep *ReconcileReport) error {
+	defer f.locks.lock(id)()
 	// Read again under the lock: a create or purge may have finished meanwhile.
-	vm, err := l.db.GetVM(ctx, id)
+	vm, err := f.db.GetVM(ctx, id)
 	switch {
 	case errors.Is(err, embeddb.ErrNotFound):
 		return nil
@@ -250,19 +244,19 @@ func (l *Lifecycle) reconcileVM(ctx context.Context, id string, hasDisk bool, re
 	case !vm.Live():
 		return nil // its domain and disk stay until purge
 	case vm.State == StateCreating:
-		l.log.Warn("reconcile: removing vm a crash left half-created", "vm", vm.ID, "name", vm.Name)
-		if err := l.purgeLocked(ctx, vm); err != nil {
-			l.log.Error("reconcile: remove half-created vm", "vm", vm.ID, "name", vm.Name, "err", err)
+		f.log.Warn("reconcile: removing vm a crash left half-created", "vm", vm.ID, "name", vm.Name)
+		if err := f.purgeLocked(ctx, vm); err != nil {
+			f.log.Error("reconcile: remove half-created vm", "vm", vm.ID, "name", vm.Name, "err", err)
 			return fmt.Errorf("reconcile: remove half-created vm %s (%s): %w", vm.Name, vm.ID, err)
 		}
 		rep.Removed = append(rep.Removed, vm.ID)
 		return nil
 	}
 
-	st, err := l.hv.State(ctx, id)
+	st, err := f.hv.State(ctx, id)
 	if errors.Is(err, hv.ErrNotFound) {
 		rep.Drift = append(rep.Drift, Drift{VMID: vm.ID, Name: vm.Name, Problem: missingProblem(hasDisk)})
-		if _, err := l.db.ObserveVMState(ctx, id, StateMissing, []string{StateCreating}, l.now()); err != nil {
+		if _, err := f.db.ObserveVMState(ctx, id, StateMissing, []string{StateCreating}, f.now()); err != nil {
 			return fmt.Errorf("reconcile vm %s (%s): %w", vm.Name, vm.ID, err)
 		}
 		return nil
@@ -271,10 +265,10 @@ func (l *Lifecycle) reconcileVM(ctx context.Context, id string, hasDisk bool, re
 		return fmt.Errorf("reconcile vm %s (%s): %w", vm.Name, vm.ID, err)
 	}
 	if observed, ok := observedState(st); ok && observed != vm.State {
-		if _, err := l.db.ObserveVMState(ctx, id, observed, []string{StateCreating}, l.now()); err != nil {
+		if _, err := f.db.ObserveVMState(ctx, id, observed, []string{StateCreating}, f.now()); err != nil {
 			return fmt.Errorf("reconcile vm %s (%s): %w", vm.Name, vm.ID, err)
 		}
-		l.log.Info("reconcile: vm state follows its domain", "vm", vm.ID, "name", vm.Name, "was", vm.State, "now", observed)
+		f.log.Info("reconcile: vm state follows its domain", "vm", vm.ID, "name", vm.Name, "was", vm.State, "now", observed)
 	}
 	switch st {
 	case hv.StateStopped, hv.StateCrashed, hv.StatePaused:
@@ -284,28 +278,28 @@ func (l *Lifecycle) reconcileVM(ctx context.Context, id string, hasDisk bool, re
 	if vm.Desired != StateRunning {
 		return nil
 	}
-	l.log.Info("reconcile: starting vm that should run", "vm", vm.ID, "name", vm.Name, "domain", st)
-	if err := l.hv.Start(ctx, id); err != nil {
-		l.log.Error("reconcile: start vm", "vm", vm.ID, "name", vm.Name, "err", err)
+	f.log.Info("reconcile: starting vm that should run", "vm", vm.ID, "name", vm.Name, "domain", st)
+	if err := f.hv.Start(ctx, id); err != nil {
+		f.log.Error("reconcile: start vm", "vm", vm.ID, "name", vm.Name, "err", err)
 		return fmt.Errorf("reconcile: start vm %s (%s): %w", vm.Name, vm.ID, err)
 	}
 	rep.Started = append(rep.Started, vm.ID)
-	return l.setState(ctx, &vm, StateRunning)
+	return f.setState(ctx, &vm, StateRunning)
 }
 
 // removeOrphan removes the domain and disk named id if, under its lock, still no VM
 // record claims them.
-func (l *Lifecycle) removeOrphan(ctx context.Context, id string, rep *ReconcileReport) error {
-	defer l.locks.lock(id)()
-	if _, err := l.db.GetVM(ctx, id); err == nil {
+func (f *Fleet) removeOrphan(ctx context.Context, id string, rep *ReconcileReport) error {
+	defer f.locks.lock(id)()
+	if _, err := f.db.GetVM(ctx, id); err == nil {
 		return nil // created since the listing
 	} else if !errors.Is(err, embeddb.ErrNotFound) {
 		return fmt.Errorf("reconcile %s: %w", id, err)
 	}
 	// No record, so no name beyond the ID.
-	l.log.Warn("reconcile: removing domain and disk that no vm record claims", "vm", id, "name", "")
-	if err := l.hv.Remove(ctx, id); err != nil && !errors.Is(err, hv.ErrNotFound) {
-		l.log.Error("reconcile: remove orphan", "vm", id, "err", err)
+	f.log.Warn("reconcile: removing domain and disk that no vm record claims", "vm", id, "name", "")
+	if err := f.hv.Remove(ctx, id); err != nil && !errors.Is(err, hv.ErrNotFound) {
+		f.log.Error("reconcile: remove orphan", "vm", id, "err", err)
 		return fmt.Errorf("reconcile: remove orphan %s: %w", id, err)
 	}
 	rep.Removed = append(rep.Removed, id)
@@ -327,19 +321,17 @@ func observedState(st hv.State) (string, bool) {
 	return "", false
 }
 
-// watch keeps the database following libvirt until the returned stop is called:
+// Run keeps the database following libvirt until the returned stop is called:
 // it applies libvirt's events from now on, and runs reconcile passes in the
 // background: one at once (recovery from whatever the last run left), then one
 // every interval (none if interval is negative). It returns at once, so the
 // appliance serves while the first pass catches up.
-func (l *Lifecycle) watch(interval time.Duration) (stop func() error) {
+func (f *Fleet) Run(interval time.Duration) (stop func() error) {
 	bg, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
-	// Set before anything serves: DHCP, the metadata server and creates mark phases.
-	l.phases = newPhaseRecorder(l.db, l.log)
-	wg.Go(func() { l.phases.run(bg) })
+	wg.Go(func() { f.phases.run(bg) })
 	// Events first, so a change during the first pass is not missed.
-	wg.Go(func() { l.followEvents(bg) })
+	wg.Go(func() { f.followEvents(bg) })
 	// libvirtd being down is one warning until it is back, not an ERROR each pass.
 	// Only a full pass asks libvirtd, so only a full pass can say it is back.
 	var down bool
@@ -347,19 +339,19 @@ func (l *Lifecycle) watch(interval time.Duration) (stop func() error) {
 		switch {
 		case err == nil && down && full:
 			down = false
-			l.log.Info("reconcile: hypervisor reachable again")
+			f.log.Info("reconcile: hypervisor reachable again")
 		case err == nil || bg.Err() != nil:
 		case errors.Is(err, hv.ErrUnavailable):
 			if !down {
 				down = true
-				l.log.Warn(what+": hypervisor not reachable (is libvirtd running?); trying again each pass, quietly until it is", "err", err)
+				f.log.Warn(what+": hypervisor not reachable (is libvirtd running?); trying again each pass, quietly until it is", "err", err)
 			}
 		default:
-			l.log.Error(what+"; trying again at the next pass", "err", err)
+			f.log.Error(what+"; trying again at the next pass", "err", err)
 		}
 	}
 	wg.Go(func() {
-		_, err := l.Reconcile(bg)
+		_, err := f.Reconcile(bg)
 		report("reconcile at start", err, true)
 		if interval < 0 {
 			return
@@ -376,42 +368,14 @@ func (l *Lifecycle) watch(interval time.Duration) (stop func() error) {
 			case <-t.C:
 			}
 			full := n%fullListEvery == 0
-			_, err := l.reconcile(bg, full)
+			_, err := f.reconcile(bg, full)
 			report("reconcile", err, full)
 		}
 	})
 	return func() error {
 		cancel()
 		wg.Wait()
-		l.rec.bg.Wait()
+		f.rec.bg.Wait()
 		return nil
-	}
-}
-
-// Create's steps, in order, at whose end Options.TestCrashAt can stop the process.
-const (
-	stepAddressReserved = "address-reserved"
-	stepKeyMinted       = "key-minted" // only with a control plane
-	stepRecordWritten   = "record-written"
-	stepKVsWritten      = "kvs-written" // only with key/values
-	stepDomainCreated   = "domain-created"
-	stepStateRunning    = "state-running"
-)
-
-// CreateSteps returns the names of Create's steps, in order, that Options.TestCrashAt
-// accepts.
-func CreateSteps() []string {
-	return []string{stepAddressReserved, stepKeyMinted, stepRecordWritten, stepKVsWritten, stepDomainCreated, stepStateRunning}
-}
-
-// CrashExitCode is the exit status of a process that Options.TestCrashAt stopped.
-const CrashExitCode = 86
-
-// crashPoint is the crash test's hook: it ends the process, as a crash or a power
-// cut would, at the end of Create's step when Options.TestCrashAt names it.
-func (l *Lifecycle) crashPoint(step string) {
-	if l.crashAt != "" && l.crashAt == step {
-		l.log.Error("test hook: exiting in the middle of a create", "step", step)
-		os.Exit(CrashExitCode)
 	}
 }
