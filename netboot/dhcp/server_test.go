@@ -377,7 +377,8 @@ func TestServe(t *testing.T) {
 	send(packet(t, unknownMAC, dhcpv4.MessageTypeDiscover))
 	waitCount(ReasonUnknownMAC, 1)
 	send(packet(t, knownMAC, dhcpv4.MessageTypeDiscover))
-	waitCount(ReasonOffer, 1)
+	// Counted before it is sent: wait for the send.
+	netnstest.Eventually(t, 10*time.Second, "a reply", func() bool { return len(conn.replies()) > 0 })
 	got := conn.replies()
 	if len(got) != 1 || got[0].pkt.MessageType() != dhcpv4.MessageTypeOffer || got[0].dest != netip.MustParseAddrPort("255.255.255.255:68") {
 		t.Fatalf("after an unknown MAC's and a known MAC's DISCOVER the server sent %v, want one OFFER to broadcast", got)
