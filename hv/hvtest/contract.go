@@ -39,6 +39,12 @@ type Target struct {
 	// reads input (what it gets before is lost); empty if it reads at once.
 	ConsoleReady string
 
+	// BreakBoot edits a valid Spec so that Create fails at its last
+	// step, booting, after the disk and domain were made. Nil when H
+	// cannot be made to fail there; NoBreakBoot then says why.
+	BreakBoot   func(tb testing.TB, s *hv.Spec)
+	NoBreakBoot string
+
 	// BootResumes, when set, says why a boot may report a "resumed"
 	// running event just before its "booted" one (QEMU starts a guest's
 	// CPUs paused and resumes them before libvirt reports the boot); the
@@ -59,7 +65,7 @@ type Target struct {
 
 // Contract checks that t.H keeps hv.Hypervisor's documented contract: the
 // sentinel errors, naming the domain; each state change and no-op of
-// Create, Start, Stop, Restart and Remove, with the events each sends and
+// Create (and its undo when the boot fails), Start, Stop, Restart and Remove, with the events each sends and
 // no others; State and List; Disks, including a disk whose domain is gone;
 // Events' "sync" start, two subscriptions at once, and their end with
 // ctx; a paused and a crashed domain; consoles (input, output, replay of
@@ -86,6 +92,7 @@ func Contract(t *testing.T, tg Target) {
 	t.Run("CreateExisting", c.createExisting)
 	t.Run("CreateConcurrently", c.createConcurrently)
 	t.Run("CreateInvalid", c.createInvalid)
+	t.Run("CreateFailsToBoot", c.createFailsToBoot)
 	t.Run("List", c.list)
 	t.Run("Disks", c.disks)
 	t.Run("Lost", c.lost)
@@ -444,6 +451,30 @@ func (c *contract) createInvalid(t *testing.T) {
 	if c.hasDisk(t, base.ID) {
 		t.Errorf("Disks has %s after invalid Creates", base.ID)
 	}
+}
+
+// createFailsToBoot: a Create that fails at its last step leaves no
+// domain and no disk behind, and the ID can be created afresh.
+func (c *contract) createFailsToBoot(t *testing.T) {
+	if c.BreakBoot == nil {
+		t.Skipf("no boot failure on demand: %s", c.NoBreakBoot)
+	}
+	ctx := c.ctx()
+	s := c.Spec(t)
+	s.DiskGiB = 1
+	broken := s
+	c.BreakBoot(t, &broken)
+	err := c.H.Create(ctx, broken)
+	if err == nil || !strings.Contains(err.Error(), s.ID) {
+		t.Fatalf("Create that cannot boot: %v, want an error naming %s", err, s.ID)
+	}
+	t.Logf("Create that cannot boot: %v", err)
+	c.wantMissing(t, s.ID)
+	if c.hasDisk(t, s.ID) {
+		t.Errorf("Disks has %s after a failed Create", s.ID)
+	}
+	c.must(t, c.H.Create(ctx, s))
+	c.wantState(t, s.ID, hv.StateRunning)
 }
 
 // list: List has each domain once with its state, and not once removed.

@@ -6,6 +6,8 @@ import (
 
 	"github.com/digitalocean/go-libvirt"
 	"github.com/digitalocean/go-libvirt/socket/dialers"
+
+	"github.com/threes-dev/threes/hv"
 )
 
 // MemoryTarget returns a Target on a new Memory, which it also returns for
@@ -33,6 +35,7 @@ func MemoryTarget(tb testing.TB) (Target, *Memory) {
 				tb.Fatalf("Crash(%s): not running", id)
 			}
 		},
+		BreakBoot: func(tb testing.TB, s *hv.Spec) { m.FailNext(StepBoot, nil) },
 	}, m
 }
 
@@ -52,6 +55,8 @@ func TestDriverTarget(tb testing.TB) Target {
 		Lose:      w.lose,
 		Pause:     w.pause,
 		NoCrash:   "libvirt's test driver cannot make a guest crash",
+		// It looks at no bridge, disk or kernel when it starts a domain.
+		NoBreakBoot: "libvirt's test driver boots any domain it could define",
 	}
 }
 
@@ -71,6 +76,8 @@ func QEMUTarget(tb testing.TB, q *QEMU) Target {
 		BootResumes:  "libvirt's QEMU driver starts the CPUs paused and reports their resuming before the boot",
 		Lose:         w.lose,
 		Pause:        w.pause,
+		// libvirt looks the bridge up only when QEMU starts.
+		BreakBoot: func(tb testing.TB, s *hv.Spec) { s.Bridge = "thrmissing0" },
 		// Without a pvpanic device a guest's panic is not libvirt's
 		// business: the guest hangs or reboots by itself.
 		NoCrash: "a QEMU guest's crash reaches libvirt only through a panic device, which hv's domains do not have",
