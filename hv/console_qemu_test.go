@@ -49,8 +49,9 @@ func libvirtdFDs() int {
 // with nobody attached; a session attached after the boot reads the boot
 // and the shell's prompt it missed, then the live output; a second session
 // shares the console with the first (both read the output, both type into
-// it) instead of ending it; a new boot is a new recording; the domain
-// stopping ends its sessions with io.EOF.
+// it) instead of ending it; a second domain's console, recorded over the
+// same libvirt connection, carries its own output only; a new boot is a new
+// recording; the domain stopping ends its sessions with io.EOF.
 func TestQEMUConsoleReplay(t *testing.T) {
 	q := hvtest.OpenQEMU(t, hv.Config{StopTimeout: 2 * time.Minute})
 	h := q.H
@@ -76,6 +77,21 @@ func TestQEMUConsoleReplay(t *testing.T) {
 	first.WaitFor(t, "Linux version", time.Minute)
 	first.WaitFor(t, "threes-test: id "+s.ID+"\r\n", time.Minute)
 	first.WaitFor(t, "threes-test: ready", time.Minute)
+
+	// Another domain's console shares the recorders' connection.
+	other := q.Spec(t)
+	must(t, h.Create(ctx, other))
+	waitRecorded(t, h, other.ID, "threes-test: ready")
+	con, err = h.Console(ctx, other.ID)
+	must(t, err)
+	oc := hvtest.WatchConsole(t, con)
+	oc.WaitFor(t, "threes-test: id "+other.ID+"\r\n", time.Minute)
+	oc.Write(t, "echo threes-other-$((2*3))\n")
+	oc.WaitFor(t, "threes-other-6", bootTimeout)
+	if strings.Contains(oc.String(), s.ID) || strings.Contains(first.String(), other.ID) ||
+		strings.Contains(first.String(), "threes-other") {
+		t.Errorf("two domains' consoles crossed:\n%s\n----\n%s", first, oc)
+	}
 
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -112,6 +128,11 @@ func TestQEMUConsoleReplay(t *testing.T) {
 	third.WaitFor(t, "threes-test: ready", time.Minute)
 	if out := third.String(); strings.Contains(out, "threes-42") {
 		t.Errorf("the new boot's console replays the old boot's output:\n%s", out)
+	}
+
+	must(t, h.Remove(ctx, other.ID))
+	if err := oc.Ended(t, time.Minute); !errors.Is(err, io.EOF) {
+		t.Errorf("console ended with %v at Remove, want io.EOF", err)
 	}
 
 	must(t, h.Stop(ctx, s.ID))
