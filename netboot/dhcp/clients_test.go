@@ -63,8 +63,13 @@ func startBridgeServer(t testing.TB, allocs []ipam.Allocation) *bridgeServer {
 	b := &bridgeServer{ns: ns, ipm: im, seen: map[string][][]byte{}}
 	var conn net.PacketConn
 	if err := ns.Do(func() (err error) {
-		conn, err = server4.NewIPv4UDPConn(bridgeName, &net.UDPAddr{Port: 67})
-		return err
+		c, err := server4.NewIPv4UDPConn(bridgeName, &net.UDPAddr{Port: 67})
+		if err != nil {
+			return err
+		}
+		// As NewServer does with the socket it opens itself.
+		conn = c
+		return filterBySource(c)
 	}); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4"
@@ -178,9 +179,66 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 				}
 			})
 		}
+		if err := filterBySource(c); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("open dhcp socket on %s: %w", cfg.Interface, err)
+		}
 		s.conn = c
 	}
 	return s, nil
+}
+
+// filterBySource has the kernel drop, before the socket queues it, a
+// request whose Ethernet source is not its client hardware address
+// (chaddr): a client on the bridge sends its own requests, so such a frame
+// speaks for another client, as a DECLINE or RELEASE for a neighbour from a
+// port the bridge guard does not cover would. Relayed requests (giaddr
+// set) come from the relay's MAC and pass; ServerConfig.Relays decides
+// them. A request too short to hold chaddr is dropped too: it cannot be
+// parsed. The server cannot check this itself: a UDP socket does not say
+// which Ethernet source a packet came from.
+func filterBySource(c syscall.Conn) error {
+	// On a UDP socket the filter sees the UDP header at offset 0 and the
+	// link-layer header at SKF_LL_OFF (-0x200000).
+	const (
+		giaddr   = 8 + 24
+		chaddr   = 8 + 28
+		etherSrc = 0xffe00000 + 6
+	)
+	ld := func(size uint16, k uint32) unix.SockFilter {
+		return unix.SockFilter{Code: unix.BPF_LD | size | unix.BPF_ABS, K: k}
+	}
+	tax := unix.SockFilter{Code: unix.BPF_MISC | unix.BPF_TAX}
+	prog := []unix.SockFilter{
+		ld(unix.BPF_W, giaddr),
+		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_K, K: 0, Jf: 8}, // relayed: accept
+		ld(unix.BPF_W, chaddr),
+		tax,
+		ld(unix.BPF_W, etherSrc),
+		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_X, Jf: 5}, // drop
+		ld(unix.BPF_H, chaddr+4),
+		tax,
+		ld(unix.BPF_H, etherSrc+4),
+		{Code: unix.BPF_JMP | unix.BPF_JEQ | unix.BPF_X, Jf: 1}, // drop
+		{Code: unix.BPF_RET | unix.BPF_K, K: 0xffffffff},
+		{Code: unix.BPF_RET | unix.BPF_K, K: 0},
+	}
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("filter requests by source: %w", err)
+	}
+	var serr error
+	err = raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER,
+			&unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]})
+	})
+	if err == nil {
+		err = serr
+	}
+	if err != nil {
+		return fmt.Errorf("filter requests by source: %w", err)
+	}
+	return nil
 }
 
 // Serve answers requests until ctx is done or the socket fails.

@@ -668,3 +668,69 @@ func TestLeaseStateNames(t *testing.T) {
 		}
 	}
 }
+
+// TestSourceFilter runs the server on a bridge as the appliance does (its
+// own socket) with a port that is not the client's and has no guard: its
+// DECLINEs for other clients never reach the server, whether the MAC they
+// carry differs from the port's in its first four bytes or its last two,
+// while a relayed request from it does (and is refused as relayed), and the
+// client's own DISCOVER is answered.
+func TestSourceFilter(t *testing.T) {
+	netnstest.Require(t)
+	other := net.HardwareAddr{0x02, 0x99, 0x99, 0x99, 0x00, 0x77} // the port's last two bytes
+	im, err := ipam.New(ipam.Config{}, []ipam.Allocation{
+		{MAC: knownMAC, Hostname: "toy0", IP: vmIP},
+		{MAC: other, Hostname: "toy1", IP: otherIP},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns := netnstest.NewNS(t, "dhcpsrc")
+	ns.Bridge(t, "br-src", "10.10.0.1/16")
+	var s *Server
+	if err := ns.Do(func() (err error) {
+		s, err = NewServer(ServerConfig{Interface: "br-src", IPAM: im, Reply: testCfg})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	portMAC := net.HardwareAddr{0x52, 0x54, 0x00, 0x00, 0x00, 0x77} // knownMAC's first four bytes
+	port := ns.Plug(t, "br-src", "srcp", portMAC, "10.10.200.2/16")
+	client := ns.Plug(t, "br-src", "srcc", knownMAC, vmIP.String()+"/16")
+	from, bcast := netip.MustParseAddr("10.10.200.2"), netip.MustParseAddr("255.255.255.255")
+	sid := dhcpv4.WithOption(dhcpv4.OptServerIdentifier(serverIP.AsSlice()))
+	for _, victim := range []struct {
+		mac net.HardwareAddr
+		ip  netip.Addr
+	}{{knownMAC, vmIP}, {other, otherIP}} {
+		p := packet(t, victim.mac, dhcpv4.MessageTypeDecline, sid, dhcpv4.WithOption(dhcpv4.OptRequestedIPAddress(victim.ip.AsSlice())))
+		if err := sendDHCP(port, from, bcast, p.ToBytes()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	relayed := packet(t, knownMAC, dhcpv4.MessageTypeDiscover, dhcpv4.WithRelay(from.AsSlice()))
+	if err := sendDHCP(port, from, bcast, relayed.ToBytes()); err != nil {
+		t.Fatal(err)
+	}
+	netnstest.Eventually(t, 10*time.Second, "the relayed request", func() bool { return s.Count(ReasonRelayed) == 1 })
+	// The client's own.
+	if err := sendDHCP(client, vmIP, bcast, packet(t, knownMAC, dhcpv4.MessageTypeDiscover).ToBytes()); err != nil {
+		t.Fatal(err)
+	}
+	netnstest.Eventually(t, 10*time.Second, "the client's DISCOVER read", func() bool {
+		return s.Count(ReasonOffer)+s.Count(ReasonDeclined) == 1
+	})
+	if st, want := s.Stats(), map[string]uint64{"relayed": 1, "offer": 1}; !maps.Equal(st, want) {
+		t.Errorf("the server read %v, want only %v: a spoofed DECLINE got through", st, want)
+	}
+	for _, mac := range []net.HardwareAddr{knownMAC, other} {
+		if l, _ := s.Lease(mac); l.State == StateDeclined {
+			t.Errorf("%s declined by another port", mac)
+		}
+	}
+}
