@@ -9,9 +9,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
+	"tailscale.com/client/local"
 	"tailscale.com/ipn"
 	"tailscale.com/net/memnet"
 	"tailscale.com/tsnet"
@@ -68,6 +71,15 @@ type Options struct {
 	// OwnerTag is the appliance's own tag, owner and prefix of network tags; default
 	// the first of Tags, else DefaultOwnerTag.
 	OwnerTag string
+
+	// Join lists hosts (tailnet IPs or names, port RaftPort unless given) of the
+	// cluster this appliance joins; BootstrapExpect, when set, forms a new
+	// cluster of that many hosts with them (1: a cluster of this host alone that
+	// others can join). Either puts the database on the tailnet (RaftPort),
+	// reachable only by nodes that carry OwnerTag; both empty keep it off the
+	// network. A host with a database already rejoins its cluster by itself.
+	Join            []string
+	BootstrapExpect int
 
 	// Hypervisor replaces the one opened from LibvirtURI (tests pass one that cleans up).
 	Hypervisor hv.Hypervisor
@@ -177,14 +189,21 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	}
 
 	// 2. The embedded database. One node talks to nobody, so Raft gets an in-memory
-	// listener and no port is opened; clustering swaps in a tailnet listener.
-	ln := memnet.Listen("threes-raft:4002")
-	a.db, err = embeddb.Open(ctx, embeddb.Config{
+	// listener and no port is opened; a cluster member's goes on the tailnet (clusterConfig).
+	dbCfg := embeddb.Config{
 		Dir:      filepath.Join(o.StateDir, "db"),
 		NodeID:   o.Hostname,
-		Listener: ln,
+		Listener: memnet.Listen("threes-raft:4002"),
 		Logf:     func(f string, args ...any) { o.Logger.Debug(fmt.Sprintf(f, args...), "component", "rqlite") },
-	})
+	}
+	if len(o.Join) > 0 || o.BootstrapExpect > 0 {
+		dbCfg.Listener.Close()
+		a.ts = newTailnetNode(o)
+		if err := clusterConfig(ctx, o, a.ts, &dbCfg); err != nil {
+			return nil, err
+		}
+	}
+	a.db, err = embeddb.Open(ctx, dbCfg)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", err)
 	}
@@ -234,19 +253,10 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	// In the background: everything below serves at once, whatever the VM count.
 	a.closers = append(a.closers, a.fleet.Run(o.ReconcileInterval))
 
-	// 6. The tailnet node. The API listens on its tailnet addresses only.
-	a.ts = &tsnet.Server{
-		Dir:           filepath.Join(o.StateDir, "tailnet"),
-		Hostname:      o.Hostname,
-		AuthKey:       o.AuthKey,
-		ControlURL:    o.ControlURL,
-		AdvertiseTags: o.Tags,
-		Ephemeral:     o.Ephemeral,
-		Logf:          o.TSLogf,
-		UserLogf:      func(f string, args ...any) { o.Logger.Info(fmt.Sprintf(f, args...), "component", "tailnet") },
-	}
-	if o.Store != nil {
-		a.ts.Store = o.Store
+	// 6. The tailnet node (a cluster member started it at step 2). The API listens
+	// on its tailnet addresses only.
+	if a.ts == nil {
+		a.ts = newTailnetNode(o)
 	}
 	tsLn, err := a.ts.Listen("tcp", o.Listen)
 	if err != nil {
@@ -374,16 +384,34 @@ func (a *Appliance) Close() error {
 	for _, c := range a.closers {
 		errs = append(errs, c())
 	}
+	// The database first: a cluster member hands leadership over on the tailnet.
+	if a.db != nil {
+		errs = append(errs, a.db.Close())
+	}
 	if a.ts != nil {
 		errs = append(errs, a.ts.Close())
 	}
 	if a.hvClose != nil {
 		errs = append(errs, a.hvClose())
 	}
-	if a.db != nil {
-		errs = append(errs, a.db.Close())
-	}
 	return errors.Join(errs...)
+}
+
+func newTailnetNode(o Options) *tsnet.Server {
+	ts := &tsnet.Server{
+		Dir:           filepath.Join(o.StateDir, "tailnet"),
+		Hostname:      o.Hostname,
+		AuthKey:       o.AuthKey,
+		ControlURL:    o.ControlURL,
+		AdvertiseTags: o.Tags,
+		Ephemeral:     o.Ephemeral,
+		Logf:          o.TSLogf,
+		UserLogf:      func(f string, args ...any) { o.Logger.Info(fmt.Sprintf(f, args...), "component", "tailnet") },
+	}
+	if o.Store != nil {
+		ts.Store = o.Store
+	}
+	return ts
 }
 
 // ServeAs serves the API on ln treating every caller as who, skipping WhoIs. It exists
@@ -393,4 +421,95 @@ func (a *Appliance) ServeAs(ln net.Listener, who tsauth.Principal) {
 	svc := &service{fleet: a.fleet}
 	g := &gate{identify: func(context.Context, netip.AddrPort) (tsauth.Principal, error) { return who, nil }, log: a.log}
 	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, ln)
+}
+
+// RaftPort is the tailnet port a cluster member's database listens on (Raft
+// and rqlite's cluster service, which have no authentication of their own:
+// only nodes carrying the appliance's tag get through).
+const RaftPort = 4002
+
+// clusterConfig puts the database on the tailnet: it brings the node up (a
+// member's Raft address is its tailnet IP), listens on RaftPort, dials peers
+// over the tailnet only, admits only nodes that carry o.OwnerTag, and resolves
+// o.Join to Raft addresses.
+func clusterConfig(ctx context.Context, o Options, ts *tsnet.Server, cfg *embeddb.Config) error {
+	st, err := ts.Up(ctx)
+	if err != nil {
+		return fmt.Errorf("join the tailnet before the database: %w", err)
+	}
+	var self netip.Addr
+	for _, ip := range st.TailscaleIPs {
+		if ip.Is4() && !self.IsValid() {
+			self = ip
+		}
+	}
+	if !self.IsValid() {
+		return errors.New("database cluster: this node has no tailnet IPv4 address")
+	}
+	lc, err := ts.LocalClient()
+	if err != nil {
+		return fmt.Errorf("tailnet local client: %w", err)
+	}
+	for _, h := range o.Join {
+		addr, err := raftAddr(ctx, lc, h)
+		if err != nil {
+			return fmt.Errorf("join %q: %w", h, err)
+		}
+		cfg.Join = append(cfg.Join, addr)
+	}
+	ln, err := ts.Listen("tcp", fmt.Sprintf(":%d", RaftPort))
+	if err != nil {
+		return fmt.Errorf("listen on tailnet :%d: %w", RaftPort, err)
+	}
+	dial := tsauth.TailnetDialer(ts)
+	ident := tsauth.NewIdentifier(lc)
+	cfg.Listener = ln
+	cfg.Advertise = netip.AddrPortFrom(self, RaftPort).String()
+	cfg.BootstrapExpect = o.BootstrapExpect
+	cfg.Dial = func(ctx context.Context, addr string) (net.Conn, error) { return dial(ctx, "tcp", addr) }
+	cfg.Admit = func(ctx context.Context, conn net.Conn) error {
+		from, err := netip.ParseAddrPort(conn.RemoteAddr().String())
+		if err != nil {
+			return err
+		}
+		who, err := ident.Identify(ctx, from)
+		if err != nil {
+			return err
+		}
+		if !slices.Contains(who.Tags, o.OwnerTag) {
+			return fmt.Errorf("%s does not carry %s", who, o.OwnerTag)
+		}
+		return nil
+	}
+	return nil
+}
+
+// raftAddr turns a --join host (a tailnet IP or a node's name, with or without
+// a port) into the IP:port Raft uses: rqlite resolves names with the system
+// resolver, which knows nothing of the tailnet.
+func raftAddr(ctx context.Context, lc *local.Client, h string) (string, error) {
+	host, port := h, fmt.Sprint(RaftPort)
+	if hp, p, err := net.SplitHostPort(h); err == nil {
+		host, port = hp, p
+	}
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return net.JoinHostPort(ip.String(), port), nil
+	}
+	st, err := lc.Status(ctx)
+	if err != nil {
+		return "", fmt.Errorf("tailnet status: %w", err)
+	}
+	for _, p := range st.Peer {
+		name := strings.TrimSuffix(p.DNSName, ".")
+		if !strings.EqualFold(p.HostName, host) && !strings.EqualFold(name, host) &&
+			!strings.HasPrefix(strings.ToLower(name), strings.ToLower(host)+".") {
+			continue
+		}
+		for _, ip := range p.TailscaleIPs {
+			if ip.Is4() {
+				return net.JoinHostPort(ip.String(), port), nil
+			}
+		}
+	}
+	return "", errors.New("no node of that name on the tailnet")
 }

@@ -64,6 +64,8 @@ Without an auth key the node logs a login URL and joins once someone approves it
 	f.Float64Var(&o.DiskOvercommit, "disk-overcommit", 1, "how many times its free space the VMs' thin disks may promise (1: every disk can fill up; 0: no check); 1 GiB stays free for the database")
 	f.Uint16Var(&o.MetadataPort, "metadata-port", appliance.DefaultMetadataPort, "TCP port of the metadata server on the bridge's gateway address (guests find it in their cloud-init seed URL)")
 	f.BoolVar(&o.MetadataSession, "metadata-session", false, "require a session token (PUT /v1/session) on every /v1 metadata request")
+	f.StringSliceVar(&o.Join, "join", nil, "comma-separated hosts (tailnet IPs or names) of the cluster to join; the database then runs on the tailnet, port 4002, open to nodes with the appliance's tag only")
+	f.IntVar(&o.BootstrapExpect, "bootstrap-expect", 0, "form a new cluster of this many hosts with those in --join (1: a cluster of this host alone that others can --join)")
 	f.StringVar(&c.opts.BridgeNetNS, "bridge-netns", "", "network namespace (as ip netns names it) holding the bridge, if not the host's")
 	f.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&c.logUpload, "tailscale-log-upload", true, "let the tailnet node upload its logs to Tailscale's log service (default: only when --control-url is Tailscale's)")

@@ -1,0 +1,107 @@
+package appliance_test
+
+import (
+	"encoding/binary"
+	"io"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/fleet"
+	"github.com/threes-dev/threes/appliance/threestest"
+	"github.com/threes-dev/threes/hv/hvtest"
+	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
+	"github.com/threes-dev/threes/tsauth"
+	"github.com/threes-dev/threes/tsauth/tailnettest"
+
+	cproto "github.com/rqlite/rqlite/v8/cluster/proto"
+	rproto "github.com/rqlite/rqlite/v8/command/proto"
+)
+
+// TestClusterTwoAppliances starts one appliance as a cluster of one on the
+// tailnet and a second that joins it by name: a network created through
+// either is listed by the other. A tailnet node without the appliance tag
+// that reaches the database port and asks for a backup gets nothing.
+func TestClusterTwoAppliances(t *testing.T) {
+	env := threestest.StartWith(t, func(o *appliance.Options) {
+		o.Hostname = "threes-a"
+		o.Tags = []string{fleet.DefaultOwnerTag}
+		o.BootstrapExpect = 1
+	})
+	ctx := ctxT(t)
+
+	dirB := t.TempDir()
+	optsB := env.Options
+	optsB.Hostname = "threes-b"
+	optsB.StateDir = dirB
+	optsB.Socket = filepath.Join(dirB, "threes.sock")
+	optsB.Hypervisor = hvtest.Open(t)
+	optsB.BootstrapExpect = 0
+	optsB.Join = []string{"threes-a"}
+	b, err := appliance.Start(ctx, optsB)
+	if err != nil {
+		t.Fatalf("start the joining appliance: %v", err)
+	}
+	t.Cleanup(func() { b.Close() })
+
+	local := func(sock string) threesv1.ThreesClient {
+		conn, err := grpc.NewClient("unix:"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return threesv1.NewThreesClient(conn)
+	}
+	apiA, apiB := env.Local(t), local(optsB.Socket)
+	listed := func(api threesv1.ThreesClient) []string {
+		res, err := api.ListNetworks(ctx, &threesv1.ListNetworksRequest{})
+		if err != nil {
+			t.Fatalf("list networks: %v", err)
+		}
+		var names []string
+		for _, n := range res.GetNetworks() {
+			names = append(names, n.GetName())
+		}
+		return names
+	}
+	if _, err := apiA.CreateNetwork(ctx, &threesv1.NetworkRequest{Name: "made-on-a"}); err != nil {
+		t.Fatalf("create network on a: %v", err)
+	}
+	if got := listed(apiB); !slices.Contains(got, "made-on-a") {
+		t.Fatalf("b lists %v, want made-on-a", got)
+	}
+	if _, err := apiB.CreateNetwork(ctx, &threesv1.NetworkRequest{Name: "made-on-b"}); err != nil {
+		t.Fatalf("create network on b: %v", err)
+	}
+	if got := listed(apiA); !slices.Contains(got, "made-on-b") {
+		t.Fatalf("a lists %v, want made-on-b", got)
+	}
+
+	// A stranger on the tailnet asks a's cluster service for a backup.
+	stranger := env.Tailnet.Node(t, tailnettest.NodeOptions{Hostname: "stranger", User: "eve@example.com"})
+	conn, err := tsauth.TailnetDialer(stranger)(ctx, "tcp", netip.AddrPortFrom(env.IP, appliance.RaftPort).String())
+	if err != nil {
+		t.Fatalf("dial a's database port: %v", err)
+	}
+	defer conn.Close()
+	p, err := proto.Marshal(&cproto.Command{
+		Type:    cproto.Command_COMMAND_TYPE_BACKUP,
+		Request: &cproto.Command_BackupRequest{BackupRequest: &rproto.BackupRequest{Format: rproto.BackupRequest_BACKUP_REQUEST_FORMAT_BINARY}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	conn.Write(append(append([]byte{2}, binary.LittleEndian.AppendUint64(nil, uint64(len(p)))...), p...))
+	got, err := io.ReadAll(conn)
+	if len(got) != 0 || err != nil { // nil: closed by the gate, not timed out
+		t.Fatalf("stranger's backup request got %d bytes (%v); want the connection closed with nothing", len(got), err)
+	}
+}
