@@ -124,7 +124,12 @@ type Config struct {
 	// be among them.
 	Join []string
 	// BootstrapExpect, when above 1, forms a new cluster of that many
-	// nodes with those in Join instead of joining an existing one.
+	// nodes with those in Join instead of joining an existing one. 1 is a
+	// cluster of this node alone that others are to join: unlike a node
+	// given neither, it keeps the election timing of a cluster from the
+	// start rather than the fast one of a node that stays alone (a leader
+	// with a 100 ms lease would step down at the first slow round trip to
+	// a peer).
 	BootstrapExpect int
 	// Admit decides whether an accepted connection may reach Raft and the
 	// cluster service, which have no authentication of their own (the
@@ -231,7 +236,7 @@ func open(ctx context.Context, cfg Config, peers []*store.Server) (_ *DB, retErr
 	if err != nil {
 		return nil, err
 	}
-	clustered := len(others) > 0 || len(peers) > 0 || hasClusteredMarker(cfg.Dir)
+	clustered := len(others) > 0 || len(peers) > 0 || cfg.BootstrapExpect > 0 || hasClusteredMarker(cfg.Dir)
 
 	// One listener, demultiplexed by the first byte of each connection, as
 	// rqlited does, behind the admission check.
