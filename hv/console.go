@@ -132,8 +132,7 @@ func (h *Libvirt) recorderFor(dom libvirt.Domain) (*recorder, error) {
 		h.rec.mu.Unlock()
 		return old, nil
 	}
-	r := &recorder{h: h, dom: dom}
-	r.in = r.input
+	r := newRecorder(h, dom)
 	h.rec.m[dom.Name] = r
 	h.rec.mu.Unlock()
 	if old != nil {
@@ -179,32 +178,99 @@ func (h *Libvirt) closeRecorders() {
 
 // recorder holds one boot's console stream while the domain runs, keeps
 // its recent output and passes it on to the sessions attached.
+//
+// Until the first session attaches, the stream is output only: go-libvirt
+// gives every stream that carries input a 4 MiB send buffer, which a
+// thousand consoles nobody looks at should not hold. The first session
+// reopens it, taking it over, as one that carries input too; what the guest
+// writes in the moment between the two streams may be lost.
 type recorder struct {
 	h   *Libvirt
 	dom libvirt.Domain
 	fanout
+	over     chan struct{} // closed when the recording ends
+	overOnce sync.Once
+
 	inMu sync.Mutex
-	pipe *io.PipeWriter // the open stream's input; nil between streams
+	// pipes are the inputs of the streams open or opening, the newest
+	// last; input goes to the newest.
+	pipes []*io.PipeWriter
+	// ready is closed when a pipe is added, and replaced.
+	ready chan struct{}
+	// input says streams opened from now on carry input.
+	input bool
+	// upgrade, while not nil, is closed when the stream that took the
+	// console over for the first session ends.
+	upgrade chan struct{}
+}
+
+func newRecorder(h *Libvirt, dom libvirt.Domain) *recorder {
+	r := &recorder{h: h, dom: dom, over: make(chan struct{}), ready: make(chan struct{})}
+	r.in = r.send
+	return r
+}
+
+// finish ends the recording and every session.
+func (r *recorder) finish(err error) {
+	r.fanout.finish(err)
+	r.overOnce.Do(func() { close(r.over) })
+}
+
+// attach adds a session, and makes the console carry input if it does not.
+func (r *recorder) attach() *session {
+	s := r.fanout.attach()
+	if s == nil {
+		return nil
+	}
+	r.inMu.Lock()
+	defer r.inMu.Unlock()
+	if !r.input {
+		r.input = true
+		done := make(chan struct{})
+		r.upgrade = done
+		go func() {
+			defer close(done)
+			// Again if libvirtd refused the console, but not once
+			// a stream was open (its end is the domain's or
+			// libvirtd's, which run handles).
+			for range 5 {
+				var lerr libvirt.Error
+				if err := r.stream(true); !errors.As(err, &lerr) {
+					return
+				}
+				select {
+				case <-r.over:
+					return
+				case <-r.h.done:
+					return
+				case <-time.After(time.Second):
+				}
+			}
+		}()
+	}
+	return s
 }
 
 // run keeps a stream open on the console until this boot of the domain
 // ends. A stream also ends when libvirtd restarts or another client takes
 // the console over; then run opens another, without taking it back by force,
 // so a person at `virsh console` on the host is not thrown out (while they
-// are there, this recorder waits).
+// are there, this recorder waits; a session attaching takes it back).
 func (r *recorder) run() {
-	force := true // the first stream takes over from a stale session
 	wait := 50 * time.Millisecond
 	for {
+		r.waitUpgrade()
 		opened := time.Now()
-		r.stream(force)
-		force = false
+		r.stream(false)
+		r.waitUpgrade()
 		if time.Since(opened) > 10*time.Second {
 			wait = 50 * time.Millisecond
 		}
 		select {
 		case <-r.h.done:
 			r.finish(errClosed)
+			return
+		case <-r.over:
 			return
 		case <-time.After(wait):
 		}
@@ -224,23 +290,55 @@ func (r *recorder) run() {
 	}
 }
 
-// stream opens the console stream and records it until it ends.
+// waitUpgrade waits while the stream opened for the first session runs.
+func (r *recorder) waitUpgrade() {
+	r.inMu.Lock()
+	up := r.upgrade
+	r.inMu.Unlock()
+	if up == nil {
+		return
+	}
+	<-up
+	r.inMu.Lock()
+	if r.upgrade == up {
+		r.upgrade = nil
+	}
+	r.inMu.Unlock()
+}
+
+// stream opens the console stream and records it until it ends. Without
+// force it fails while another client holds the console.
 func (r *recorder) stream(force bool) error {
 	conn, err := r.h.streamConn()
 	if err != nil {
 		return err
 	}
-	inR, inW := io.Pipe()
-	r.inMu.Lock()
-	r.pipe = inW
-	r.inMu.Unlock()
 	var flags uint32
 	if force {
 		flags = uint32(libvirt.DomainConsoleForce)
 	}
+	r.inMu.Lock()
+	input := r.input
+	var inR *io.PipeReader
+	var inW *io.PipeWriter
+	if input {
+		inR, inW = io.Pipe()
+		r.pipes = append(r.pipes, inW)
+		close(r.ready)
+		r.ready = make(chan struct{})
+	}
+	r.inMu.Unlock()
+	if !input {
+		return conn.DomainOpenConsole(r.dom, nil, r, flags)
+	}
 	err = conn.DomainOpenConsoleBidirectional(r.dom, nil, inR, r, flags)
 	r.inMu.Lock()
-	r.pipe = nil
+	for i, w := range r.pipes {
+		if w == inW {
+			r.pipes = append(r.pipes[:i], r.pipes[i+1:]...)
+			break
+		}
+	}
 	r.inMu.Unlock()
 	// Ends go-libvirt's sender, which may be waiting for input.
 	inW.Close()
@@ -254,23 +352,35 @@ func (r *recorder) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// input sends p to the guest; input while no stream is open (libvirtd
-// restarting) is lost, as input before the guest reads it may be.
-func (r *recorder) input(p []byte) (int, error) {
-	if r.ended() {
-		return 0, io.ErrClosedPipe
+// send sends p to the guest, waiting while no stream that carries input is
+// open (the first session's is opening, or libvirtd restarts) until one is,
+// the recording ends or gone is closed.
+func (r *recorder) send(p []byte, gone <-chan struct{}) (int, error) {
+	sent := 0
+	for {
+		r.inMu.Lock()
+		var in *io.PipeWriter
+		if len(r.pipes) > 0 {
+			in = r.pipes[len(r.pipes)-1]
+		}
+		ready := r.ready
+		r.inMu.Unlock()
+		if in != nil {
+			n, err := in.Write(p[sent:])
+			sent += n
+			if err == nil || !errors.Is(err, io.ErrClosedPipe) {
+				return sent, err
+			}
+			continue // that stream ended meanwhile: the next one
+		}
+		select {
+		case <-ready:
+		case <-r.over:
+			return sent, io.ErrClosedPipe
+		case <-gone:
+			return sent, io.ErrClosedPipe
+		}
 	}
-	r.inMu.Lock()
-	in := r.pipe
-	r.inMu.Unlock()
-	if in == nil {
-		return len(p), nil
-	}
-	n, err := in.Write(p)
-	if errors.Is(err, io.ErrClosedPipe) {
-		return len(p), nil // the stream ended meanwhile
-	}
-	return n, err
 }
 
 // fanout keeps the last consoleKeep bytes written to it and copies every
@@ -280,8 +390,9 @@ type fanout struct {
 	ring     ring
 	sessions map[*session]struct{}
 	end      error // set once the recording ended
-	// in sends a session's writes to the guest; nil drops them.
-	in func([]byte) (int, error)
+	// in sends a session's writes to the guest until its second
+	// argument is closed; nil drops them.
+	in func([]byte, <-chan struct{}) (int, error)
 }
 
 // write records p and hands it to every session. A session whose backlog
@@ -308,7 +419,7 @@ func (f *fanout) attach() *session {
 	if f.end != nil {
 		return nil
 	}
-	s := &session{f: f, backlog: f.ring.bytes()}
+	s := &session{f: f, backlog: f.ring.bytes(), gone: make(chan struct{})}
 	s.cond.L = &s.mu
 	if f.sessions == nil {
 		f.sessions = map[*session]struct{}{}
@@ -356,6 +467,7 @@ type session struct {
 	backlog []byte
 	err     error // returned once backlog is read
 	closed  bool
+	gone    chan struct{} // closed by Close
 }
 
 // push appends p to the backlog; false if the session is closed, ended or
@@ -419,7 +531,7 @@ func (s *session) Write(p []byte) (int, error) {
 	if s.f.in == nil {
 		return len(p), nil
 	}
-	return s.f.in(p)
+	return s.f.in(p, s.gone)
 }
 
 // Close ends the session; the recording goes on.
@@ -431,6 +543,7 @@ func (s *session) Close() error {
 	}
 	s.closed = true
 	s.backlog = nil
+	close(s.gone)
 	s.cond.Broadcast()
 	s.mu.Unlock()
 	if s.stop != nil {

@@ -163,7 +163,9 @@ type Hypervisor interface {
 	// the boot and the login prompt; output of an earlier boot is not
 	// replayed), then return what the guest writes; writes are the
 	// guest's input (what the guest gets before its shell reads the
-	// console may be lost). Output, escape sequences included, is passed
+	// console may be lost, and on QEMU what it writes in the moment the
+	// first session of a boot attaches, when hv reopens the console to
+	// carry input). Output, escape sequences included, is passed
 	// on as the guest wrote it. Sessions share the console: each reads
 	// all the output and all their input reaches the guest. A session
 	// that leaves more than 256 KiB unread is cut off (its reads return
