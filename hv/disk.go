@@ -1,7 +1,6 @@
 package hv
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -10,10 +9,11 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
+
+	"github.com/threes-dev/threes/internal/qemuimg"
 )
 
 // diskSuffix ends every VM disk's file name; Disks reports the rest.
@@ -62,14 +62,14 @@ func (h *Libvirt) createDisk(ctx context.Context, s Spec, own *owner) (path, for
 	}
 	switch {
 	case img.Disk != "" && h.copyDisks:
-		// What the original did, kept for the benchmark to compare
+		// What threes v0.1 did, kept for the benchmark to compare
 		// against: a full copy of the base image.
 		format = img.DiskFormat
-		if err := copyFile(ctx, img.Disk, tmp); err != nil {
+		if err := qemuimg.CopyFile(ctx, img.Disk, tmp, 0o600); err != nil {
 			return "", "", err
 		}
 		if size != "" {
-			if _, err := run(ctx, "qemu-img", "resize", "-q", "-f", format, tmp, size); err != nil {
+			if _, err := qemuimg.Run(ctx, "resize", "-q", "-f", format, tmp, size); err != nil {
 				return "", "", err
 			}
 		}
@@ -78,11 +78,11 @@ func (h *Libvirt) createDisk(ctx context.Context, s Spec, own *owner) (path, for
 		if size != "" {
 			args = append(args, size)
 		}
-		if _, err := run(ctx, "qemu-img", args...); err != nil {
+		if _, err := qemuimg.Run(ctx, args...); err != nil {
 			return "", "", fmt.Errorf("create overlay on %s (image %s): %w", img.Disk, img.Name, err)
 		}
 	default:
-		if _, err := run(ctx, "qemu-img", "create", "-q", "-f", "qcow2", tmp, size); err != nil {
+		if _, err := qemuimg.Run(ctx, "create", "-q", "-f", "qcow2", tmp, size); err != nil {
 			return "", "", fmt.Errorf("create blank disk: %w", err)
 		}
 	}
@@ -289,44 +289,4 @@ func reachable(file string, own *owner) error {
 			return nil
 		}
 	}
-}
-
-// run runs a command and returns its standard output; its error carries
-// the command's standard error.
-func run(ctx context.Context, name string, args ...string) ([]byte, error) {
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if msg == "" {
-			msg = err.Error()
-		}
-		return nil, fmt.Errorf("%s %s: %s", name, args[0], msg)
-	}
-	return stdout.Bytes(), nil
-}
-
-// copyFile copies src to a new file dst.
-func copyFile(ctx context.Context, src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = io.Copy(out, in)
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = ctx.Err()
-	}
-	if err != nil {
-		return fmt.Errorf("copy %s: %w", src, err)
-	}
-	return nil
 }

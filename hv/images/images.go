@@ -29,6 +29,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/threes-dev/threes/internal/qemuimg"
 )
 
 // Kind says how an image boots.
@@ -339,63 +341,6 @@ func (s *Store) Delete(name string) error {
 	return nil
 }
 
-// qemuImgInfo is the part of `qemu-img info --output=json` checked here.
-type qemuImgInfo struct {
-	Format          string `json:"format"`
-	VirtualSize     int64  `json:"virtual-size"`
-	BackingFilename string `json:"backing-filename"`
-	Encrypted       bool   `json:"encrypted"`
-	FormatSpecific  struct {
-		Data struct {
-			Corrupt  bool   `json:"corrupt"`
-			DataFile string `json:"data-file"`
-		} `json:"data"`
-	} `json:"format-specific"`
-}
-
-// qemuImg runs qemu-img with args and returns its standard output.
-func qemuImg(ctx context.Context, args ...string) ([]byte, error) {
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "qemu-img", args...)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	if err != nil {
-		msg := strings.TrimSpace(stderr.String())
-		if msg == "" {
-			msg = err.Error()
-		}
-		return stdout.Bytes(), &qemuImgError{args: args[0], msg: msg, err: err}
-	}
-	return stdout.Bytes(), nil
-}
-
-// qemuImgError is a failed qemu-img run.
-type qemuImgError struct {
-	args string
-	msg  string
-	err  error
-}
-
-func (e *qemuImgError) Error() string { return "qemu-img " + e.args + ": " + e.msg }
-func (e *qemuImgError) Unwrap() error { return e.err }
-
-// info runs qemu-img info on file, probing its format if format is empty.
-func info(ctx context.Context, file, format string) (qemuImgInfo, error) {
-	args := []string{"info", "--output=json"}
-	if format != "" {
-		args = append(args, "-f", format)
-	}
-	out, err := qemuImg(ctx, append(args, file)...)
-	if err != nil {
-		return qemuImgInfo{}, err
-	}
-	var inf qemuImgInfo
-	if err := json.Unmarshal(out, &inf); err != nil {
-		return qemuImgInfo{}, fmt.Errorf("parse qemu-img info: %w", err)
-	}
-	return inf, nil
-}
-
 // qcow2Magic starts every qcow2 file.
 var qcow2Magic = []byte{'Q', 'F', 'I', 0xfb}
 
@@ -404,7 +349,7 @@ func probeFormat(ctx context.Context, file string) (string, error) {
 	if err := checkNonEmpty(file); err != nil {
 		return "", err
 	}
-	inf, err := info(ctx, file, "")
+	inf, err := qemuimg.ReadInfo(ctx, file, "")
 	if err != nil {
 		return "", fmt.Errorf("%w: disk %s: %w", ErrBadImage, file, err)
 	}
@@ -421,7 +366,7 @@ func checkDisk(ctx context.Context, file, src, format string) (int64, error) {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: disk %s: "+format, append([]any{ErrBadImage, src}, args...)...)
 	}
-	inf, err := info(ctx, file, format)
+	inf, err := qemuimg.ReadInfo(ctx, file, format)
 	if err != nil {
 		return 0, bad("%w", err)
 	}
@@ -458,7 +403,7 @@ func checkDisk(ctx context.Context, file, src, format string) (int64, error) {
 			return 0, bad("is marked corrupt")
 		}
 		// Exit status 3 means leaked clusters only: harmless.
-		_, err := qemuImg(ctx, "check", "-q", "-f", "qcow2", file)
+		_, err := qemuimg.Run(ctx, "check", "-q", "-f", "qcow2", file)
 		var ee *exec.ExitError
 		if err != nil && !(errors.As(err, &ee) && ee.ExitCode() == 3) {
 			return 0, bad("corrupt: %w", err)
@@ -502,49 +447,14 @@ func checkNonEmpty(file string) error {
 	return nil
 }
 
-// copyFile copies src to a new read-only file dst and syncs it. Go copies
-// between files with copy_file_range, which shares extents on file systems
-// that can.
+// copyFile copies src to a new read-only file dst and syncs it; a source that
+// cannot be read is a bad image.
 func copyFile(ctx context.Context, src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
+	if _, err := os.Stat(src); err != nil {
 		return fmt.Errorf("%w: %w", ErrBadImage, err)
 	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
-	if err != nil {
-		return err
-	}
-	// In chunks, to notice a cancelled context; each chunk still goes
-	// through copy_file_range.
-	for err == nil {
-		if err = ctx.Err(); err != nil {
-			break
-		}
-		var n int64
-		n, err = io.CopyN(out, in, copyChunk)
-		if n < copyChunk && err == io.EOF {
-			err = nil
-			break
-		}
-	}
-	if err == nil {
-		err = out.Sync()
-	}
-	if cerr := out.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(dst, 0o444)
-	}
-	if err != nil {
-		return fmt.Errorf("copy %s: %w", src, err)
-	}
-	return nil
+	return qemuimg.CopyFile(ctx, src, dst, 0o444)
 }
-
-// copyChunk is how much copyFile copies between checks of its context.
-const copyChunk = 256 << 20
 
 // syncDir makes a rename in dir durable.
 func syncDir(dir string) error {
