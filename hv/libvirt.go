@@ -17,6 +17,7 @@ import (
 	"github.com/digitalocean/go-libvirt"
 
 	"github.com/threes-dev/threes/hv/guard"
+	"github.com/threes-dev/threes/internal/revert"
 )
 
 // Config says which libvirtd and driver to use and how.
@@ -461,17 +462,15 @@ func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
 
 	// Undo what this call made if a later step fails, with a fresh
 	// context: the caller's may be what ended the step.
-	var undo []func(context.Context) error
+	var undo revert.Reverter
 	defer func() {
 		if err == nil {
 			return
 		}
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
-		for i := len(undo) - 1; i >= 0; i-- {
-			if uerr := undo[i](uctx); uerr != nil {
-				err = errors.Join(err, uerr)
-			}
+		if uerr := undo.Run(uctx); uerr != nil {
+			err = errors.Join(err, uerr)
 		}
 	}()
 
@@ -482,7 +481,7 @@ func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
 		if opts.disk, opts.diskFormat, err = h.createDisk(ctx, s, own); err != nil {
 			return err
 		}
-		undo = append(undo, func(context.Context) error {
+		undo.Add("remove disk", func(context.Context) error {
 			_, err := h.removeDisk(s.ID)
 			return err
 		})
@@ -510,7 +509,7 @@ func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
 	if err != nil {
 		return fmt.Errorf("define: %w", err)
 	}
-	undo = append(undo, func(ctx context.Context) error {
+	undo.Add("undefine domain", func(ctx context.Context) error {
 		err := h.call(ctx, true, func(conn *libvirt.Libvirt) error {
 			return conn.DomainUndefineFlags(dom, h.flavour.undefineFlags)
 		})
@@ -524,7 +523,7 @@ func (h *Libvirt) create(ctx context.Context, s Spec) (err error) {
 		if err := h.setGuard(ctx, port); err != nil {
 			return err
 		}
-		undo = append(undo, func(ctx context.Context) error {
+		undo.Add("unguard port", func(ctx context.Context) error {
 			return h.unguard(ctx, port.Dev)
 		})
 	}
