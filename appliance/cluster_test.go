@@ -2,7 +2,9 @@ package appliance_test
 
 import (
 	"encoding/binary"
+	"errors"
 	"io"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -100,8 +102,13 @@ func TestClusterTwoAppliances(t *testing.T) {
 	}
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
 	conn.Write(append(append([]byte{2}, binary.LittleEndian.AppendUint64(nil, uint64(len(p)))...), p...))
+	// Closed with the request unread, the connection may end in a reset
+	// rather than EOF; either way nothing comes back. A timeout would mean the
+	// gate left it open.
 	got, err := io.ReadAll(conn)
-	if len(got) != 0 || err != nil { // nil: closed by the gate, not timed out
+	var ne net.Error
+	if len(got) != 0 || errors.As(err, &ne) && ne.Timeout() {
 		t.Fatalf("stranger's backup request got %d bytes (%v); want the connection closed with nothing", len(got), err)
 	}
+	t.Logf("stranger's backup request: connection closed with nothing (%v)", err)
 }
