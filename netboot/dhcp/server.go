@@ -228,15 +228,14 @@ func filterBySource(c syscall.Conn) error {
 		return fmt.Errorf("filter requests by source: %w", err)
 	}
 	var serr error
-	err = raw.Control(func(fd uintptr) {
+	if err := raw.Control(func(fd uintptr) {
 		serr = unix.SetsockoptSockFprog(int(fd), unix.SOL_SOCKET, unix.SO_ATTACH_FILTER,
 			&unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]})
-	})
-	if err == nil {
-		err = serr
-	}
-	if err != nil {
+	}); err != nil {
 		return fmt.Errorf("filter requests by source: %w", err)
+	}
+	if serr != nil {
+		return fmt.Errorf("filter requests by source: %w", serr)
 	}
 	return nil
 }
