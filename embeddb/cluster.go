@@ -93,7 +93,8 @@ func (db *DB) markClustered() {
 // rqlited's -bootstrap-expect), joins the cluster one of the others belongs
 // to, or bootstraps a cluster of itself alone when there are no others.
 // A node that already has a configuration needs none of this: Raft reaches
-// its peers from the configuration it stored.
+// its peers from the configuration it stored. It joins again only when
+// given peers and its configuration holds it at another address.
 func formCluster(ctx context.Context, cfg Config, adv string, others []string, str *store.Store, client *cluster.Client, logf func(string, ...any)) error {
 	nodes, err := str.Nodes()
 	if err != nil {
@@ -106,7 +107,13 @@ func formCluster(ctx context.Context, cfg Config, adv string, others []string, s
 			return fmt.Errorf("open embeddb: %s holds a one-node cluster of its own, which cannot join %v; start the node with an empty dir to join: %w",
 				cfg.Dir, others, ErrInvalid)
 		}
-		return nil
+		if len(others) == 0 || slices.ContainsFunc(nodes, func(n *store.Server) bool { return n.ID == cfg.NodeID && n.Addr == adv }) {
+			return nil
+		}
+		// The cluster knows this node by another address (its tailnet IP
+		// changed, say): joining again makes the leader record the new one,
+		// as rqlited does at every start with -join.
+		logf("embeddb: the cluster knows %s by another address; joining again as %s", cfg.NodeID, adv)
 	}
 	voter := cluster.VoterSuffrage(true)
 	switch {
@@ -115,7 +122,7 @@ func formCluster(ctx context.Context, cfg Config, adv string, others []string, s
 		if err := str.Bootstrap(store.NewServer(cfg.NodeID, adv, true)); err != nil {
 			return fmt.Errorf("bootstrap %s: %w", cfg.Dir, err)
 		}
-	case cfg.BootstrapExpect > 1:
+	case cfg.BootstrapExpect > 1 && len(nodes) == 0:
 		// Count this node itself: the bootstrapper only notifies the others.
 		if err := str.Notify(&proto.NotifyRequest{Id: cfg.NodeID, Address: adv}); err != nil {
 			return fmt.Errorf("bootstrap %s: %w", cfg.Dir, err)

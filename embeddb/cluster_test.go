@@ -482,3 +482,42 @@ func BenchmarkFailover(b *testing.B) {
 		})
 	}
 }
+
+// TestClusterRejoinNewAddress restarts a member at another address (as a
+// host whose tailnet IP changed) with Join: it joins again, the cluster
+// records the new address, and it takes part as before.
+func TestClusterRejoinNewAddress(t *testing.T) {
+	t.Parallel()
+	c := newTestCluster(t, 3)
+	dbs := c.openExpect()
+	checkSameAnswers(t, dbs, "before-move")
+	l := c.leader()
+	moved := (l + 1) % 3
+	if err := dbs[moved].Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.dbs[moved] = nil
+	const newAddr = "127.0.0.1:4013"
+	db := c.mustOpen(moved, func(cfg *Config) {
+		cfg.Listener.Close()
+		ln, err := c.nw.Listen("tcp", newAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Listener = ln
+		cfg.Join = c.addrs()
+	})
+	want := fmt.Sprintf("node%d@%s", moved+1, newAddr)
+	deadline := time.Now().Add(30 * time.Second)
+	for !slices.Contains(raftNodes(t, c.dbs[l]), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("leader's configuration = %v, want %s in it", raftNodes(t, c.dbs[l]), want)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := raftNodes(t, c.dbs[l]); len(got) != 3 {
+		t.Fatalf("configuration after the move = %v, want 3 nodes", got)
+	}
+	waitLocal(t, db, "before-move-1")
+	checkSameAnswers(t, slices.Clone(c.dbs), "after-move")
+}
