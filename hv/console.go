@@ -210,10 +210,15 @@ func newRecorder(h *Libvirt, dom libvirt.Domain) *recorder {
 	return r
 }
 
-// finish ends the recording and every session.
+// finish ends the recording and every session, and forgets the recorder.
 func (r *recorder) finish(err error) {
 	r.fanout.finish(err)
 	r.overOnce.Do(func() { close(r.over) })
+	r.h.rec.mu.Lock()
+	if r.h.rec.m[r.dom.Name] == r {
+		delete(r.h.rec.m, r.dom.Name)
+	}
+	r.h.rec.mu.Unlock()
 }
 
 // attach adds a session, and makes the console carry input if it does not.
