@@ -22,10 +22,11 @@ func (c *cmdConsole) command() *cobra.Command {
 	return &cobra.Command{
 		Use:   "console VM",
 		Short: "Attach to a VM's serial console (Ctrl-] to leave)",
-		Long: `Attach to a VM's serial console and stream what the VM writes from now on. On a
-terminal, Ctrl-] leaves. With stdin not a terminal (a pipe, /dev/null), its input goes
-to the VM and the output keeps coming after stdin ends, until the VM stops, Ctrl-C, or
---timeout if given.`,
+		Long: `Attach to a VM's serial console: first its recent output since the VM booted (up
+to 64 KiB: the boot, the login prompt), then what the VM writes. Several people may
+share one console; what any of them types goes to the VM. On a terminal, Ctrl-] leaves.
+With stdin not a terminal (a pipe, /dev/null), its input goes to the VM and the output
+keeps coming after stdin ends, until the VM stops, Ctrl-C, or --timeout if given.`,
 		Example: `  threes vm console toy0
   threes vm console --timeout 30s toy0 </dev/null > toy0-console.log`,
 		Args: exactArgs(1, "VM"),
