@@ -59,9 +59,7 @@ func (h *Libvirt) Port(id string) string {
 
 // portOf returns the guarded port of the VM s (validated) under prefix.
 func portOf(s Spec, prefix string) guard.Port {
-	mac, _ := net.ParseMAC(s.MAC)
-	ip, _ := netip.ParseAddr(s.IP) // empty: the zero Addr, any source IP
-	return guard.Port{Dev: guard.DevName(prefix, s.ID), MAC: mac, IP: ip, Network: s.Network, Bridge: s.Bridge}
+	return guard.Port{Dev: guard.DevName(prefix, s.ID), MAC: s.MAC, IP: s.IP, Network: s.Network, Bridge: s.Bridge}
 }
 
 // portFromXML reads a domain's guarded port back from its definition; ok

@@ -2,6 +2,7 @@ package hv_test
 
 import (
 	"context"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -62,7 +63,7 @@ func BenchmarkCreate1GiB(b *testing.B) {
 	create := func(img images.Image, copyDisk bool) time.Duration {
 		hv.SetCopyDisks(q.H, copyDisk)
 		s := q.Spec(b)
-		s.Image, s.IP = img, "10.10.0.9"
+		s.Image, s.IP = img, netip.MustParseAddr("10.10.0.9")
 		start := time.Now()
 		if err := q.H.Create(ctx, s); err != nil {
 			b.Fatal(err)

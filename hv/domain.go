@@ -1,6 +1,7 @@
 package hv
 
 import (
+	"bytes"
 	"encoding/xml"
 	"fmt"
 	"net"
@@ -49,14 +50,12 @@ func (s Spec) validate() error {
 	case strings.ContainsAny(s.Cmdline, "\x00\n"):
 		return fmt.Errorf("%w: kernel command line has a NUL or newline", ErrInvalidSpec)
 	}
-	mac, err := net.ParseMAC(s.MAC)
-	if err != nil || len(mac) != 6 {
-		return fmt.Errorf("%w: MAC %q is not a 6-byte MAC address", ErrInvalidSpec, s.MAC)
+	if len(s.MAC) != 6 || s.MAC[0]&1 != 0 || bytes.Equal(s.MAC, make(net.HardwareAddr, 6)) {
+		// A group or zero address would make the NIC answer for others.
+		return fmt.Errorf("%w: MAC %q is not a 6-byte unicast MAC address", ErrInvalidSpec, s.MAC)
 	}
-	if s.IP != "" {
-		if ip, err := netip.ParseAddr(s.IP); err != nil || !ip.Is4() {
-			return fmt.Errorf("%w: IP %q is not an IPv4 address", ErrInvalidSpec, s.IP)
-		}
+	if s.IP.IsValid() && !s.IP.Is4() {
+		return fmt.Errorf("%w: IP %s is not an IPv4 address", ErrInvalidSpec, s.IP)
 	}
 	img := s.Image
 	switch img.Kind {
@@ -125,11 +124,10 @@ func domainXML(s Spec, o xmlOptions) (string, error) {
 	if err := s.validate(); err != nil {
 		return "", err
 	}
-	meta, err := xml.Marshal(vmMetadata{Owner: o.owner, Name: s.Name, IP: s.IP, Network: s.Network})
+	meta, err := xml.Marshal(vmMetadata{Owner: o.owner, Name: s.Name, IP: ipText(s.IP), Network: s.Network})
 	if err != nil {
 		return "", fmt.Errorf("marshal metadata of domain %s: %w", s.ID, err)
 	}
-	mac, _ := net.ParseMAC(s.MAC) // validated above
 	port := uint(0)
 	d := &libvirtxml.Domain{
 		Type:     o.domainType,
@@ -155,7 +153,7 @@ func domainXML(s Spec, o xmlOptions) (string, error) {
 		OnCrash:    "destroy",
 		Devices: &libvirtxml.DomainDeviceList{
 			Interfaces: []libvirtxml.DomainInterface{{
-				MAC: &libvirtxml.DomainInterfaceMAC{Address: mac.String()},
+				MAC: &libvirtxml.DomainInterfaceMAC{Address: s.MAC.String()},
 				Source: &libvirtxml.DomainInterfaceSource{
 					Bridge: &libvirtxml.DomainInterfaceSourceBridge{Bridge: s.Bridge},
 				},
@@ -257,4 +255,12 @@ func NoCloudSeed(u *url.URL) string {
 // titleOf makes name fit libvirt's title, which must be one line.
 func titleOf(name string) string {
 	return strings.Join(strings.Fields(name), " ")
+}
+
+// ipText is ip for the domain's metadata: empty for the zero Addr.
+func ipText(ip netip.Addr) string {
+	if !ip.IsValid() {
+		return ""
+	}
+	return ip.String()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/xml"
 	"errors"
+	"net"
 	"net/url"
 	"strings"
 	"testing"
@@ -20,7 +21,7 @@ func validSpec() Spec {
 		Name:      "web <1> & \"co\"",
 		VCPUs:     2,
 		MemoryMiB: 512,
-		MAC:       "52:54:00:AB:cd:01",
+		MAC:       net.HardwareAddr{0x52, 0x54, 0x00, 0xab, 0xcd, 0x01},
 		Bridge:    "threes0",
 	}
 }
@@ -192,9 +193,12 @@ func TestSpecValidate(t *testing.T) {
 		{"space around ID", func(s *Spec) { s.ID = " a" }, false},
 		{"zero vCPUs", func(s *Spec) { s.VCPUs = 0 }, false},
 		{"negative memory", func(s *Spec) { s.MemoryMiB = -1 }, false},
-		{"bad MAC", func(s *Spec) { s.MAC = "52:54:00:zz:00:01" }, false},
-		{"long MAC", func(s *Spec) { s.MAC = "00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01" }, false},
-		{"no MAC", func(s *Spec) { s.MAC = "" }, false},
+		{"short MAC", func(s *Spec) { s.MAC = s.MAC[:5] }, false},
+		{"long MAC", func(s *Spec) { s.MAC, _ = net.ParseMAC("00:00:00:00:fe:80:00:00:00:00:00:00:02:00:5e:10:00:00:00:01") }, false},
+		{"no MAC", func(s *Spec) { s.MAC = nil }, false},
+		{"multicast MAC", func(s *Spec) { s.MAC = net.HardwareAddr{0x01, 0x00, 0x5e, 0, 0, 1} }, false},
+		{"broadcast MAC", func(s *Spec) { s.MAC = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff} }, false},
+		{"zero MAC", func(s *Spec) { s.MAC = make(net.HardwareAddr, 6) }, false},
 		{"no bridge", func(s *Spec) { s.Bridge = "" }, false},
 		{"seed", func(s *Spec) { s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/cloud-init/"} }, true},
 		{"seed without slash", func(s *Spec) { s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/cloud-init"} }, false},

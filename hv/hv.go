@@ -16,6 +16,8 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
+	"net/netip"
 	"net/url"
 
 	"github.com/threes-dev/threes/hv/images"
@@ -58,15 +60,15 @@ type Spec struct {
 	VCPUs int
 	// MemoryMiB is the guest's memory in MiB, at least 1.
 	MemoryMiB int
-	// MAC is the address of the VM's one NIC, e.g. "52:54:00:12:34:56".
-	MAC string
+	// MAC is the address of the VM's one NIC: 6 bytes, e.g. 52:54:00:12:34:56.
+	MAC net.HardwareAddr
 	// Bridge is the host bridge the NIC is attached to.
 	Bridge string
 	// IP is the VM's IPv4 address on the bridge. A QEMU domain's tap is
 	// guarded (package guard): frames from any other MAC, IPv4 source or
 	// ARP claim, and anything but IPv4 and ARP, never leave the VM.
-	// Without IP only the MAC is held to.
-	IP string
+	// The zero Addr holds only the MAC to.
+	IP netip.Addr
 	// Network is the VM's network: the bridge does not forward frames
 	// between VMs of different networks (they talk over the tailnet,
 	// where the rules are) unless Config.CrossNetwork. The gateway

@@ -127,7 +127,7 @@ func TestLifecycle(t *testing.T) {
 		t.Fatalf("%d interfaces, want 1", n)
 	}
 	nic := d.Devices.Interfaces[0]
-	if nic.MAC.Address != s.MAC || nic.Source.Bridge == nil || nic.Source.Bridge.Bridge != s.Bridge {
+	if nic.MAC.Address != s.MAC.String() || nic.Source.Bridge == nil || nic.Source.Bridge.Bridge != s.Bridge {
 		t.Errorf("NIC %s on %+v, want %s on bridge %s", nic.MAC.Address, nic.Source, s.MAC, s.Bridge)
 	}
 	if len(d.SysInfo) != 1 || d.SysInfo[0].SMBIOS == nil ||
@@ -289,7 +289,7 @@ func TestCreateExisting(t *testing.T) {
 	before := observe(t, w, s.ID)
 
 	again := s
-	again.MAC = "52:54:00:00:00:99"
+	again.MAC = net.HardwareAddr{0x52, 0x54, 0, 0, 0, 0x99}
 	err := h.Create(ctx, again)
 	if !errors.Is(err, hv.ErrExists) || !strings.Contains(err.Error(), s.ID) {
 		t.Fatalf("second Create: %v, want ErrExists naming %s", err, s.ID)
@@ -297,7 +297,7 @@ func TestCreateExisting(t *testing.T) {
 	if o := observe(t, w, s.ID); o != before {
 		t.Errorf("the witness sees %+v after the failed Create, want %+v", o, before)
 	}
-	if mac := observedXML(t, w, s.ID, 0).Devices.Interfaces[0].MAC.Address; mac != s.MAC {
+	if mac := observedXML(t, w, s.ID, 0).Devices.Interfaces[0].MAC.Address; mac != s.MAC.String() {
 		t.Errorf("MAC %s after the failed Create, want %s", mac, s.MAC)
 	}
 }
@@ -319,7 +319,7 @@ func TestCreateInvalid(t *testing.T) {
 	h := hvtest.Open(t)
 	w := witness(t, hvtest.Socket)
 	s := hvtest.Spec(t)
-	s.MAC = "not a MAC"
+	s.MAC = s.MAC[:4]
 	err := h.Create(context.Background(), s)
 	if !errors.Is(err, hv.ErrInvalidSpec) || !strings.Contains(err.Error(), s.ID) {
 		t.Fatalf("Create: %v, want ErrInvalidSpec naming %s", err, s.ID)

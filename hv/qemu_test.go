@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -175,7 +176,7 @@ func TestQEMU(t *testing.T) {
 	must(t, err)
 
 	s := q.Spec(t)
-	s.VCPUs, s.MemoryMiB, s.DiskGiB, s.IP = 2, 320, 1, "10.10.7.9"
+	s.VCPUs, s.MemoryMiB, s.DiskGiB, s.IP = 2, 320, 1, netip.MustParseAddr("10.10.7.9")
 	s.NoCloud = &url.URL{Scheme: "http", Host: "10.10.0.1", Path: "/cloud-init/"}
 	before := snapshotBase(t, q.Image)
 	overlay := filepath.Join(q.Dir, "disks", s.ID+".qcow2")
@@ -207,7 +208,7 @@ func TestQEMU(t *testing.T) {
 		rules, err := exec.Command("nft", "list", "ruleset", "bridge").CombinedOutput()
 		if err != nil || !strings.Contains(string(rules), `"`+m[1]+`" : goto vm_`+m[1]) ||
 			!strings.Contains(string(rules), "ip saddr != 10.10.7.9 counter") ||
-			!strings.Contains(string(rules), "ether saddr != "+s.MAC+" counter") {
+			!strings.Contains(string(rules), "ether saddr != "+s.MAC.String()+" counter") {
 			t.Errorf("nft list ruleset bridge: %v, no rules for tap %s with MAC %s and IP 10.10.7.9:\n%s", err, m[1], s.MAC, rules)
 		}
 		blk, err := hvtest.Virsh(t, "domblklist", s.ID)
@@ -526,7 +527,7 @@ func TestAntiSpoofFollowsDomains(t *testing.T) {
 	q := hvtest.OpenQEMU(t, hv.Config{DomainType: "qemu", StopTimeout: time.Second})
 	ctx := context.Background()
 	s1, s2 := q.Spec(t), q.Spec(t)
-	s1.IP, s2.IP = "10.10.7.21", "10.10.7.22"
+	s1.IP, s2.IP = netip.MustParseAddr("10.10.7.21"), netip.MustParseAddr("10.10.7.22")
 	must(t, q.H.Create(ctx, s1))
 	must(t, q.H.Create(ctx, s2))
 	tap1, tap2 := tapOf(t, s1.ID), tapOf(t, s2.ID)
@@ -608,7 +609,7 @@ func TestGuardHeals(t *testing.T) {
 	q := hvtest.OpenQEMU(t, hv.Config{DomainType: "qemu", StopTimeout: time.Second})
 	ctx := context.Background()
 	s1, s2 := q.Spec(t), q.Spec(t)
-	s1.IP, s2.IP = "10.10.7.31", "10.10.7.32"
+	s1.IP, s2.IP = netip.MustParseAddr("10.10.7.31"), netip.MustParseAddr("10.10.7.32")
 	s1.Network, s2.Network = "red", "blue"
 	must(t, q.H.Create(ctx, s1))
 	must(t, q.H.Create(ctx, s2))

@@ -339,8 +339,8 @@ func (f *Fleet) create(ctx context.Context, s CreateSpec, size Size, img images.
 		f.crashPoint(stepKVsWritten)
 	}
 
-	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: mac, Bridge: f.bridge,
-		IP: vm.IP, Network: vm.Network, Image: img, DiskGiB: max(size.DiskGiB, int((img.DiskBytes+1<<30-1)>>30)),
+	spec := hv.Spec{ID: vm.ID, Name: vm.Name, VCPUs: size.VCPUs, MemoryMiB: size.MemoryMiB, MAC: hw, Bridge: f.bridge,
+		IP: alloc.IP, Network: vm.Network, Image: img, DiskGiB: max(size.DiskGiB, int((img.DiskBytes+1<<30-1)>>30)),
 		NoCloud: f.noCloud}
 	if err := f.hv.Create(ctx, spec); err != nil {
 		return vm, fmt.Errorf("create vm %s: %w", vm.Name, err)

@@ -198,7 +198,7 @@ func TestLifecycle(t *testing.T) {
 	ctx := context.Background()
 	r := newRig(t, false, fleet.Hooks{})
 	vm := r.create(t, "toy0")
-	if spec, ok := r.hv.SpecOf(vm.ID); !ok || spec.VCPUs != 1 || spec.MemoryMiB != 512 || spec.MAC != vm.MAC || spec.IP != vm.IP || spec.Network != "lab" {
+	if spec, ok := r.hv.SpecOf(vm.ID); !ok || spec.VCPUs != 1 || spec.MemoryMiB != 512 || spec.MAC.String() != vm.MAC || spec.IP.String() != vm.IP || spec.Network != "lab" {
 		t.Fatalf("domain spec %+v (exists %v) does not match vm %+v", spec, ok, vm)
 	}
 	if _, err := r.f.Start(ctx, vm.ID); !errors.Is(err, fleet.ErrState) || !strings.Contains(err.Error(), "already running") {
@@ -338,7 +338,7 @@ func TestReconcile(t *testing.T) {
 	// A domain and disk of an ID no record has, as a create cut off after its
 	// domain was made and its record undone would leave.
 	orphan := fleet.NewID(time.Now())
-	if err := r.hv.Create(ctx, hv.Spec{ID: orphan, Name: "orphan", VCPUs: 1, MemoryMiB: 64, MAC: "52:54:00:00:00:99", Bridge: "br-fast", DiskGiB: 1}); err != nil {
+	if err := r.hv.Create(ctx, hv.Spec{ID: orphan, Name: "orphan", VCPUs: 1, MemoryMiB: 64, MAC: net.HardwareAddr{0x52, 0x54, 0, 0, 0, 0x99}, Bridge: "br-fast", DiskGiB: 1}); err != nil {
 		t.Fatal(err)
 	}
 	// A record still "creating": the process died in the middle of a create.

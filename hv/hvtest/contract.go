@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -378,7 +380,7 @@ func (c *contract) createExisting(t *testing.T) {
 	c.must(t, c.H.Create(ctx, s))
 	events.expect(t, s.ID, ev(s.ID, hv.StateRunning, "booted"))
 	again := s
-	again.MAC = "52:54:00:00:00:99"
+	again.MAC = net.HardwareAddr{0x52, 0x54, 0, 0, 0, 0x99}
 	wantErr(t, "second Create", c.H.Create(ctx, again), hv.ErrExists, s.ID)
 	c.wantState(t, s.ID, hv.StateRunning)
 	// The failed Create sent nothing: Stop's event is the next.
@@ -430,11 +432,12 @@ func (c *contract) createInvalid(t *testing.T) {
 	}{
 		{"empty ID", func(s *hv.Spec) { s.ID = "" }},
 		{"slash in ID", func(s *hv.Spec) { s.ID += "/x" }},
-		{"bad MAC", func(s *hv.Spec) { s.MAC = "not a MAC" }},
+		{"short MAC", func(s *hv.Spec) { s.MAC = s.MAC[:3] }},
+		{"multicast MAC", func(s *hv.Spec) { s.MAC = net.HardwareAddr{0x01, 0x00, 0x5e, 0, 0, 1} }},
 		{"no vCPUs", func(s *hv.Spec) { s.VCPUs = 0 }},
 		{"no memory", func(s *hv.Spec) { s.MemoryMiB = 0 }},
 		{"no bridge", func(s *hv.Spec) { s.Bridge = "" }},
-		{"IPv6", func(s *hv.Spec) { s.IP = "fd00::1" }},
+		{"IPv6", func(s *hv.Spec) { s.IP = netip.MustParseAddr("fd00::1") }},
 		{"negative disk", func(s *hv.Spec) { s.DiskGiB = -1 }},
 	}
 	for _, tc := range cases {

@@ -13,6 +13,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -147,7 +148,7 @@ func Spec(tb testing.TB) hv.Spec {
 		Name:      fmt.Sprintf("%s %d", name, n),
 		VCPUs:     1,
 		MemoryMiB: 128,
-		MAC:       fmt.Sprintf("52:54:00:%02x:%02x:%02x", mac[0], mac[1], mac[2]),
+		MAC:       net.HardwareAddr{0x52, 0x54, 0x00, mac[0], mac[1], mac[2]},
 		Bridge:    "threes-test0",
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -154,7 +155,7 @@ func TestMemoryHooks(t *testing.T) {
 		t.Fatal("GuestWrite to a running domain failed")
 	}
 	c.WaitFor(t, "login: ", wait)
-	if got, ok := m.SpecOf(s.ID); !ok || got != s {
+	if got, ok := m.SpecOf(s.ID); !ok || !reflect.DeepEqual(got, s) {
 		t.Errorf("SpecOf = %+v, %v; want %+v", got, ok, s)
 	}
 	if !m.Crash(s.ID) {
