@@ -77,7 +77,8 @@ type Options struct {
 	// cluster of that many hosts with them (1: a cluster of this host alone that
 	// others can join). Either puts the database on the tailnet (RaftPort),
 	// reachable only by nodes that carry OwnerTag; both empty keep it off the
-	// network. A host with a database already rejoins its cluster by itself.
+	// network. A member rejoins its cluster by itself at every start, flags or
+	// not; a host that has a database of its own cannot join or form one.
 	Join            []string
 	BootstrapExpect int
 
@@ -196,7 +197,18 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		Listener: memnet.Listen("threes-raft:4002"),
 		Logf:     func(f string, args ...any) { o.Logger.Debug(fmt.Sprintf(f, args...), "component", "rqlite") },
 	}
-	if len(o.Join) > 0 || o.BootstrapExpect > 0 {
+	// A member stays one (on the tailnet) across restarts without flags.
+	memberMark := filepath.Join(o.StateDir, "db-cluster-member")
+	_, markErr := os.Stat(memberMark)
+	member := markErr == nil
+	if !member && (len(o.Join) > 0 || o.BootstrapExpect > 0) {
+		if !embeddb.IsNew(dbCfg.Dir) {
+			// Its Raft address is the in-memory one: peers could never reach it.
+			return nil, fmt.Errorf("open database: %s holds the database of a host on its own; only a host with no database yet can join or form a cluster", dbCfg.Dir)
+		}
+		member = true
+	}
+	if member {
 		dbCfg.Listener.Close()
 		a.ts = newTailnetNode(o)
 		if err := clusterConfig(ctx, o, a.ts, &dbCfg); err != nil {
@@ -206,6 +218,11 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	a.db, err = embeddb.Open(ctx, dbCfg)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", err)
+	}
+	if member {
+		if err := os.WriteFile(memberMark, nil, 0o600); err != nil {
+			return nil, fmt.Errorf("state dir: %w", err)
+		}
 	}
 
 	// 3. The image store and the hypervisor. Base images live beside the disks

@@ -8,16 +8,19 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
+	"tailscale.com/net/memnet"
 
 	"github.com/threes-dev/threes/appliance"
 	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/appliance/threestest"
+	"github.com/threes-dev/threes/embeddb"
 	"github.com/threes-dev/threes/hv/hvtest"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
 	"github.com/threes-dev/threes/tsauth"
@@ -30,7 +33,8 @@ import (
 // TestClusterTwoAppliances starts one appliance as a cluster of one on the
 // tailnet and a second that joins it by name: a network created through
 // either is listed by the other. A tailnet node without the appliance tag
-// that reaches the database port and asks for a backup gets nothing.
+// that reaches the database port and asks for a backup gets nothing. The
+// joiner, restarted on its state, is a member again without being told.
 func TestClusterTwoAppliances(t *testing.T) {
 	env := threestest.StartWith(t, func(o *appliance.Options) {
 		o.Hostname = "threes-a"
@@ -47,6 +51,7 @@ func TestClusterTwoAppliances(t *testing.T) {
 	optsB.Hypervisor = hvtest.Open(t)
 	optsB.BootstrapExpect = 0
 	optsB.Join = []string{"threes-a"}
+	optsB.Ephemeral = false // keeps its tailnet IP across the restart below
 	b, err := appliance.Start(ctx, optsB)
 	if err != nil {
 		t.Fatalf("start the joining appliance: %v", err)
@@ -111,4 +116,40 @@ func TestClusterTwoAppliances(t *testing.T) {
 		t.Fatalf("stranger's backup request got %d bytes (%v); want the connection closed with nothing", len(got), err)
 	}
 	t.Logf("stranger's backup request: connection closed with nothing (%v)", err)
+
+	if err := b.Close(); err != nil {
+		t.Logf("close b: %v", err)
+	}
+	optsB.Join = nil // a member needs no join
+	b2, err := appliance.Start(ctx, optsB)
+	if err != nil {
+		t.Fatalf("restart b: %v", err)
+	}
+	t.Cleanup(func() { b2.Close() })
+	apiB = local(optsB.Socket)
+	if _, err := apiB.CreateNetwork(ctx, &threesv1.NetworkRequest{Name: "made-on-b-again"}); err != nil {
+		t.Fatalf("create network on restarted b: %v", err)
+	}
+	if got := listed(apiA); !slices.Contains(got, "made-on-b-again") {
+		t.Fatalf("a lists %v, want made-on-b-again", got)
+	}
+
+	// A host that already has a database of its own cannot join: its Raft
+	// address is in memory, where no peer could reach it.
+	optsC := optsB
+	optsC.Hostname = "threes-c"
+	optsC.StateDir = t.TempDir()
+	optsC.Socket = filepath.Join(optsC.StateDir, "threes.sock")
+	optsC.Join = []string{"threes-a"}
+	db, err := embeddb.Open(ctx, embeddb.Config{Dir: filepath.Join(optsC.StateDir, "db"), NodeID: "threes-c", Listener: memnet.Listen("threes-raft:4002")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	if c, err := appliance.Start(ctx, optsC); err == nil || !strings.Contains(err.Error(), "only a host with no database yet can join") {
+		if c != nil {
+			c.Close()
+		}
+		t.Fatalf("a host with its own database joining = %v, want a refusal", err)
+	}
 }

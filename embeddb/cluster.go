@@ -495,3 +495,6 @@ func (l *admitListener) Close() error {
 }
 
 func (l *admitListener) Addr() net.Addr { return l.inner.Addr() }
+
+// IsNew reports whether dir holds no node yet: Open would make a new one.
+func IsNew(dir string) bool { return store.IsNewNode(dir) }
