@@ -15,8 +15,6 @@ import (
 	"time"
 
 	"github.com/creack/pty"
-	"tailscale.com/client/local"
-	"tailscale.com/ipn"
 
 	"github.com/threes-dev/threes/appliance"
 	"github.com/threes-dev/threes/hv"
@@ -89,7 +87,7 @@ func TestSSHTailscaleNC(t *testing.T) {
 		t.Fatalf("image import: exit %d: %s%s", code, out, errOut)
 	}
 
-	tsSock := startTailscaled(t, ctx, tsd, hs)
+	tsSock := hs.UserTailscaled(t, ctx, tsd, "threes")
 
 	known := filepath.Join(t.TempDir(), "known_hosts")
 	// As the README tells an admin to connect: the appliance's tailnet name, any
@@ -220,75 +218,6 @@ func runTree(args ...string) (string, string, int) {
 		return out.String(), errb.String(), exitCode(err)
 	}
 	return out.String(), errb.String(), 0
-}
-
-// startTailscaled runs the user's own tailscaled in userspace networking, logged in
-// to hs as its user, and returns its LocalAPI socket.
-func startTailscaled(t *testing.T, ctx context.Context, bin string, hs *headscaletest.Server) string {
-	t.Helper()
-	// tailscaled keeps away from control until some interface has a usable IPv4
-	// address: a veth pair (this kernel has no dummy driver) with a TEST-NET-2
-	// address, which nothing routes.
-	veth := fmt.Sprintf("thsh%d", os.Getpid()%100000)
-	for _, args := range [][]string{
-		{"link", "add", veth, "type", "veth", "peer", "name", veth + "p"},
-		{"addr", "add", "198.51.100.2/32", "dev", veth},
-		{"link", "set", veth, "up"},
-		{"link", "set", veth + "p", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v\n%s", args, err, out)
-		}
-	}
-	t.Cleanup(func() { exec.Command("ip", "link", "del", veth).Run() })
-
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "tailscaled.sock")
-	cmd := exec.Command(bin, "--tun=userspace-networking", "--socket="+sock, "--statedir="+filepath.Join(dir, "state"), "--port=0")
-	cmd.Env = append(os.Environ(), "TS_DEBUG_USE_DERP_HTTP=1", "TS_NO_LOGS_NO_SUPPORT=true", "TS_DISABLE_PORTMAPPER=1")
-	logf, err := os.Create(filepath.Join(dir, "tailscaled.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill() // only the process started here, by its PID
-		cmd.Wait()
-		logf.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			lines := strings.Split(string(b), "\n")
-			t.Logf("tailscaled log:\n%s", strings.Join(lines[max(0, len(lines)-40):], "\n"))
-		}
-	})
-	lc := &local.Client{Socket: sock, UseSocketOnly: true}
-	sshEventually(t, "tailscaled's LocalAPI", func() bool { _, err := lc.Status(ctx); return err == nil })
-	if err := lc.Start(ctx, ipn.Options{
-		AuthKey:     hs.PreauthKey(t),
-		UpdatePrefs: &ipn.Prefs{ControlURL: hs.URL, WantRunning: true, Hostname: "desk"},
-	}); err != nil {
-		t.Fatal(err)
-	}
-	// As `tailscale up` does for a new node: the auth key is used by the login.
-	if err := lc.StartLoginInteractive(ctx); err != nil {
-		t.Fatal(err)
-	}
-	sshEventually(t, "tailscaled running with the appliance in its netmap", func() bool {
-		s, err := lc.Status(ctx)
-		if err != nil || s.BackendState != ipn.Running.String() {
-			return false
-		}
-		for _, p := range s.Peer {
-			if p.HostName == "threes" {
-				return true
-			}
-		}
-		return false
-	})
-	return sock
 }
 
 // sshEnvBin returns the binary $name names (make tailscaled builds them), skipping

@@ -2,18 +2,13 @@ package main_test
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
-
-	"tailscale.com/client/local"
-	"tailscale.com/ipn"
 
 	"github.com/threes-dev/threes/appliance"
 	"github.com/threes-dev/threes/appliance/threestest"
@@ -70,56 +65,8 @@ func TestCLIOverTailscaled(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// tailscaled keeps away from control until some interface has a usable IPv4
-	// address: give it a dummy one from TEST-NET-2, which nothing routes.
-	// (A veth pair with both ends here: this kernel has no dummy driver.)
-	dummy := fmt.Sprintf("thrd%d", os.Getpid()%100000)
-	for _, args := range [][]string{
-		{"link", "add", dummy, "type", "veth", "peer", "name", dummy + "p"},
-		{"addr", "add", "198.51.100.1/32", "dev", dummy},
-		{"link", "set", dummy, "up"},
-		{"link", "set", dummy + "p", "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			t.Fatalf("ip %v: %v\n%s", args, err, out)
-		}
-	}
-	t.Cleanup(func() { exec.Command("ip", "link", "del", dummy).Run() })
-
 	// The user's own tailscaled, logged in as user threes.
-	sock := filepath.Join(t.TempDir(), "tailscaled.sock")
-	cmd := exec.Command(tsd, "--tun=userspace-networking", "--socket="+sock, "--statedir="+t.TempDir(), "--port=0")
-	cmd.Env = append(os.Environ(), "TS_DEBUG_USE_DERP_HTTP=1", "TS_NO_LOGS_NO_SUPPORT=true", "TS_DISABLE_PORTMAPPER=1")
-	logf, _ := os.Create(filepath.Join(t.TempDir(), "tailscaled.log"))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill() // only the process started here, by its PID
-		cmd.Wait()
-		logf.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			t.Logf("tailscaled log:\n%s", tail(string(b), 40))
-		}
-	})
-	lc := &local.Client{Socket: sock, UseSocketOnly: true}
-	eventually(t, "tailscaled's LocalAPI", func() bool { _, err := lc.Status(ctx); return err == nil })
-	if err := lc.Start(ctx, ipn.Options{
-		AuthKey:     hs.PreauthKey(t),
-		UpdatePrefs: &ipn.Prefs{ControlURL: hs.URL, WantRunning: true, Hostname: "desk"},
-	}); err != nil {
-		t.Fatal(err)
-	}
-	// As `tailscale up` does for a new node: the auth key is used by the login.
-	if err := lc.StartLoginInteractive(ctx); err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, "tailscaled running", func() bool {
-		s, err := lc.Status(ctx)
-		return err == nil && s.BackendState == ipn.Running.String()
-	})
+	sock := hs.UserTailscaled(t, ctx, tsd, "threes")
 
 	c := cli{t: t, bin: threesBin(t), global: []string{"-a", netip.AddrPortFrom(st.TailscaleIPs[0], 9999).String(), "--tailscaled-socket", sock}}
 	if out := c.ok("whoami"); !strings.Contains(out, "Role: admin") || strings.Contains(out, "local socket") {
