@@ -20,6 +20,7 @@ func benchPorts(n int) []guard.Port {
 			MAC:     net.HardwareAddr{0x52, 0x54, 0, 0x9c, byte(i >> 8), byte(i)},
 			IP:      netip.AddrFrom4([4]byte{10, 10, byte(i >> 8), byte(i)}),
 			Network: fmt.Sprint("net-", i%4),
+			Bridge:  "br0",
 		}
 	}
 	return ports
