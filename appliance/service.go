@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/threes-dev/threes/appliance/fleet"
@@ -55,11 +56,13 @@ func (s *service) Watch(ref *threesv1.VMRef, stream grpc.ServerStreamingServer[t
 	if err != nil {
 		return err
 	}
-	if err := stream.Send(vmProto(vm)); err != nil {
+	last := vmProto(vm)
+	if err := stream.Send(last); err != nil {
 		return err
 	}
 	t := time.NewTicker(watchEvery)
 	defer t.Stop()
+	read := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -69,9 +72,12 @@ func (s *service) Watch(ref *threesv1.VMRef, stream grpc.ServerStreamingServer[t
 		case <-t.C:
 		}
 		g := s.fleet.Gen(id)
-		if g == gen {
+		// Another host's writes do not move Gen: with a shared database, look
+		// again now and then anyway.
+		if g == gen && !(s.fleet.Shared() && time.Since(read) >= fleet.SharedMaxAge) {
 			continue
 		}
+		read = time.Now()
 		vm, err := s.fleet.Get(ctx, id)
 		if errors.Is(err, embeddb.ErrNotFound) {
 			return nil
@@ -80,8 +86,12 @@ func (s *service) Watch(ref *threesv1.VMRef, stream grpc.ServerStreamingServer[t
 			return err
 		}
 		gen = g
-		if err := stream.Send(vmProto(vm)); err != nil {
-			return err
+		// Sent only when it changed: a look that found nothing new sends nothing.
+		if p := vmProto(vm); !proto.Equal(p, last) {
+			if err := stream.Send(p); err != nil {
+				return err
+			}
+			last = p
 		}
 	}
 }

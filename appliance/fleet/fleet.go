@@ -61,9 +61,17 @@ type Config struct {
 	// NoCloud is the cloud-init seed URL every VM is given (the metadata
 	// server's /cloud-init/); nil gives none.
 	NoCloud *url.URL
-	Now     func() time.Time // default time.Now
-	Log     *slog.Logger     // default slog.Default()
+	// Shared says other hosts write to the database too (a cluster): what this
+	// host caches about a VM is then read again at least every SharedMaxAge, as
+	// their writes do not show in its write counters.
+	Shared bool
+	Now    func() time.Time // default time.Now
+	Log    *slog.Logger     // default slog.Default()
 }
+
+// SharedMaxAge bounds how stale the metadata server's view of a VM, and a Watch,
+// may be when other hosts share the database.
+const SharedMaxAge = time.Second
 
 // Fleet owns VM state changes: each one touches the database, the hypervisor and
 // the IPAM in an order that leaves nothing behind when a step fails, under the
@@ -88,6 +96,7 @@ type Fleet struct {
 	// phases records the phases a new VM reaches.
 	phases *phaseRecorder
 	md     *MetadataSource
+	shared bool // Config.Shared
 }
 
 // Hooks let a test steer what is otherwise random or timed. Production code leaves
@@ -124,6 +133,10 @@ func New(cfg Config, hooks Hooks) *Fleet {
 		images: cfg.Images, bridge: cfg.Bridge, noCloud: cfg.NoCloud, now: cfg.Now, log: cfg.Log,
 		hooks: hooks, phases: newPhaseRecorder(cfg.DB, cfg.Log)}
 	f.md = newMDSource(cfg.DB, cfg.Now)
+	if cfg.Shared {
+		f.md.maxAge = SharedMaxAge
+		f.shared = true
+	}
 	f.md.phases = f.phases
 	return f
 }
@@ -165,6 +178,10 @@ func (f *Fleet) Networks(ctx context.Context) ([]embeddb.Network, error) {
 // Gen is a counter that changes whenever this host writes about the VM: a watcher
 // reads the VM again only when it moved. It costs no database read.
 func (f *Fleet) Gen(id string) uint64 { return f.db.VMGen(id) }
+
+// Shared reports whether other hosts write to the database too, so Gen does not
+// see every change: a watcher then also reads again every SharedMaxAge.
+func (f *Fleet) Shared() bool { return f.shared }
 
 // validate checks a create request field by field, naming the first bad one.
 func (f *Fleet) validate(s CreateSpec) (Size, error) {

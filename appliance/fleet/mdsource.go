@@ -16,10 +16,13 @@ import (
 // from a per-VM cache. A VM's entry is current while the database's VMGen for it
 // stays what it was when the entry was read, so a request costs no database read
 // (let alone a round trip to the Raft leader) until this appliance writes something
-// about that VM; every write about a VM goes through this appliance's database.
+// about that VM. VMGen counts only this host's writes: when other hosts share the
+// database (a cluster), an entry is also read again once it is maxAge old, so
+// their writes show within maxAge.
 type MetadataSource struct {
-	db  *embeddb.DB
-	now func() time.Time
+	db     *embeddb.DB
+	now    func() time.Time
+	maxAge time.Duration // 0: entries stay while VMGen does (this host makes every write)
 	// phases hears which VMs read their config and took their key (nil: nobody).
 	phases *phaseRecorder
 
@@ -30,7 +33,8 @@ type MetadataSource struct {
 
 type mdEntry struct {
 	inst metadata.Instance
-	gen  uint64 // db.VMGen(inst.ID) before the entry was read
+	gen  uint64    // db.VMGen(inst.ID) before the entry was read
+	at   time.Time // when it was read
 }
 
 func newMDSource(db *embeddb.DB, now func() time.Time) *MetadataSource {
@@ -52,9 +56,10 @@ func (s *MetadataSource) Lookup(ctx context.Context, ip netip.Addr) (metadata.In
 	s.mu.RLock()
 	e, ok := s.byIP[ip]
 	s.mu.RUnlock()
-	if ok && s.db.VMGen(e.inst.ID) == e.gen {
+	if ok && s.db.VMGen(e.inst.ID) == e.gen && (s.maxAge == 0 || s.now().Sub(e.at) < s.maxAge) {
 		return e.inst, nil
 	}
+	at := s.now()
 	in, gen, err := s.read(ctx, ip)
 	if err != nil {
 		return in, err
@@ -63,7 +68,7 @@ func (s *MetadataSource) Lookup(ctx context.Context, ip netip.Addr) (metadata.In
 	// that raced the read changed VMGen, and the next request reads again.
 	if s.db.VMGen(in.ID) == gen {
 		s.mu.Lock()
-		s.byIP[ip] = mdEntry{inst: in, gen: gen}
+		s.byIP[ip] = mdEntry{inst: in, gen: gen, at: at}
 		s.mu.Unlock()
 	}
 	return in, nil
