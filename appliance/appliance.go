@@ -265,7 +265,7 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		o.Logger.Warn("no control plane configured: networks are recorded but not written to the tailnet policy, and VMs get no auth keys")
 	}
 	a.fleet = fleet.New(fleet.Config{DB: a.db, HV: a.hv, IPAM: pool, Images: a.images, Shared: member,
-		Plane: o.Plane, OwnerTag: o.OwnerTag, Bridge: o.Bridge, NoCloud: noCloudURL(pool, o.MetadataPort),
+		Plane: o.Plane, OwnerTag: o.OwnerTag, Bridge: o.Bridge, Host: o.Hostname, NoCloud: noCloudURL(pool, o.MetadataPort),
 		Now: o.Now, Log: o.Logger}, o.hooks)
 	// In the background: everything below serves at once, whatever the VM count.
 	a.closers = append(a.closers, a.fleet.Run(o.ReconcileInterval))

@@ -63,6 +63,7 @@ var errorCodes = []struct {
 	// Right request, wrong moment: something must change first.
 	{fleet.ErrState, codes.FailedPrecondition},
 	{fleet.ErrImageInUse, codes.FailedPrecondition},
+	{fleet.ErrElsewhere, codes.FailedPrecondition},
 	{hv.ErrNotRunning, codes.FailedPrecondition},
 	{embeddb.ErrInUse, codes.FailedPrecondition},
 	{embeddb.ErrAlreadyServed, codes.FailedPrecondition},

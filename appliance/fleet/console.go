@@ -12,7 +12,7 @@ import (
 // console is closed (see hv.Hypervisor.Console). It does not hold the VM's lock:
 // a console stays open across the VM's stops and starts, which end it.
 func (f *Fleet) Console(ctx context.Context, id string) (io.ReadWriteCloser, embeddb.VM, error) {
-	vm, err := f.live(ctx, id)
+	vm, err := f.local(ctx, id)
 	if err != nil {
 		return nil, vm, err
 	}

@@ -9,4 +9,7 @@ var (
 	// ErrImageInUse means a VM (live, or deleted but not purged) still has a disk
 	// on the image, so the image cannot go.
 	ErrImageInUse = errors.New("image in use")
+	// ErrElsewhere means the VM runs on another host of the cluster, and the call
+	// needs its domain.
+	ErrElsewhere = errors.New("vm runs on another host")
 )

@@ -35,7 +35,7 @@ func (f *Fleet) observe(ctx context.Context, ev hv.Event) {
 			f.log.Error("record vm state from event", "vm", ev.ID, "state", ev.State, "err", err)
 		}
 		return
-	case !vm.Live() || vm.State == StateCreating:
+	case !vm.Live() || vm.State == StateCreating || !f.mine(vm):
 		return
 	}
 	state, ok := observedState(ev.State)

@@ -58,6 +58,10 @@ type Config struct {
 	OwnerTag string
 	// Bridge is the bridge VMs' NICs attach to.
 	Bridge string
+	// Host names this host among those sharing the database; the VMs it
+	// creates carry it, and it runs, reconciles and changes only those (and
+	// VMs recorded with no host, from before hosts were recorded).
+	Host string
 	// NoCloud is the cloud-init seed URL every VM is given (the metadata
 	// server's /cloud-init/); nil gives none.
 	NoCloud *url.URL
@@ -84,6 +88,7 @@ type Fleet struct {
 	ownerTag string
 	images   *images.Store
 	bridge   string
+	host     string
 	noCloud  *url.URL
 	now      func() time.Time
 	log      *slog.Logger
@@ -130,7 +135,7 @@ func New(cfg Config, hooks Hooks) *Fleet {
 		hooks.NewMAC = NewMAC
 	}
 	f := &Fleet{db: cfg.DB, hv: cfg.HV, ipam: cfg.IPAM, plane: cfg.Plane, ownerTag: cfg.OwnerTag,
-		images: cfg.Images, bridge: cfg.Bridge, noCloud: cfg.NoCloud, now: cfg.Now, log: cfg.Log,
+		images: cfg.Images, bridge: cfg.Bridge, host: cfg.Host, noCloud: cfg.NoCloud, now: cfg.Now, log: cfg.Log,
 		hooks: hooks, phases: newPhaseRecorder(cfg.DB, cfg.Log)}
 	f.md = newMDSource(cfg.DB, cfg.Now)
 	if cfg.Shared {
@@ -331,7 +336,7 @@ func (f *Fleet) create(ctx context.Context, s CreateSpec, size Size, img images.
 
 	vm = embeddb.VM{
 		ID: id, Name: s.Name, Description: s.Description, Network: s.Network,
-		Image: s.Image, Type: s.Type, MAC: mac, IP: alloc.IP.String(), State: StateCreating,
+		Image: s.Image, Type: s.Type, MAC: mac, IP: alloc.IP.String(), Host: f.host, State: StateCreating,
 		Desired: StateRunning, CreatedAt: now, UpdatedAt: now,
 	}
 	cfg := embeddb.VMConfig{VMID: vm.ID, Hostname: s.Name, Script: s.Script, PublicKey: s.PublicKey,
@@ -409,6 +414,19 @@ func (f *Fleet) Get(ctx context.Context, id string) (embeddb.VM, error) {
 	return vm, nil
 }
 
+// mine reports whether vm's domain is this host's to run.
+func (f *Fleet) mine(vm embeddb.VM) bool { return vm.Host == "" || vm.Host == f.host }
+
+// local returns a live VM of this host, for calls that need its domain.
+func (f *Fleet) local(ctx context.Context, id string) (embeddb.VM, error) {
+	vm, err := f.live(ctx, id)
+	if err == nil && !f.mine(vm) {
+		err = fmt.Errorf("vm %s runs on host %s, and this is %s: make the call there (calls are not carried between hosts yet): %w",
+			vm.Name, vm.Host, f.host, ErrElsewhere)
+	}
+	return vm, err
+}
+
 // live returns a VM that is not deleted, for calls that change it.
 func (f *Fleet) live(ctx context.Context, id string) (embeddb.VM, error) {
 	vm, err := f.Get(ctx, id)
@@ -444,7 +462,7 @@ func (f *Fleet) Restart(ctx context.Context, id string) (embeddb.VM, error) {
 
 func (f *Fleet) transition(ctx context.Context, id, to string, do func(context.Context, string) error) (embeddb.VM, error) {
 	defer f.locks.lock(id)()
-	vm, err := f.live(ctx, id)
+	vm, err := f.local(ctx, id)
 	if err != nil {
 		return vm, err
 	}
@@ -465,7 +483,7 @@ func (f *Fleet) transition(ctx context.Context, id, to string, do func(context.C
 // so a mistaken delete can still be looked into.
 func (f *Fleet) Delete(ctx context.Context, id string) (embeddb.VM, error) {
 	defer f.locks.lock(id)()
-	vm, err := f.live(ctx, id)
+	vm, err := f.local(ctx, id)
 	if err != nil {
 		return vm, err
 	}
@@ -499,8 +517,9 @@ func (f *Fleet) Purge(ctx context.Context, ids []string) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
+		// Another host's deleted VMs are its to purge: their domains are there.
 		for _, vm := range all {
-			if !vm.DeletedAt.IsZero() {
+			if !vm.DeletedAt.IsZero() && f.mine(vm) {
 				targets = append(targets, vm)
 			}
 		}
@@ -512,6 +531,9 @@ func (f *Fleet) Purge(ctx context.Context, ids []string) ([]string, error) {
 		}
 		if vm.DeletedAt.IsZero() {
 			return nil, fmt.Errorf("vm %s (%s) is not deleted; delete it first: %w", vm.Name, id, ErrState)
+		}
+		if !f.mine(vm) {
+			return nil, fmt.Errorf("vm %s (%s) ran on host %s, and this is %s: purge it there: %w", vm.Name, id, vm.Host, f.host, ErrElsewhere)
 		}
 		targets = append(targets, vm)
 	}

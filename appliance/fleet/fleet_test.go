@@ -86,7 +86,7 @@ func newRig(t *testing.T, run bool, hooks fleet.Hooks) *rig {
 		t.Fatal(err)
 	}
 	r := &rig{hv: hvtest.NewMemory(), db: db, ipam: pool, logs: &syncBuffer{}}
-	r.f = fleet.New(fleet.Config{DB: db, HV: r.hv, IPAM: pool, Images: store, Bridge: "br-fast",
+	r.f = fleet.New(fleet.Config{DB: db, HV: r.hv, IPAM: pool, Images: store, Bridge: "br-fast", Host: "a",
 		Log: slog.New(slog.NewTextHandler(r.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))}, hooks)
 	if _, err := r.f.CreateNetwork(ctx, "lab"); err != nil {
 		t.Fatal(err)
@@ -410,5 +410,71 @@ func TestKVs(t *testing.T) {
 	}
 	if _, err := r.f.KVs(ctx, fleet.NewID(time.Now())); !errors.Is(err, embeddb.ErrNotFound) {
 		t.Errorf("kvs of no vm = %v, want not found", err)
+	}
+}
+
+// TestTwoHostsShareADatabase: two fleets (hosts a and b, each with its own
+// hypervisor) on one database, as cluster members are. Each judges only its own
+// VMs: b's reconcile neither reports a's VMs as drift nor removes a's VM while a
+// is still creating it, and a call that needs a's domain, made on b, is refused
+// with ErrElsewhere naming the host, changing nothing.
+func TestTwoHostsShareADatabase(t *testing.T) {
+	ctx := context.Background()
+	a := newRig(t, false, fleet.Hooks{})
+	hvB := hvtest.NewMemory()
+	store, err := images.Open(filepath.Join(t.TempDir(), "images"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, err := ipam.New(ipam.Config{Prefix: netip.MustParsePrefix("10.10.0.0/24")}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := fleet.New(fleet.Config{DB: a.db, HV: hvB, IPAM: pool, Images: store, Bridge: "br-fast", Host: "b",
+		Log: slog.New(slog.NewTextHandler(a.logs, nil))}, fleet.Hooks{})
+
+	vm := a.create(t, "on-a")
+	if vm.Host != "a" {
+		t.Fatalf("vm created on host a records host %q", vm.Host)
+	}
+	half := a.create(t, "half-on-a")
+	if err := a.db.SetVMState(ctx, half.ID, fleet.StateCreating, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := b.Reconcile(ctx)
+	if err != nil || len(rep.Started)+len(rep.Removed)+len(rep.Drift) != 0 {
+		t.Fatalf("host b's pass judged host a's vms: %+v, %v", rep, err)
+	}
+	if got := a.state(t, vm.ID); got.State != fleet.StateRunning {
+		t.Errorf("a's vm is %s after b's pass", got.State)
+	}
+	if _, err := a.db.GetVM(ctx, half.ID); err != nil {
+		t.Errorf("b's pass removed the vm a is creating: %v", err)
+	}
+	for what, call := range map[string]func() error{
+		"stop":    func() error { _, err := b.Stop(ctx, vm.ID); return err },
+		"delete":  func() error { _, err := b.Delete(ctx, vm.ID); return err },
+		"console": func() error { _, _, err := b.Console(ctx, vm.ID); return err },
+	} {
+		if err := call(); !errors.Is(err, fleet.ErrElsewhere) || !strings.Contains(err.Error(), "host a") {
+			t.Errorf("%s on host b of a's vm = %v, want ErrElsewhere naming host a", what, err)
+		}
+	}
+	if got := a.state(t, vm.ID); got.State != fleet.StateRunning || got.Desired != fleet.StateRunning || !got.DeletedAt.IsZero() {
+		t.Errorf("refused calls changed a's vm: %+v", got)
+	}
+	// Key/values live in the database: any host sets them.
+	if _, err := b.UpsertKVs(ctx, vm.ID, []embeddb.KV{{Key: "from", Value: "b"}}); err != nil {
+		t.Errorf("key/values of a's vm through b: %v", err)
+	}
+	// Purge of everything deleted takes only this host's.
+	if _, err := a.f.Delete(ctx, vm.ID); err != nil {
+		t.Fatal(err)
+	}
+	if ids, err := b.Purge(ctx, nil); err != nil || len(ids) != 0 {
+		t.Errorf("b purged %v (%v) of a's deleted vms", ids, err)
+	}
+	if _, err := b.Purge(ctx, []string{vm.ID}); !errors.Is(err, fleet.ErrElsewhere) {
+		t.Errorf("b's purge of a's vm = %v, want ErrElsewhere", err)
 	}
 }

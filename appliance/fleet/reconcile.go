@@ -148,7 +148,12 @@ func (f *Fleet) reconcile(ctx context.Context, full bool) (ReconcileReport, erro
 	var errs []error
 	known := make(map[string]bool, len(vms))
 	for _, vm := range vms {
+		// Every host's records count as known, so no domain a record claims is
+		// removed; only this host's VMs are judged against this host's libvirt.
 		known[vm.ID] = true
+		if !f.mine(vm) {
+			continue
+		}
 		st, ok := listed[vm.ID]
 		if !ok {
 			st = hv.StateMissing
@@ -243,6 +248,8 @@ func (f *Fleet) reconcileVM(ctx context.Context, id string, hasDisk bool, rep *R
 		return fmt.Errorf("reconcile vm %s: %w", id, err)
 	case !vm.Live():
 		return nil // its domain and disk stay until purge
+	case !f.mine(vm):
+		return nil // another host's
 	case vm.State == StateCreating:
 		f.log.Warn("reconcile: removing vm a crash left half-created", "vm", vm.ID, "name", vm.Name)
 		if err := f.purgeLocked(ctx, vm); err != nil {
