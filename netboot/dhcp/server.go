@@ -183,6 +183,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			c.Close()
 			return nil, fmt.Errorf("open dhcp socket on %s: %w", cfg.Interface, err)
 		}
+		// What arrived between bind and the filter was never checked: drop it
+		// unread (a client whose request went asks again).
+		drain(c)
 		s.conn = c
 	}
 	return s, nil
@@ -487,4 +490,16 @@ func (s *Server) Count(r Reason) uint64 {
 		return 0
 	}
 	return s.stats[r].Load()
+}
+
+// drain discards every datagram already queued on c, without waiting.
+func drain(c *net.UDPConn) {
+	buf := make([]byte, 1500)
+	c.SetReadDeadline(time.Now())
+	for {
+		if _, _, err := c.ReadFrom(buf); err != nil {
+			break
+		}
+	}
+	c.SetReadDeadline(time.Time{})
 }
