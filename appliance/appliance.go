@@ -468,7 +468,7 @@ func clusterConfig(ctx context.Context, o Options, ts *tsnet.Server, cfg *embedd
 		return fmt.Errorf("tailnet local client: %w", err)
 	}
 	for _, h := range o.Join {
-		addr, err := raftAddr(ctx, lc, h)
+		addr, err := raftAddr(ctx, lc, h, o.OwnerTag)
 		if err != nil {
 			return fmt.Errorf("join %q: %w", h, err)
 		}
@@ -504,7 +504,7 @@ func clusterConfig(ctx context.Context, o Options, ts *tsnet.Server, cfg *embedd
 // raftAddr turns a --join host (a tailnet IP or a node's name, with or without
 // a port) into the IP:port Raft uses: rqlite resolves names with the system
 // resolver, which knows nothing of the tailnet.
-func raftAddr(ctx context.Context, lc *local.Client, h string) (string, error) {
+func raftAddr(ctx context.Context, lc *local.Client, h, ownerTag string) (string, error) {
 	host, port := h, fmt.Sprint(RaftPort)
 	if hp, p, err := net.SplitHostPort(h); err == nil {
 		host, port = hp, p
@@ -516,17 +516,31 @@ func raftAddr(ctx context.Context, lc *local.Client, h string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("tailnet status: %w", err)
 	}
+	// A node names itself, so a name alone could lead to a stranger's: only
+	// nodes that carry the appliance's tag count, and the name must be unique
+	// among them.
+	var found []string
 	for _, p := range st.Peer {
 		name := strings.TrimSuffix(p.DNSName, ".")
 		if !strings.EqualFold(p.HostName, host) && !strings.EqualFold(name, host) &&
 			!strings.HasPrefix(strings.ToLower(name), strings.ToLower(host)+".") {
 			continue
 		}
+		if p.Tags == nil || !slices.Contains(p.Tags.AsSlice(), ownerTag) {
+			continue
+		}
 		for _, ip := range p.TailscaleIPs {
 			if ip.Is4() {
-				return net.JoinHostPort(ip.String(), port), nil
+				found = append(found, net.JoinHostPort(ip.String(), port))
+				break
 			}
 		}
 	}
-	return "", errors.New("no node of that name on the tailnet")
+	switch len(found) {
+	case 0:
+		return "", fmt.Errorf("no node of that name with the tag %s on the tailnet", ownerTag)
+	case 1:
+		return found[0], nil
+	}
+	return "", fmt.Errorf("%d nodes with the tag %s go by that name (%v): give a tailnet IP", len(found), ownerTag, found)
 }

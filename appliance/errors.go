@@ -82,6 +82,9 @@ var errorCodes = []struct {
 	// Try again later: libvirtd is down, or another host leads the database.
 	{hv.ErrUnavailable, codes.Unavailable},
 	{embeddb.ErrNotLeader, codes.Unavailable},
+	// Not Unavailable, which callers read as safe to repeat: the write may have
+	// applied.
+	{embeddb.ErrOutcomeUnknown, codes.Aborted},
 	// A firewall reload flushed the anti-spoofing table; hv rebuilds it on the next try.
 	{guard.ErrNotIntact, codes.Unavailable},
 

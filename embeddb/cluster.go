@@ -250,8 +250,8 @@ func (b clusterBackend) call(addr string, timeout time.Duration, cmd *cproto.Com
 // closing), no leader is known (an election is under way), or the leader
 // could not be reached before the request was sent. A write whose answer
 // was lost is not sent again (it may have applied): its error wraps
-// ErrNotLeader, like a cluster with no leader, and says the outcome is
-// unknown. Reads are retried. ctx and leaderWait bound the whole.
+// ErrOutcomeUnknown, so nobody takes it for one that is safe to repeat.
+// Reads are retried. ctx and leaderWait bound the whole.
 func forward[T any](ctx context.Context, b clusterBackend, idempotent bool,
 	local func() (T, error),
 	remote func(addr string, timeout time.Duration) (res T, remoteErr string, sent bool, err error),
@@ -282,7 +282,7 @@ func forward[T any](ctx context.Context, b clusterBackend, idempotent bool,
 			case err == nil:
 				return zero, fmt.Errorf("leader %s: %s", leader, remoteErr)
 			case sent && !idempotent:
-				return zero, fmt.Errorf("%w: forwarded to leader %s, outcome unknown: %v", ErrNotLeader, leader, err)
+				return zero, fmt.Errorf("%w: forwarded to leader %s: %v", ErrOutcomeUnknown, leader, err)
 			default:
 				why = fmt.Sprintf("leader %s unreachable: %v", leader, err)
 			}

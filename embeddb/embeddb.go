@@ -60,8 +60,12 @@ var ErrInvalid = errors.New("invalid argument")
 
 // ErrNotLeader is returned when a request needs the Raft leader and none
 // could be reached within leaderWait (no quorum, or an election that does
-// not end), or when a write forwarded to the leader lost its answer.
+// not end).
 var ErrNotLeader = errors.New("not the raft leader")
+
+// ErrOutcomeUnknown means a write went to the cluster's leader and its answer was
+// lost: it may or may not have applied, so look before doing it again.
+var ErrOutcomeUnknown = errors.New("write sent to the leader, outcome unknown (it may have applied: check before trying again)")
 
 // FieldError says which field of which object a sentinel error is about, so
 // that an API can point at the offending field. Its Err is one of the

@@ -430,7 +430,7 @@ func (h *Libvirt) Create(ctx context.Context, s Spec) error {
 	if err := h.create(ctx, s); err != nil {
 		return fmt.Errorf("create domain %s: %w", s.ID, err)
 	}
-	h.record(ctx, s.ID) // from the first byte of the boot
+	h.record(ctx, s.ID) // from just after the start: a very fast guest's first bytes may be missed
 	return nil
 }
 

@@ -9,8 +9,8 @@ import (
 )
 
 // Console attaches to a live VM's serial console until ctx ends or the returned
-// console is closed (see hv.Hypervisor.Console). It does not hold the VM's lock:
-// a console stays open across the VM's stops and starts, which end it.
+// console is closed (see hv.Hypervisor.Console). It does not hold the VM's lock,
+// which a stop needs: a stop ends the console instead.
 func (f *Fleet) Console(ctx context.Context, id string) (io.ReadWriteCloser, embeddb.VM, error) {
 	vm, err := f.local(ctx, id)
 	if err != nil {
