@@ -336,15 +336,17 @@ func (f *Fleet) create(ctx context.Context, s CreateSpec, size Size, img images.
 
 	vm = embeddb.VM{
 		ID: id, Name: s.Name, Description: s.Description, Network: s.Network,
-		Image: s.Image, Type: s.Type, MAC: mac, IP: alloc.IP.String(), Host: f.host, State: StateCreating,
+		Image: s.Image, Type: s.Type, Host: f.host, State: StateCreating,
 		Desired: StateRunning, CreatedAt: now, UpdatedAt: now,
 	}
 	cfg := embeddb.VMConfig{VMID: vm.ID, Hostname: s.Name, Script: s.Script, PublicKey: s.PublicKey,
 		AuthKey: key.Key.Reveal(), AuthKeyID: key.ID}
 	addr := embeddb.Address{IP: alloc.IP, MAC: mac, Hostname: s.Name, VMID: vm.ID, LeasedAt: now}
+	// The address record is the one place the VM's MAC and IP are kept.
 	if err := f.db.CreateVM(ctx, vm, cfg, addr); err != nil {
 		return vm, collided(err)
 	}
+	vm.MAC, vm.IP = mac, alloc.IP.String()
 	// The record goes last on the way out: if the process dies before this undo runs,
 	// the creating state tells the next start what to clean up.
 	undo.Add("remove record", func(ctx context.Context) error { return f.db.PurgeVM(ctx, vm.ID) })
