@@ -2,11 +2,8 @@ package appliance
 
 import (
 	"context"
-	"errors"
-	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/threes-dev/threes/appliance/fleet"
@@ -42,58 +39,12 @@ func (s *service) Get(ctx context.Context, ref *threesv1.VMRef) (*threesv1.VM, e
 	return vmProto(vm), err
 }
 
-// watchEvery is how often Watch looks at the VM's write counter, an in-memory read.
-const watchEvery = 100 * time.Millisecond
-
-// Watch sends the VM, and again after each write this appliance makes about it,
-// until the caller leaves or the VM is purged.
+// Watch sends the VM, and again each time it changes, until the caller leaves or the
+// VM is purged.
 func (s *service) Watch(ref *threesv1.VMRef, stream grpc.ServerStreamingServer[threesv1.VM]) error {
-	ctx := stream.Context()
-	id := ref.GetId()
-	// The counter before the read: a write during the read is sent again.
-	gen := s.fleet.Gen(id)
-	vm, err := s.fleet.Get(ctx, id)
-	if err != nil {
-		return err
-	}
-	last := vmProto(vm)
-	if err := stream.Send(last); err != nil {
-		return err
-	}
-	t := time.NewTicker(watchEvery)
-	defer t.Stop()
-	read := time.Now()
-	for {
-		select {
-		case <-ctx.Done():
-			// Not nil: a caller whose deadline passed must not read "the VM is
-			// gone" (a clean end) before its own timer says why.
-			return ctx.Err()
-		case <-t.C:
-		}
-		g := s.fleet.Gen(id)
-		// Another host's writes do not move Gen: with a shared database, look
-		// again now and then anyway.
-		if g == gen && !(s.fleet.Shared() && time.Since(read) >= fleet.SharedMaxAge) {
-			continue
-		}
-		read = time.Now()
-		vm, err := s.fleet.Get(ctx, id)
-		if errors.Is(err, embeddb.ErrNotFound) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		gen = g
-		// Sent only when it changed: a look that found nothing new sends nothing.
-		if p := vmProto(vm); !proto.Equal(p, last) {
-			if err := stream.Send(p); err != nil {
-				return err
-			}
-			last = p
-		}
-	}
+	return s.fleet.Watch(stream.Context(), ref.GetId(), func(vm embeddb.VM) error {
+		return stream.Send(vmProto(vm))
+	})
 }
 
 func (s *service) All(req *threesv1.AllRequest, stream grpc.ServerStreamingServer[threesv1.VM]) error {

@@ -478,3 +478,62 @@ func TestTwoHostsShareADatabase(t *testing.T) {
 		t.Errorf("b's purge of a's vm = %v, want ErrElsewhere", err)
 	}
 }
+
+// TestWatch: Watch sends the VM, then each change once, and ends cleanly when the
+// VM is purged, or with the context's error when its caller gives up.
+func TestWatch(t *testing.T) {
+	ctx := context.Background()
+	r := newRig(t, false, fleet.Hooks{})
+	vm := r.create(t, "watched")
+	got := make(chan embeddb.VM, 16)
+	done := make(chan error, 1)
+	go func() { done <- r.f.Watch(ctx, vm.ID, func(v embeddb.VM) error { got <- v; return nil }) }()
+	next := func(what string) embeddb.VM {
+		t.Helper()
+		select {
+		case v := <-got:
+			return v
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no send: %s", what)
+		}
+		return embeddb.VM{}
+	}
+	if v := next("the first"); v.State != fleet.StateRunning {
+		t.Fatalf("first send: state %s", v.State)
+	}
+	if _, err := r.f.Stop(ctx, vm.ID); err != nil {
+		t.Fatal(err)
+	}
+	// A stop writes the owner's intent, then the state.
+	for v := next("the stop"); v.State != fleet.StateStopped; v = next("the stop") {
+	}
+	select {
+	case v := <-got:
+		t.Fatalf("a send with nothing changed: %+v", v)
+	case <-time.After(500 * time.Millisecond):
+	}
+	if _, err := r.f.Delete(ctx, vm.ID); err != nil {
+		t.Fatal(err)
+	}
+	// A delete writes more than once (intent, state, deletion): the last send says deleted.
+	for v := next("the delete"); v.DeletedAt.IsZero(); v = next("the delete") {
+	}
+	if _, err := r.f.Purge(ctx, []string{vm.ID}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("watch of a purged vm ended with %v, want a clean end", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("watch did not end when the vm was purged")
+	}
+
+	other := r.create(t, "given-up")
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := r.f.Watch(cctx, other.ID, func(embeddb.VM) error { return nil }); !errors.Is(err, context.Canceled) {
+		t.Errorf("watch whose caller left = %v, want context.Canceled", err)
+	}
+}
