@@ -132,11 +132,13 @@ func TestIDs(t *testing.T) {
 	if a >= b {
 		t.Errorf("IDs do not sort by time: %q >= %q", a, b)
 	}
-	// The original's documented ID has this shape.
-	if err := ValidateID("d1e4dplqs5f51296gtdg"); err != nil {
-		t.Errorf("original ID rejected: %v", err)
+	// threes v0.1's documented ID has this shape; the alphabet ends at v.
+	for _, good := range []string{"d1e4dplqs5f51296gtdg", "0123456789abcdefuv0a"} {
+		if err := ValidateID(good); err != nil {
+			t.Errorf("ValidateID(%q) = %v", good, err)
+		}
 	}
-	for _, bad := range []string{"", "d1e4dplqs5f51296gtd", "d1e4dplqs5f51296gtdgx", "D1E4DPLQS5F51296GTDG", "d1e4dplqs5f51296gtdz"} {
+	for _, bad := range []string{"", "d1e4dplqs5f51296gtd", "d1e4dplqs5f51296gtdgx", "D1E4DPLQS5F51296GTDG", "d1e4dplqs5f51296gtdz", "d1e4dplqs5f51296gtdw", "d1e4dplqs5f51296gtd/", "d1e4dplqs5f51296gtd:"} {
 		if ValidateID(bad) == nil {
 			t.Errorf("ValidateID(%q) = nil, want error", bad)
 		}
