@@ -184,10 +184,6 @@ func (f *Fleet) Networks(ctx context.Context) ([]embeddb.Network, error) {
 // reads the VM again only when it moved. It costs no database read.
 func (f *Fleet) Gen(id string) uint64 { return f.db.VMGen(id) }
 
-// Shared reports whether other hosts write to the database too, so Gen does not
-// see every change: a watcher then also reads again every SharedMaxAge.
-func (f *Fleet) Shared() bool { return f.shared }
-
 // validate checks a create request field by field, naming the first bad one.
 func (f *Fleet) validate(s CreateSpec) (Size, error) {
 	if err := ValidateName("name", s.Name); err != nil {
