@@ -180,9 +180,9 @@ func (f *Fleet) Networks(ctx context.Context) ([]embeddb.Network, error) {
 	return f.db.ListNetworks(ctx)
 }
 
-// Gen is a counter that changes whenever this host writes about the VM: a watcher
+// gen is a counter that changes whenever this host writes about the VM: a watcher
 // reads the VM again only when it moved. It costs no database read.
-func (f *Fleet) Gen(id string) uint64 { return f.db.VMGen(id) }
+func (f *Fleet) gen(id string) uint64 { return f.db.VMGen(id) }
 
 // validate checks a create request field by field, naming the first bad one.
 func (f *Fleet) validate(s CreateSpec) (Size, error) {

@@ -15,12 +15,12 @@ const watchEvery = 100 * time.Millisecond
 // Watch calls send with the VM, and again each time it changes, until ctx ends
 // (it returns ctx's error: a caller whose deadline passed must not read "the VM
 // is gone", a clean end, before its own timer says why) or the VM is purged (it
-// returns nil). It reads the VM again when this host wrote about it (Gen) and,
+// returns nil). It reads the VM again when this host wrote about it (gen) and,
 // with a shared database, at least every SharedMaxAge, since other hosts' writes
-// do not move Gen; send sees only a VM that changed.
+// do not move gen; send sees only a VM that changed.
 func (f *Fleet) Watch(ctx context.Context, id string, send func(embeddb.VM) error) error {
 	// The counter before the read: a write during the read is sent again.
-	gen := f.Gen(id)
+	gen := f.gen(id)
 	last, err := f.Get(ctx, id)
 	if err != nil {
 		return err
@@ -37,7 +37,7 @@ func (f *Fleet) Watch(ctx context.Context, id string, send func(embeddb.VM) erro
 			return ctx.Err()
 		case <-t.C:
 		}
-		g := f.Gen(id)
+		g := f.gen(id)
 		if g == gen && !(f.shared && time.Since(read) >= SharedMaxAge) {
 			continue
 		}
