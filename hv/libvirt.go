@@ -168,6 +168,20 @@ type Libvirt struct {
 
 	// rec records QEMU domains' consoles (console.go).
 	rec recorders
+
+	// owners remembers which listed domains carry this Libvirt's
+	// metadata, so a List asks libvirtd about a domain's metadata once,
+	// not on every listing (at 10,000 domains that was 10,000 calls
+	// per list). The key is the definition's UUID and name: this
+	// package writes a domain's owner only when it defines it. Domains
+	// missing from a listing are forgotten.
+	ownersMu sync.Mutex
+	owners   map[ownerKey]bool
+}
+
+type ownerKey struct {
+	uuid libvirt.UUID
+	name string
 }
 
 var _ Hypervisor = (*Libvirt)(nil)
@@ -761,21 +775,33 @@ func (h *Libvirt) List(ctx context.Context) ([]Domain, error) {
 		if err != nil {
 			return err
 		}
+		h.ownersMu.Lock()
+		known := h.owners
+		h.ownersMu.Unlock()
+		seen := make(map[ownerKey]bool, len(recs))
 		for _, rec := range recs {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			mine, err := h.owns(conn, rec.Dom)
-			if hasCode(err, libvirt.ErrNoDomain) {
-				continue // undefined since the listing
+			k := ownerKey{rec.Dom.UUID, rec.Dom.Name}
+			mine, ok := known[k]
+			if !ok {
+				mine, err = h.owns(conn, rec.Dom)
+				if hasCode(err, libvirt.ErrNoDomain) {
+					continue // undefined since the listing
+				}
+				if err != nil {
+					return err
+				}
 			}
-			if err != nil {
-				return err
-			}
+			seen[k] = mine
 			if mine {
 				out = append(out, Domain{ID: rec.Dom.Name, State: statsState(rec.Params)})
 			}
 		}
+		h.ownersMu.Lock()
+		h.owners = seen
+		h.ownersMu.Unlock()
 		return nil
 	})
 	if err != nil {

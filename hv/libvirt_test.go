@@ -361,6 +361,26 @@ func TestList(t *testing.T) {
 	if want := []hv.Domain{{ID: b.ID, State: hv.StateStopped}}; !slices.Equal(got, want) {
 		t.Errorf("List after Remove = %+v, want %+v", got, want)
 	}
+
+	// Each Libvirt remembers whose the listed domains are: a domain
+	// defined again under a listed name, by the other owner, is judged
+	// afresh, and a remembered domain's state still comes from libvirtd.
+	must(t, h2.Remove(ctx, c.ID))
+	c2 := hvtest.Spec(t)
+	c2.ID, c2.Name = c.ID, c.Name
+	must(t, h1.Create(ctx, c2))
+	must(t, h1.Start(ctx, b.ID))
+	got, err = h1.List(ctx)
+	must(t, err)
+	want = sorted([]hv.Domain{{ID: b.ID, State: hv.StateRunning}, {ID: c.ID, State: hv.StateRunning}})
+	if got = sorted(got); !slices.Equal(got, want) {
+		t.Errorf("List after a domain changed owner = %+v, want %+v", got, want)
+	}
+	got, err = h2.List(ctx)
+	must(t, err)
+	if len(got) != 0 {
+		t.Errorf("List of the owner whose domain went = %+v, want none", got)
+	}
 }
 
 func TestClosed(t *testing.T) {
