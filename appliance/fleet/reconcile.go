@@ -56,9 +56,9 @@ type reconciler struct {
 
 // fullListEvery is how often, in periodic passes, a pass asks libvirt for its
 // domains rather than take them from its events (the first pass, and passes asked
-// for through Reconcile, always ask): every so often, in case an event went missing. hv's listing asks libvirtd about each domain,
-// which at 10,000 domains costs both processes more than all else an idle
-// appliance does.
+// for through Reconcile, always ask): every so often, in case an event went
+// missing. hv's listing is one call, but libvirtd gathers every domain's state
+// for it, which at 10,000 domains costs more than all else an idle appliance does.
 const fullListEvery = 10
 
 // saw records a domain's state from an event.
