@@ -44,6 +44,8 @@ var methodRoles = map[string]tsauth.Role{
 	threesv1.Threes_Purge_FullMethodName:         tsauth.RoleAdmin,
 	threesv1.Threes_CreateNetwork_FullMethodName: tsauth.RoleAdmin,
 	threesv1.Threes_DeleteNetwork_FullMethodName: tsauth.RoleAdmin,
+	threesv1.Threes_ListHosts_FullMethodName:     tsauth.RoleViewer,
+	threesv1.Threes_RemoveHost_FullMethodName:    tsauth.RoleAdmin,
 }
 
 // MethodRole returns the least role the API method (its full gRPC name) needs, and

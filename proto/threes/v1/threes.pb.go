@@ -364,6 +364,8 @@ type VM struct {
 	// tailnet_node_id is the control plane's ID of the VM's tailnet node, recorded when
 	// the VM joined; delete removes that node. Empty until then.
 	TailnetNodeId string `protobuf:"bytes,16,opt,name=tailnet_node_id,json=tailnetNodeId,proto3" json:"tailnet_node_id,omitempty"`
+	// host is the name of the host whose hypervisor runs the VM.
+	Host          string `protobuf:"bytes,17,opt,name=host,proto3" json:"host,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -510,6 +512,13 @@ func (x *VM) GetTailnetNodeId() string {
 	return ""
 }
 
+func (x *VM) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
 // CreateRequest describes a VM to create.
 type CreateRequest struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
@@ -523,7 +532,9 @@ type CreateRequest struct {
 	// script is a startup script served to the VM by the metadata server.
 	Script string `protobuf:"bytes,7,opt,name=script,proto3" json:"script,omitempty"`
 	// kvs are initial key/values.
-	Kvs           []*KV `protobuf:"bytes,8,rep,name=kvs,proto3" json:"kvs,omitempty"`
+	Kvs []*KV `protobuf:"bytes,8,rep,name=kvs,proto3" json:"kvs,omitempty"`
+	// host names the host to run the VM on; empty lets placement pick one with room.
+	Host          string `protobuf:"bytes,9,opt,name=host,proto3" json:"host,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -612,6 +623,13 @@ func (x *CreateRequest) GetKvs() []*KV {
 		return x.Kvs
 	}
 	return nil
+}
+
+func (x *CreateRequest) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
 }
 
 // VMRef names a VM by ID.
@@ -1884,6 +1902,257 @@ func (x *WhoAmIResponse) GetLocal() bool {
 	return false
 }
 
+// Host is one host of the cluster.
+type Host struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// tailnet_ip is where the cluster's database and forwarded calls reach the host.
+	TailnetIp string `protobuf:"bytes,2,opt,name=tailnet_ip,json=tailnetIp,proto3" json:"tailnet_ip,omitempty"`
+	// role is the host's part in the database's Raft: leader, follower, or nonvoter.
+	Role string `protobuf:"bytes,3,opt,name=role,proto3" json:"role,omitempty"`
+	// reachable says whether the answering host reached the host's database just now.
+	Reachable bool `protobuf:"varint,4,opt,name=reachable,proto3" json:"reachable,omitempty"`
+	// last_contact is when the host last wrote its record (it does so every reconcile pass).
+	LastContact *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=last_contact,json=lastContact,proto3" json:"last_contact,omitempty"`
+	// vcpus and memory_mib are the host's capacity, after overcommit.
+	Vcpus     uint32 `protobuf:"varint,6,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	MemoryMib uint64 `protobuf:"varint,7,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	// vcpus_allocated and memory_mib_allocated are what its live VMs' sizes take.
+	VcpusAllocated     uint32 `protobuf:"varint,8,opt,name=vcpus_allocated,json=vcpusAllocated,proto3" json:"vcpus_allocated,omitempty"`
+	MemoryMibAllocated uint64 `protobuf:"varint,9,opt,name=memory_mib_allocated,json=memoryMibAllocated,proto3" json:"memory_mib_allocated,omitempty"`
+	// vms counts its live VMs.
+	Vms           uint32 `protobuf:"varint,10,opt,name=vms,proto3" json:"vms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Host) Reset() {
+	*x = Host{}
+	mi := &file_threes_v1_threes_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Host) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Host) ProtoMessage() {}
+
+func (x *Host) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Host.ProtoReflect.Descriptor instead.
+func (*Host) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *Host) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Host) GetTailnetIp() string {
+	if x != nil {
+		return x.TailnetIp
+	}
+	return ""
+}
+
+func (x *Host) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *Host) GetReachable() bool {
+	if x != nil {
+		return x.Reachable
+	}
+	return false
+}
+
+func (x *Host) GetLastContact() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastContact
+	}
+	return nil
+}
+
+func (x *Host) GetVcpus() uint32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *Host) GetMemoryMib() uint64 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+func (x *Host) GetVcpusAllocated() uint32 {
+	if x != nil {
+		return x.VcpusAllocated
+	}
+	return 0
+}
+
+func (x *Host) GetMemoryMibAllocated() uint64 {
+	if x != nil {
+		return x.MemoryMibAllocated
+	}
+	return 0
+}
+
+func (x *Host) GetVms() uint32 {
+	if x != nil {
+		return x.Vms
+	}
+	return 0
+}
+
+// ListHostsRequest is empty.
+type ListHostsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListHostsRequest) Reset() {
+	*x = ListHostsRequest{}
+	mi := &file_threes_v1_threes_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListHostsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListHostsRequest) ProtoMessage() {}
+
+func (x *ListHostsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListHostsRequest.ProtoReflect.Descriptor instead.
+func (*ListHostsRequest) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{28}
+}
+
+// ListHostsResponse lists the hosts by name.
+type ListHostsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Hosts         []*Host                `protobuf:"bytes,1,rep,name=hosts,proto3" json:"hosts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListHostsResponse) Reset() {
+	*x = ListHostsResponse{}
+	mi := &file_threes_v1_threes_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListHostsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListHostsResponse) ProtoMessage() {}
+
+func (x *ListHostsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListHostsResponse.ProtoReflect.Descriptor instead.
+func (*ListHostsResponse) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ListHostsResponse) GetHosts() []*Host {
+	if x != nil {
+		return x.Hosts
+	}
+	return nil
+}
+
+// HostRef names a host.
+type HostRef struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HostRef) Reset() {
+	*x = HostRef{}
+	mi := &file_threes_v1_threes_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostRef) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostRef) ProtoMessage() {}
+
+func (x *HostRef) ProtoReflect() protoreflect.Message {
+	mi := &file_threes_v1_threes_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostRef.ProtoReflect.Descriptor instead.
+func (*HostRef) Descriptor() ([]byte, []int) {
+	return file_threes_v1_threes_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *HostRef) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 var File_threes_v1_threes_proto protoreflect.FileDescriptor
 
 const file_threes_v1_threes_proto_rawDesc = "" +
@@ -1892,7 +2161,7 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\x05Phase\x12(\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x12.threes.v1.VMPhaseR\x05phase\x12*\n" +
 	"\x02at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x02at\x12\x14\n" +
-	"\x05error\x18\x03 \x01(\tR\x05error\"\xba\x04\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\"\xce\x04\n" +
 	"\x02VM\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12 \n" +
@@ -1914,7 +2183,8 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\n" +
 	"memory_mib\x18\x0e \x01(\rR\tmemoryMib\x12(\n" +
 	"\x06phases\x18\x0f \x03(\v2\x10.threes.v1.PhaseR\x06phases\x12&\n" +
-	"\x0ftailnet_node_id\x18\x10 \x01(\tR\rtailnetNodeId\"\xf4\x01\n" +
+	"\x0ftailnet_node_id\x18\x10 \x01(\tR\rtailnetNodeId\x12\x12\n" +
+	"\x04host\x18\x11 \x01(\tR\x04host\"\x88\x02\n" +
 	"\rCreateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12\x18\n" +
@@ -1924,7 +2194,8 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\n" +
 	"public_key\x18\x06 \x01(\tR\tpublicKey\x12\x16\n" +
 	"\x06script\x18\a \x01(\tR\x06script\x12\x1f\n" +
-	"\x03kvs\x18\b \x03(\v2\r.threes.v1.KVR\x03kvs\"\x17\n" +
+	"\x03kvs\x18\b \x03(\v2\r.threes.v1.KVR\x03kvs\x12\x12\n" +
+	"\x04host\x18\t \x01(\tR\x04host\"\x17\n" +
 	"\x05VMRef\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"5\n" +
 	"\n" +
@@ -1998,7 +2269,26 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\x04node\x18\x03 \x01(\tR\x04node\x12\x12\n" +
 	"\x04tags\x18\x04 \x03(\tR\x04tags\x12\x12\n" +
 	"\x04role\x18\x05 \x01(\tR\x04role\x12\x14\n" +
-	"\x05local\x18\x06 \x01(\bR\x05local*\x82\x01\n" +
+	"\x05local\x18\x06 \x01(\bR\x05local\"\xcc\x02\n" +
+	"\x04Host\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
+	"\n" +
+	"tailnet_ip\x18\x02 \x01(\tR\ttailnetIp\x12\x12\n" +
+	"\x04role\x18\x03 \x01(\tR\x04role\x12\x1c\n" +
+	"\treachable\x18\x04 \x01(\bR\treachable\x12=\n" +
+	"\flast_contact\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\vlastContact\x12\x14\n" +
+	"\x05vcpus\x18\x06 \x01(\rR\x05vcpus\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\a \x01(\x04R\tmemoryMib\x12'\n" +
+	"\x0fvcpus_allocated\x18\b \x01(\rR\x0evcpusAllocated\x120\n" +
+	"\x14memory_mib_allocated\x18\t \x01(\x04R\x12memoryMibAllocated\x12\x10\n" +
+	"\x03vms\x18\n" +
+	" \x01(\rR\x03vms\"\x12\n" +
+	"\x10ListHostsRequest\":\n" +
+	"\x11ListHostsResponse\x12%\n" +
+	"\x05hosts\x18\x01 \x03(\v2\x0f.threes.v1.HostR\x05hosts\"\x1d\n" +
+	"\aHostRef\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name*\x82\x01\n" +
 	"\x06VMType\x12\x17\n" +
 	"\x13VM_TYPE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rVM_TYPE_TEENY\x10\x01\x12\x11\n" +
@@ -2026,7 +2316,8 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\x16IMAGE_FILE_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fIMAGE_FILE_DISK\x10\x01\x12\x15\n" +
 	"\x11IMAGE_FILE_KERNEL\x10\x02\x12\x15\n" +
-	"\x11IMAGE_FILE_INITRD\x10\x032\x8b\t\n" +
+	"\x11IMAGE_FILE_INITRD\x10\x032\x8d\n" +
+	"\n" +
 	"\x06Threes\x121\n" +
 	"\x06Create\x12\x18.threes.v1.CreateRequest\x1a\r.threes.v1.VM\x12&\n" +
 	"\x03Get\x12\x10.threes.v1.VMRef\x1a\r.threes.v1.VM\x12*\n" +
@@ -2049,7 +2340,10 @@ const file_threes_v1_threes_proto_rawDesc = "" +
 	"\n" +
 	"ListImages\x12\x1c.threes.v1.ListImagesRequest\x1a\x1d.threes.v1.ListImagesResponse\x12:\n" +
 	"\vDeleteImage\x12\x13.threes.v1.ImageRef\x1a\x16.google.protobuf.Empty\x12=\n" +
-	"\x06WhoAmI\x12\x18.threes.v1.WhoAmIRequest\x1a\x19.threes.v1.WhoAmIResponseB7Z5github.com/threes-dev/threes/proto/threes/v1;threesv1b\x06proto3"
+	"\x06WhoAmI\x12\x18.threes.v1.WhoAmIRequest\x1a\x19.threes.v1.WhoAmIResponse\x12F\n" +
+	"\tListHosts\x12\x1b.threes.v1.ListHostsRequest\x1a\x1c.threes.v1.ListHostsResponse\x128\n" +
+	"\n" +
+	"RemoveHost\x12\x12.threes.v1.HostRef\x1a\x16.google.protobuf.EmptyB7Z5github.com/threes-dev/threes/proto/threes/v1;threesv1b\x06proto3"
 
 var (
 	file_threes_v1_threes_proto_rawDescOnce sync.Once
@@ -2064,7 +2358,7 @@ func file_threes_v1_threes_proto_rawDescGZIP() []byte {
 }
 
 var file_threes_v1_threes_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_threes_v1_threes_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_threes_v1_threes_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_threes_v1_threes_proto_goTypes = []any{
 	(VMType)(0),                   // 0: threes.v1.VMType
 	(VMState)(0),                  // 1: threes.v1.VMState
@@ -2097,75 +2391,85 @@ var file_threes_v1_threes_proto_goTypes = []any{
 	(*ListImagesResponse)(nil),    // 28: threes.v1.ListImagesResponse
 	(*WhoAmIRequest)(nil),         // 29: threes.v1.WhoAmIRequest
 	(*WhoAmIResponse)(nil),        // 30: threes.v1.WhoAmIResponse
-	(*timestamppb.Timestamp)(nil), // 31: google.protobuf.Timestamp
-	(*emptypb.Empty)(nil),         // 32: google.protobuf.Empty
+	(*Host)(nil),                  // 31: threes.v1.Host
+	(*ListHostsRequest)(nil),      // 32: threes.v1.ListHostsRequest
+	(*ListHostsResponse)(nil),     // 33: threes.v1.ListHostsResponse
+	(*HostRef)(nil),               // 34: threes.v1.HostRef
+	(*timestamppb.Timestamp)(nil), // 35: google.protobuf.Timestamp
+	(*emptypb.Empty)(nil),         // 36: google.protobuf.Empty
 }
 var file_threes_v1_threes_proto_depIdxs = []int32{
 	2,  // 0: threes.v1.Phase.phase:type_name -> threes.v1.VMPhase
-	31, // 1: threes.v1.Phase.at:type_name -> google.protobuf.Timestamp
+	35, // 1: threes.v1.Phase.at:type_name -> google.protobuf.Timestamp
 	0,  // 2: threes.v1.VM.type:type_name -> threes.v1.VMType
 	1,  // 3: threes.v1.VM.state:type_name -> threes.v1.VMState
-	31, // 4: threes.v1.VM.created_at:type_name -> google.protobuf.Timestamp
-	31, // 5: threes.v1.VM.updated_at:type_name -> google.protobuf.Timestamp
-	31, // 6: threes.v1.VM.deleted_at:type_name -> google.protobuf.Timestamp
+	35, // 4: threes.v1.VM.created_at:type_name -> google.protobuf.Timestamp
+	35, // 5: threes.v1.VM.updated_at:type_name -> google.protobuf.Timestamp
+	35, // 6: threes.v1.VM.deleted_at:type_name -> google.protobuf.Timestamp
 	4,  // 7: threes.v1.VM.phases:type_name -> threes.v1.Phase
 	0,  // 8: threes.v1.CreateRequest.type:type_name -> threes.v1.VMType
 	17, // 9: threes.v1.CreateRequest.kvs:type_name -> threes.v1.KV
-	31, // 10: threes.v1.Network.created_at:type_name -> google.protobuf.Timestamp
+	35, // 10: threes.v1.Network.created_at:type_name -> google.protobuf.Timestamp
 	14, // 11: threes.v1.ListNetworksResponse.networks:type_name -> threes.v1.Network
 	17, // 12: threes.v1.KVs.kvs:type_name -> threes.v1.KV
 	23, // 13: threes.v1.ImageUpload.header:type_name -> threes.v1.ImageHeader
 	24, // 14: threes.v1.ImageUpload.part:type_name -> threes.v1.ImagePart
 	3,  // 15: threes.v1.ImagePart.file:type_name -> threes.v1.ImageFile
-	31, // 16: threes.v1.Image.imported_at:type_name -> google.protobuf.Timestamp
+	35, // 16: threes.v1.Image.imported_at:type_name -> google.protobuf.Timestamp
 	25, // 17: threes.v1.ListImagesResponse.images:type_name -> threes.v1.Image
-	6,  // 18: threes.v1.Threes.Create:input_type -> threes.v1.CreateRequest
-	7,  // 19: threes.v1.Threes.Get:input_type -> threes.v1.VMRef
-	7,  // 20: threes.v1.Threes.Watch:input_type -> threes.v1.VMRef
-	8,  // 21: threes.v1.Threes.All:input_type -> threes.v1.AllRequest
-	9,  // 22: threes.v1.Threes.GetID:input_type -> threes.v1.GetIDRequest
-	7,  // 23: threes.v1.Threes.Start:input_type -> threes.v1.VMRef
-	7,  // 24: threes.v1.Threes.Stop:input_type -> threes.v1.VMRef
-	7,  // 25: threes.v1.Threes.Restart:input_type -> threes.v1.VMRef
-	7,  // 26: threes.v1.Threes.Delete:input_type -> threes.v1.VMRef
-	11, // 27: threes.v1.Threes.Purge:input_type -> threes.v1.PurgeRequest
-	13, // 28: threes.v1.Threes.CreateNetwork:input_type -> threes.v1.NetworkRequest
-	13, // 29: threes.v1.Threes.DeleteNetwork:input_type -> threes.v1.NetworkRequest
-	15, // 30: threes.v1.Threes.ListNetworks:input_type -> threes.v1.ListNetworksRequest
-	7,  // 31: threes.v1.Threes.GetKVs:input_type -> threes.v1.VMRef
-	18, // 32: threes.v1.Threes.UpsertKVs:input_type -> threes.v1.KVs
-	19, // 33: threes.v1.Threes.DeleteKVs:input_type -> threes.v1.DeleteKVsRequest
-	20, // 34: threes.v1.Threes.Console:input_type -> threes.v1.ConsoleInput
-	22, // 35: threes.v1.Threes.ImportImage:input_type -> threes.v1.ImageUpload
-	27, // 36: threes.v1.Threes.ListImages:input_type -> threes.v1.ListImagesRequest
-	26, // 37: threes.v1.Threes.DeleteImage:input_type -> threes.v1.ImageRef
-	29, // 38: threes.v1.Threes.WhoAmI:input_type -> threes.v1.WhoAmIRequest
-	5,  // 39: threes.v1.Threes.Create:output_type -> threes.v1.VM
-	5,  // 40: threes.v1.Threes.Get:output_type -> threes.v1.VM
-	5,  // 41: threes.v1.Threes.Watch:output_type -> threes.v1.VM
-	5,  // 42: threes.v1.Threes.All:output_type -> threes.v1.VM
-	10, // 43: threes.v1.Threes.GetID:output_type -> threes.v1.GetIDResponse
-	5,  // 44: threes.v1.Threes.Start:output_type -> threes.v1.VM
-	5,  // 45: threes.v1.Threes.Stop:output_type -> threes.v1.VM
-	5,  // 46: threes.v1.Threes.Restart:output_type -> threes.v1.VM
-	5,  // 47: threes.v1.Threes.Delete:output_type -> threes.v1.VM
-	12, // 48: threes.v1.Threes.Purge:output_type -> threes.v1.PurgeResponse
-	14, // 49: threes.v1.Threes.CreateNetwork:output_type -> threes.v1.Network
-	32, // 50: threes.v1.Threes.DeleteNetwork:output_type -> google.protobuf.Empty
-	16, // 51: threes.v1.Threes.ListNetworks:output_type -> threes.v1.ListNetworksResponse
-	18, // 52: threes.v1.Threes.GetKVs:output_type -> threes.v1.KVs
-	18, // 53: threes.v1.Threes.UpsertKVs:output_type -> threes.v1.KVs
-	18, // 54: threes.v1.Threes.DeleteKVs:output_type -> threes.v1.KVs
-	21, // 55: threes.v1.Threes.Console:output_type -> threes.v1.ConsoleOutput
-	25, // 56: threes.v1.Threes.ImportImage:output_type -> threes.v1.Image
-	28, // 57: threes.v1.Threes.ListImages:output_type -> threes.v1.ListImagesResponse
-	32, // 58: threes.v1.Threes.DeleteImage:output_type -> google.protobuf.Empty
-	30, // 59: threes.v1.Threes.WhoAmI:output_type -> threes.v1.WhoAmIResponse
-	39, // [39:60] is the sub-list for method output_type
-	18, // [18:39] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	35, // 18: threes.v1.Host.last_contact:type_name -> google.protobuf.Timestamp
+	31, // 19: threes.v1.ListHostsResponse.hosts:type_name -> threes.v1.Host
+	6,  // 20: threes.v1.Threes.Create:input_type -> threes.v1.CreateRequest
+	7,  // 21: threes.v1.Threes.Get:input_type -> threes.v1.VMRef
+	7,  // 22: threes.v1.Threes.Watch:input_type -> threes.v1.VMRef
+	8,  // 23: threes.v1.Threes.All:input_type -> threes.v1.AllRequest
+	9,  // 24: threes.v1.Threes.GetID:input_type -> threes.v1.GetIDRequest
+	7,  // 25: threes.v1.Threes.Start:input_type -> threes.v1.VMRef
+	7,  // 26: threes.v1.Threes.Stop:input_type -> threes.v1.VMRef
+	7,  // 27: threes.v1.Threes.Restart:input_type -> threes.v1.VMRef
+	7,  // 28: threes.v1.Threes.Delete:input_type -> threes.v1.VMRef
+	11, // 29: threes.v1.Threes.Purge:input_type -> threes.v1.PurgeRequest
+	13, // 30: threes.v1.Threes.CreateNetwork:input_type -> threes.v1.NetworkRequest
+	13, // 31: threes.v1.Threes.DeleteNetwork:input_type -> threes.v1.NetworkRequest
+	15, // 32: threes.v1.Threes.ListNetworks:input_type -> threes.v1.ListNetworksRequest
+	7,  // 33: threes.v1.Threes.GetKVs:input_type -> threes.v1.VMRef
+	18, // 34: threes.v1.Threes.UpsertKVs:input_type -> threes.v1.KVs
+	19, // 35: threes.v1.Threes.DeleteKVs:input_type -> threes.v1.DeleteKVsRequest
+	20, // 36: threes.v1.Threes.Console:input_type -> threes.v1.ConsoleInput
+	22, // 37: threes.v1.Threes.ImportImage:input_type -> threes.v1.ImageUpload
+	27, // 38: threes.v1.Threes.ListImages:input_type -> threes.v1.ListImagesRequest
+	26, // 39: threes.v1.Threes.DeleteImage:input_type -> threes.v1.ImageRef
+	29, // 40: threes.v1.Threes.WhoAmI:input_type -> threes.v1.WhoAmIRequest
+	32, // 41: threes.v1.Threes.ListHosts:input_type -> threes.v1.ListHostsRequest
+	34, // 42: threes.v1.Threes.RemoveHost:input_type -> threes.v1.HostRef
+	5,  // 43: threes.v1.Threes.Create:output_type -> threes.v1.VM
+	5,  // 44: threes.v1.Threes.Get:output_type -> threes.v1.VM
+	5,  // 45: threes.v1.Threes.Watch:output_type -> threes.v1.VM
+	5,  // 46: threes.v1.Threes.All:output_type -> threes.v1.VM
+	10, // 47: threes.v1.Threes.GetID:output_type -> threes.v1.GetIDResponse
+	5,  // 48: threes.v1.Threes.Start:output_type -> threes.v1.VM
+	5,  // 49: threes.v1.Threes.Stop:output_type -> threes.v1.VM
+	5,  // 50: threes.v1.Threes.Restart:output_type -> threes.v1.VM
+	5,  // 51: threes.v1.Threes.Delete:output_type -> threes.v1.VM
+	12, // 52: threes.v1.Threes.Purge:output_type -> threes.v1.PurgeResponse
+	14, // 53: threes.v1.Threes.CreateNetwork:output_type -> threes.v1.Network
+	36, // 54: threes.v1.Threes.DeleteNetwork:output_type -> google.protobuf.Empty
+	16, // 55: threes.v1.Threes.ListNetworks:output_type -> threes.v1.ListNetworksResponse
+	18, // 56: threes.v1.Threes.GetKVs:output_type -> threes.v1.KVs
+	18, // 57: threes.v1.Threes.UpsertKVs:output_type -> threes.v1.KVs
+	18, // 58: threes.v1.Threes.DeleteKVs:output_type -> threes.v1.KVs
+	21, // 59: threes.v1.Threes.Console:output_type -> threes.v1.ConsoleOutput
+	25, // 60: threes.v1.Threes.ImportImage:output_type -> threes.v1.Image
+	28, // 61: threes.v1.Threes.ListImages:output_type -> threes.v1.ListImagesResponse
+	36, // 62: threes.v1.Threes.DeleteImage:output_type -> google.protobuf.Empty
+	30, // 63: threes.v1.Threes.WhoAmI:output_type -> threes.v1.WhoAmIResponse
+	33, // 64: threes.v1.Threes.ListHosts:output_type -> threes.v1.ListHostsResponse
+	36, // 65: threes.v1.Threes.RemoveHost:output_type -> google.protobuf.Empty
+	43, // [43:66] is the sub-list for method output_type
+	20, // [20:43] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_threes_v1_threes_proto_init() }
@@ -2183,7 +2487,7 @@ func file_threes_v1_threes_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_threes_v1_threes_proto_rawDesc), len(file_threes_v1_threes_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   27,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

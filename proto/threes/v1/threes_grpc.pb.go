@@ -44,6 +44,8 @@ const (
 	Threes_ListImages_FullMethodName    = "/threes.v1.Threes/ListImages"
 	Threes_DeleteImage_FullMethodName   = "/threes.v1.Threes/DeleteImage"
 	Threes_WhoAmI_FullMethodName        = "/threes.v1.Threes/WhoAmI"
+	Threes_ListHosts_FullMethodName     = "/threes.v1.Threes/ListHosts"
+	Threes_RemoveHost_FullMethodName    = "/threes.v1.Threes/RemoveHost"
 )
 
 // ThreesClient is the client API for Threes service.
@@ -96,6 +98,10 @@ type ThreesClient interface {
 	DeleteImage(ctx context.Context, in *ImageRef, opts ...grpc.CallOption) (*emptypb.Empty, error)
 	// WhoAmI says who the caller is and what role it has.
 	WhoAmI(ctx context.Context, in *WhoAmIRequest, opts ...grpc.CallOption) (*WhoAmIResponse, error)
+	// ListHosts returns every host of the cluster (one, when not clustered).
+	ListHosts(ctx context.Context, in *ListHostsRequest, opts ...grpc.CallOption) (*ListHostsResponse, error)
+	// RemoveHost takes a host that owns no VMs out of the cluster.
+	RemoveHost(ctx context.Context, in *HostRef, opts ...grpc.CallOption) (*emptypb.Empty, error)
 }
 
 type threesClient struct {
@@ -340,6 +346,26 @@ func (c *threesClient) WhoAmI(ctx context.Context, in *WhoAmIRequest, opts ...gr
 	return out, nil
 }
 
+func (c *threesClient) ListHosts(ctx context.Context, in *ListHostsRequest, opts ...grpc.CallOption) (*ListHostsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListHostsResponse)
+	err := c.cc.Invoke(ctx, Threes_ListHosts_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *threesClient) RemoveHost(ctx context.Context, in *HostRef, opts ...grpc.CallOption) (*emptypb.Empty, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(emptypb.Empty)
+	err := c.cc.Invoke(ctx, Threes_RemoveHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ThreesServer is the server API for Threes service.
 // All implementations must embed UnimplementedThreesServer
 // for forward compatibility.
@@ -390,6 +416,10 @@ type ThreesServer interface {
 	DeleteImage(context.Context, *ImageRef) (*emptypb.Empty, error)
 	// WhoAmI says who the caller is and what role it has.
 	WhoAmI(context.Context, *WhoAmIRequest) (*WhoAmIResponse, error)
+	// ListHosts returns every host of the cluster (one, when not clustered).
+	ListHosts(context.Context, *ListHostsRequest) (*ListHostsResponse, error)
+	// RemoveHost takes a host that owns no VMs out of the cluster.
+	RemoveHost(context.Context, *HostRef) (*emptypb.Empty, error)
 	mustEmbedUnimplementedThreesServer()
 }
 
@@ -462,6 +492,12 @@ func (UnimplementedThreesServer) DeleteImage(context.Context, *ImageRef) (*empty
 }
 func (UnimplementedThreesServer) WhoAmI(context.Context, *WhoAmIRequest) (*WhoAmIResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method WhoAmI not implemented")
+}
+func (UnimplementedThreesServer) ListHosts(context.Context, *ListHostsRequest) (*ListHostsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListHosts not implemented")
+}
+func (UnimplementedThreesServer) RemoveHost(context.Context, *HostRef) (*emptypb.Empty, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RemoveHost not implemented")
 }
 func (UnimplementedThreesServer) mustEmbedUnimplementedThreesServer() {}
 func (UnimplementedThreesServer) testEmbeddedByValue()                {}
@@ -826,6 +862,42 @@ func _Threes_WhoAmI_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Threes_ListHosts_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListHostsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ThreesServer).ListHosts(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Threes_ListHosts_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ThreesServer).ListHosts(ctx, req.(*ListHostsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Threes_RemoveHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HostRef)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ThreesServer).RemoveHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Threes_RemoveHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ThreesServer).RemoveHost(ctx, req.(*HostRef))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Threes_ServiceDesc is the grpc.ServiceDesc for Threes service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -900,6 +972,14 @@ var Threes_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "WhoAmI",
 			Handler:    _Threes_WhoAmI_Handler,
+		},
+		{
+			MethodName: "ListHosts",
+			Handler:    _Threes_ListHosts_Handler,
+		},
+		{
+			MethodName: "RemoveHost",
+			Handler:    _Threes_RemoveHost_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
