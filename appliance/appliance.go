@@ -9,7 +9,9 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -54,6 +56,10 @@ type Options struct {
 	// how far the VMs' thin disks may promise more than the disk holds; zero
 	// means no free-space check.
 	DiskOvercommit float64
+	// Capacity is the room this host offers VMs, which placement weighs; zero
+	// fields default to the machine's CPUs and memory and to
+	// DefaultCPUOvercommit and DefaultMemoryOvercommit.
+	Capacity fleet.Capacity
 	// MetadataSession makes every /v1 metadata request carry a session token
 	// (PUT /v1/session first); off by default, since guests written for the
 	// threes v0.1 protocol would lose their auth key.
@@ -116,6 +122,10 @@ const (
 	DefaultBridge              = "threes0"
 	DefaultLibvirtURI          = "qemu:///system"
 	DefaultMetadataPort uint16 = 80
+	// A VM's vCPUs are mostly idle, so they may promise the host's CPUs four
+	// times over; memory that is promised twice is swapped or killed.
+	DefaultCPUOvercommit    = 4.0
+	DefaultMemoryOvercommit = 1.0
 )
 
 func (o *Options) defaults() {
@@ -141,6 +151,18 @@ func (o *Options) defaults() {
 			o.OwnerTag = o.Tags[0]
 		}
 	}
+	if o.Capacity.VCPUs == 0 {
+		o.Capacity.VCPUs = runtime.NumCPU()
+	}
+	if o.Capacity.MemoryMiB == 0 {
+		o.Capacity.MemoryMiB = machineMemoryMiB()
+	}
+	if o.Capacity.CPUOvercommit == 0 {
+		o.Capacity.CPUOvercommit = DefaultCPUOvercommit
+	}
+	if o.Capacity.MemoryOvercommit == 0 {
+		o.Capacity.MemoryOvercommit = DefaultMemoryOvercommit
+	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
@@ -150,6 +172,25 @@ func (o *Options) defaults() {
 	if o.TSLogf == nil {
 		o.TSLogf = func(string, ...any) {}
 	}
+}
+
+// machineMemoryMiB is the machine's memory (MemTotal), or 0 when /proc does not
+// say: the host then offers no memory and placement passes it over.
+func machineMemoryMiB() int {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+			kib, err := strconv.Atoi(strings.TrimSuffix(strings.TrimSpace(rest), " kB"))
+			if err != nil {
+				return 0
+			}
+			return kib / 1024
+		}
+	}
+	return 0
 }
 
 // Appliance is a running threes server.
@@ -265,7 +306,7 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		o.Logger.Warn("no control plane configured: networks are recorded but not written to the tailnet policy, and VMs get no auth keys")
 	}
 	a.fleet = fleet.New(fleet.Config{DB: a.db, HV: a.hv, IPAM: pool, Images: a.images, Shared: member,
-		Plane: o.Plane, OwnerTag: o.OwnerTag, Bridge: o.Bridge, Host: o.Hostname, NoCloud: noCloudURL(pool, o.MetadataPort),
+		Plane: o.Plane, OwnerTag: o.OwnerTag, Bridge: o.Bridge, Host: o.Hostname, Capacity: o.Capacity, NoCloud: noCloudURL(pool, o.MetadataPort),
 		Now: o.Now, Log: o.Logger}, o.hooks)
 	// In the background: everything below serves at once, whatever the VM count.
 	a.closers = append(a.closers, a.fleet.Run(o.ReconcileInterval))
@@ -359,26 +400,6 @@ func probeKernel(store *images.Store) string {
 		}
 	}
 	return ""
-}
-
-func loadIPAM(ctx context.Context, db *embeddb.DB, prefix netip.Prefix) (*ipam.IPAM, error) {
-	addrs, err := db.ListAddresses(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("load addresses: %w", err)
-	}
-	existing := make([]ipam.Allocation, 0, len(addrs))
-	for _, ad := range addrs {
-		hw, err := net.ParseMAC(ad.MAC)
-		if err != nil {
-			return nil, fmt.Errorf("address %s: mac %q: %w", ad.IP, ad.MAC, err)
-		}
-		existing = append(existing, ipam.Allocation{MAC: hw, Hostname: ad.Hostname, IP: ad.IP})
-	}
-	pool, err := ipam.New(ipam.Config{Prefix: prefix}, existing)
-	if err != nil {
-		return nil, fmt.Errorf("ipam %s: %w", prefix, err)
-	}
-	return pool, nil
 }
 
 // Reconcile runs one reconcile pass now; see fleet.Fleet.Reconcile.

@@ -69,8 +69,10 @@ type Config struct {
 	// host caches about a VM is then read again at least every SharedMaxAge, as
 	// their writes do not show in its write counters.
 	Shared bool
-	Now    func() time.Time // default time.Now
-	Log    *slog.Logger     // default slog.Default()
+	// Capacity is this host's room for VMs, which placement weighs.
+	Capacity Capacity
+	Now      func() time.Time // default time.Now
+	Log      *slog.Logger     // default slog.Default()
 }
 
 // SharedMaxAge bounds how stale the metadata server's view of a VM, and a Watch,
@@ -89,6 +91,7 @@ type Fleet struct {
 	images   *images.Store
 	bridge   string
 	host     string
+	capacity Capacity
 	noCloud  *url.URL
 	now      func() time.Time
 	log      *slog.Logger
@@ -135,7 +138,7 @@ func New(cfg Config, hooks Hooks) *Fleet {
 		hooks.NewMAC = NewMAC
 	}
 	f := &Fleet{db: cfg.DB, hv: cfg.HV, ipam: cfg.IPAM, plane: cfg.Plane, ownerTag: cfg.OwnerTag,
-		images: cfg.Images, bridge: cfg.Bridge, host: cfg.Host, noCloud: cfg.NoCloud, now: cfg.Now, log: cfg.Log,
+		images: cfg.Images, bridge: cfg.Bridge, host: cfg.Host, capacity: cfg.Capacity, noCloud: cfg.NoCloud, now: cfg.Now, log: cfg.Log,
 		hooks: hooks, phases: newPhaseRecorder(cfg.DB, cfg.Log)}
 	f.md = newMDSource(cfg.DB, cfg.Now)
 	if cfg.Shared {

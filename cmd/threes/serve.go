@@ -62,6 +62,10 @@ Without an auth key the node logs a login URL and joins once someone approves it
 	f.StringVar(&c.dns, "dns", "", "comma-separated name servers DHCP hands to VMs")
 	f.BoolVar(&o.CrossNetwork, "cross-network", false, "let VMs of different networks reach each other on the bridge (default: only over the tailnet, where the policy applies)")
 	f.Float64Var(&o.DiskOvercommit, "disk-overcommit", 1, "how many times its free space the VMs' thin disks may promise (1: every disk can fill up; 0: no check); 1 GiB stays free for the database")
+	f.IntVar(&o.Capacity.VCPUs, "vcpus", 0, "CPUs this host offers VMs, before overcommit (0: the machine's)")
+	f.IntVar(&o.Capacity.MemoryMiB, "memory-mib", 0, "memory in MiB this host offers VMs, before overcommit (0: the machine's)")
+	f.Float64Var(&o.Capacity.CPUOvercommit, "cpu-overcommit", appliance.DefaultCPUOvercommit, "how many times over the VMs' vCPUs may promise --vcpus")
+	f.Float64Var(&o.Capacity.MemoryOvercommit, "memory-overcommit", appliance.DefaultMemoryOvercommit, "how many times over the VMs' memory may promise --memory-mib")
 	f.Uint16Var(&o.MetadataPort, "metadata-port", appliance.DefaultMetadataPort, "TCP port of the metadata server on the bridge's gateway address (guests find it in their cloud-init seed URL)")
 	f.BoolVar(&o.MetadataSession, "metadata-session", false, "require a session token (PUT /v1/session) on every /v1 metadata request")
 	f.StringSliceVar(&o.Join, "join", nil, "comma-separated hosts (tailnet IPs or names) of the cluster to join; the database then runs on the tailnet, port 4002, open to nodes with the appliance's tag only")
@@ -126,6 +130,12 @@ func (c *cmdServe) run(cmd *cobra.Command, _ []string) error {
 	for flag, env := range map[string]string{"authkey": "TS_AUTHKEY", "token": "TS_API_KEY"} {
 		if cmd.Flags().Changed(flag) {
 			logger.Warn("a secret given as a flag shows in the process list to every user of this host: set $"+env+" instead", "flag", "--"+flag)
+		}
+	}
+	for flag, v := range map[string]float64{"vcpus": float64(c.opts.Capacity.VCPUs), "memory-mib": float64(c.opts.Capacity.MemoryMiB),
+		"cpu-overcommit": c.opts.Capacity.CPUOvercommit, "memory-overcommit": c.opts.Capacity.MemoryOvercommit} {
+		if v < 0 {
+			return usagef("--%s: %v is negative", flag, v)
 		}
 	}
 	c.opts.Tags = splitList(c.tags)
