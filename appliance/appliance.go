@@ -294,7 +294,7 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("cidr %q: %w", o.CIDR, err)
 	}
-	pool, err := loadIPAM(ctx, a.db, prefix)
+	pool, err := loadIPAM(ctx, a.db, o.Hostname, prefix)
 	if err != nil {
 		return nil, err
 	}

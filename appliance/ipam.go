@@ -10,8 +10,10 @@ import (
 	"github.com/threes-dev/threes/netboot/ipam"
 )
 
-// loadIPAM makes the IPAM from the addresses the database holds.
-func loadIPAM(ctx context.Context, db *embeddb.DB, prefix netip.Prefix) (*ipam.IPAM, error) {
+// loadIPAM makes host's IPAM from the addresses the database holds. host is the
+// name the fleet records on this host's VMs (Options.Hostname).
+func loadIPAM(ctx context.Context, db *embeddb.DB, host string, prefix netip.Prefix) (*ipam.IPAM, error) {
+	_ = host // per-host addresses (issue 16 item 4) land in the next commit
 	addrs, err := db.ListAddresses(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("load addresses: %w", err)
