@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -31,15 +33,51 @@ func printJSON(w io.Writer, m proto.Message) error {
 // printJSONList writes messages as a JSON array, empty or not, so a list command's
 // output has one shape however many items there are.
 func printJSONList[M proto.Message](w io.Writer, msgs []M) error {
-	raw := make([]json.RawMessage, len(msgs))
-	for i, m := range msgs {
-		b, err := jsonOpts.Marshal(m)
-		if err != nil {
+	l := newJSONList(w)
+	for _, m := range msgs {
+		if err := l.add(m); err != nil {
 			return err
 		}
-		raw[i] = b
 	}
-	return writeJSON(w, raw)
+	return l.close()
+}
+
+// jsonList writes a JSON array one message at a time, as it arrives, laid out as
+// writeJSON lays out a whole list: a long list is neither held nor re-parsed.
+type jsonList struct {
+	w   *bufio.Writer
+	buf bytes.Buffer
+	n   int
+}
+
+func newJSONList(w io.Writer) *jsonList { return &jsonList{w: bufio.NewWriter(w)} }
+
+func (l *jsonList) add(m proto.Message) error {
+	b, err := jsonOpts.Marshal(m)
+	if err != nil {
+		return err
+	}
+	l.buf.Reset()
+	if err := json.Indent(&l.buf, b, "  ", "  "); err != nil {
+		return err
+	}
+	sep := ",\n  "
+	if l.n == 0 {
+		sep = "[\n  "
+	}
+	l.n++
+	l.w.WriteString(sep)
+	_, err = l.w.Write(l.buf.Bytes())
+	return err
+}
+
+func (l *jsonList) close() error {
+	if l.n == 0 {
+		l.w.WriteString("[]\n")
+	} else {
+		l.w.WriteString("\n]\n")
+	}
+	return l.w.Flush()
 }
 
 func writeJSON(w io.Writer, v any) error {
@@ -62,6 +100,7 @@ func printVM(w io.Writer, vm *threesv1.VM) {
 	row("Image", vm.GetImage())
 	row("Type", fmt.Sprintf("%s (%d vCPU, %d MiB)", typeWord(vm.GetType()), vm.GetVcpus(), vm.GetMemoryMib()))
 	row("State", stateWord(vm.GetState()))
+	row("Host", vm.GetHost())
 	row("Management Address", vm.GetManagementIp())
 	row("MAC", vm.GetMac())
 	row("Created At", when(vm.GetCreatedAt()))
@@ -81,14 +120,31 @@ func printVM(w io.Writer, vm *threesv1.VM) {
 	tw.Flush()
 }
 
-func printVMTable(w io.Writer, vms []*threesv1.VM) {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tNAME\tNETWORK\tTYPE\tSTATE\tADDRESS\tCREATED")
-	for _, vm := range vms {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", vm.GetId(), vm.GetName(), vm.GetNetwork(),
-			typeWord(vm.GetType()), stateWord(vm.GetState()), vm.GetManagementIp(), when(vm.GetCreatedAt()))
+// vmTable writes VMs as a table, a row as each arrives. The table lines its
+// columns up once the last row is in; the bufio.Writer beneath spares a write
+// call for each cell's padding.
+type vmTable struct {
+	w  *bufio.Writer
+	tw *tabwriter.Writer
+}
+
+func newVMTable(w io.Writer) *vmTable {
+	bw := bufio.NewWriter(w)
+	tw := tabwriter.NewWriter(bw, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tNAME\tNETWORK\tTYPE\tSTATE\tHOST\tADDRESS\tCREATED")
+	return &vmTable{w: bw, tw: tw}
+}
+
+func (t *vmTable) add(vm *threesv1.VM) {
+	fmt.Fprintf(t.tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", vm.GetId(), vm.GetName(), vm.GetNetwork(),
+		typeWord(vm.GetType()), stateWord(vm.GetState()), vm.GetHost(), vm.GetManagementIp(), when(vm.GetCreatedAt()))
+}
+
+func (t *vmTable) close() error {
+	if err := t.tw.Flush(); err != nil {
+		return err
 	}
-	tw.Flush()
+	return t.w.Flush()
 }
 
 func typeWord(t threesv1.VMType) string {

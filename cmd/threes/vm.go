@@ -85,6 +85,7 @@ type cmdVMCreate struct {
 	kvs         []string
 	secretKVs   []string
 	wait        bool
+	host        string
 }
 
 func (c *cmdVMCreate) command() *cobra.Command {
@@ -104,6 +105,7 @@ func (c *cmdVMCreate) command() *cobra.Command {
 	f.StringVarP(&c.script, "script", "c", "", "file holding a startup script for the VM")
 	f.StringArrayVar(&c.kvs, "kv", nil, "key=value to set on the VM (repeatable)")
 	f.StringArrayVar(&c.secretKVs, "secret-kv", nil, "key=value to set as a secret (repeatable)")
+	f.StringVar(&c.host, "host", "", "host of the cluster to run the VM on (default: the one with the most room)")
 	f.BoolVar(&c.wait, "wait", false, "print each phase as the VM reaches it and return once it is on the tailnet (--timeout bounds the whole wait, default 5m)")
 	cmd.MarkFlagRequired("image")
 	cmd.MarkFlagRequired("network")
@@ -117,7 +119,7 @@ func (c *cmdVMCreate) run(cmd *cobra.Command, args []string) error {
 	}
 	req := &threesv1.CreateRequest{
 		Name: args[0], Image: c.image, Network: c.network, Type: typ,
-		Description: c.description, PublicKey: strings.TrimSpace(c.publicKey),
+		Description: c.description, PublicKey: strings.TrimSpace(c.publicKey), Host: c.host,
 	}
 	if c.script != "" {
 		b, err := os.ReadFile(c.script)
@@ -185,22 +187,28 @@ func (c *cmdVMAll) command() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var vms []*threesv1.VM
+			// Each VM is written as it comes: a long list is never held whole.
+			var add func(*threesv1.VM) error
+			var done func() error
+			if c.global.output == "json" {
+				l := newJSONList(cmd.OutOrStdout())
+				add, done = func(vm *threesv1.VM) error { return l.add(vm) }, l.close
+			} else {
+				t := newVMTable(cmd.OutOrStdout())
+				add, done = func(vm *threesv1.VM) error { t.add(vm); return nil }, t.close
+			}
 			for {
 				vm, err := stream.Recv()
 				if errors.Is(err, io.EOF) {
-					break
+					return done()
 				}
 				if err != nil {
 					return err
 				}
-				vms = append(vms, vm)
+				if err := add(vm); err != nil {
+					return err
+				}
 			}
-			if c.global.output == "json" {
-				return printJSONList(cmd.OutOrStdout(), vms)
-			}
-			printVMTable(cmd.OutOrStdout(), vms)
-			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&c.deleted, "deleted", false, "include deleted VMs that are not yet purged")
