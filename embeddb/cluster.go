@@ -10,9 +10,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/hashicorp/raft"
 	"github.com/rqlite/rqlite/v8/cluster"
 	cproto "github.com/rqlite/rqlite/v8/cluster/proto"
 	"github.com/rqlite/rqlite/v8/command/proto"
@@ -33,6 +35,16 @@ const (
 	leaderWait = 15 * time.Second
 	// retryPause spaces the attempts made while no leader is known.
 	retryPause = 100 * time.Millisecond
+	// quorumGrace is how long a request that gets no leader waits before this
+	// node asks the voters whether it reaches a majority of them, and again
+	// between such checks. An election among a majority ends within a few of
+	// these; a node that reaches no majority fails the request at the first
+	// check (ErrNoQuorum) rather than at leaderWait.
+	quorumGrace = time.Second
+	// forwardDialTimeout bounds the connection to the leader: over the tailnet
+	// a leader that is gone does not refuse, it never answers, and past this
+	// the wait is better spent looking for another leader or a quorum.
+	forwardDialTimeout = 3 * time.Second
 	// joinInterval spaces join and bootstrap attempts; Open's ctx bounds
 	// how many are made.
 	joinInterval = time.Second
@@ -41,6 +53,39 @@ const (
 	// election timing instead of the fast one of a node alone.
 	clusteredMarker = "embeddb-clustered"
 )
+
+// ErrNoQuorum means no leader could be reached and this node reaches fewer than
+// a majority of the voters, so none can be elected until hosts come back (or
+// are removed from the cluster by a host on the majority's side).
+var ErrNoQuorum = errors.New("no database leader")
+
+// quorum asks every voter of this node's Raft configuration whether it
+// answers, and returns an ErrNoQuorum error saying how many this node reaches
+// when that is fewer than a majority; nil when it reaches a majority (an
+// election can end) or cannot tell.
+func (b clusterBackend) quorum(ctx context.Context) error {
+	nodes, err := b.local.str.Nodes()
+	if err != nil {
+		return nil
+	}
+	voters := slices.DeleteFunc(nodes, func(n *store.Server) bool { return n.Suffrage != "Voter" })
+	if len(voters) == 0 {
+		return nil
+	}
+	reach := b.reach(ctx, b.local.str.ID(), voters)
+	var lost []string
+	for i, n := range voters {
+		if !reach[i] {
+			lost = append(lost, n.ID)
+		}
+	}
+	got, need := len(voters)-len(lost), len(voters)/2+1
+	if got >= need {
+		return nil
+	}
+	return fmt.Errorf("%w: this host reaches %d of %d hosts (needs %d; no answer from %s)",
+		ErrNoQuorum, got, len(voters), need, strings.Join(lost, ", "))
+}
 
 // clusterOpts validates the clustering part of cfg and returns the Raft
 // addresses of the other nodes (this node's own address left out).
@@ -213,7 +258,7 @@ func (b clusterBackend) call(addr string, timeout time.Duration, cmd *cproto.Com
 	if err != nil {
 		return false, fmt.Errorf("marshal request: %w", err)
 	}
-	conn, err := b.dialer.Dial(addr, timeout)
+	conn, err := b.dialer.Dial(addr, min(timeout, forwardDialTimeout))
 	if err != nil {
 		return false, err
 	}
@@ -250,23 +295,35 @@ func (b clusterBackend) call(addr string, timeout time.Duration, cmd *cproto.Com
 // closing), no leader is known (an election is under way), or the leader
 // could not be reached before the request was sent. A write whose answer
 // was lost is not sent again (it may have applied): its error wraps
-// ErrOutcomeUnknown, so nobody takes it for one that is safe to repeat.
-// Reads are retried. ctx and leaderWait bound the whole.
+// ErrOutcomeUnknown, so nobody takes it for one that is safe to repeat; so
+// does a write whose leader lost the leadership before it committed (a later
+// leader may still commit it). Reads are retried. ctx and leaderWait bound
+// the whole, and a node that reaches no majority of voters gives up at the
+// first quorum check, quorumGrace in (ErrNoQuorum).
 func forward[T any](ctx context.Context, b clusterBackend, idempotent bool,
 	local func() (T, error),
 	remote func(addr string, timeout time.Duration) (res T, remoteErr string, sent bool, err error),
 ) (T, error) {
 	var zero T
-	give := time.Now().Add(leaderWait)
+	start := time.Now()
+	give := start.Add(leaderWait)
 	if d, ok := ctx.Deadline(); ok && d.Before(give) {
 		give = d
 	}
+	nextCheck := start.Add(quorumGrace)
 	why := "no leader is known"
 	for {
 		if err := ctx.Err(); err != nil {
 			return zero, err
 		}
 		res, err := local()
+		if !idempotent && errors.Is(err, raft.ErrLeadershipLost) {
+			note := ""
+			if qerr := b.quorum(ctx); qerr != nil {
+				note = " (" + qerr.Error() + ")"
+			}
+			return zero, fmt.Errorf("%w: this node lost the leadership before the write committed%s", ErrOutcomeUnknown, note)
+		}
 		if !errors.Is(err, store.ErrNotLeader) {
 			return res, b.local.mapErr(err)
 		}
@@ -279,6 +336,8 @@ func forward[T any](ctx context.Context, b clusterBackend, idempotent bool,
 				return res, nil
 			case err == nil && refusedUnapplied(remoteErr):
 				why = fmt.Sprintf("leader %s answered %q", leader, remoteErr)
+			case err == nil && !idempotent && remoteErr == raft.ErrLeadershipLost.Error():
+				return zero, fmt.Errorf("%w: leader %s lost the leadership before the write committed", ErrOutcomeUnknown, leader)
 			case err == nil:
 				return zero, fmt.Errorf("leader %s: %s", leader, remoteErr)
 			case sent && !idempotent:
@@ -286,6 +345,12 @@ func forward[T any](ctx context.Context, b clusterBackend, idempotent bool,
 			default:
 				why = fmt.Sprintf("leader %s unreachable: %v", leader, err)
 			}
+		}
+		if !time.Now().Before(nextCheck) {
+			if err := b.quorum(ctx); err != nil {
+				return zero, err
+			}
+			nextCheck = time.Now().Add(quorumGrace)
 		}
 		if time.Now().After(give) {
 			return zero, fmt.Errorf("%w: %s", ErrNotLeader, why)

@@ -16,7 +16,10 @@
 // caller gives, every connection passes Config.Admit before a byte of it is
 // read, and a node that is not the leader carries reads and writes to the
 // leader, so every node answers alike. ErrNotLeader reaches a caller only
-// when no leader can be reached.
+// when no leader can be reached; a node that reaches fewer than a majority of
+// the voters says so within a few seconds instead (ErrNoQuorum). Members lists
+// the Raft configuration and which members answer now; RemoveMember takes one
+// out. The hosts table (hosts.go) holds what each host says of itself.
 //
 // The durable state is raft.db and the snapshots in Config.Dir; db.sqlite is
 // rebuilt from them at every Open.
