@@ -1,0 +1,158 @@
+package fleet_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/threes-dev/threes/appliance/fleet"
+	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/hv/images"
+)
+
+// maxValue is the largest startup script or key/value value a VM may have (64 KiB).
+const maxValue = 64 << 10
+
+// TestCreateSizeLimits: a script or value of exactly the limit is taken, one byte
+// more is refused naming the field, and nothing is left of the refused.
+func TestCreateSizeLimits(t *testing.T) {
+	ctx := context.Background()
+	r := newRig(t, false, fleet.Hooks{})
+	for _, tc := range []struct {
+		name  string
+		spec  func(n int) fleet.CreateSpec
+		field string
+	}{
+		{"script", func(n int) fleet.CreateSpec {
+			return fleet.CreateSpec{Script: "#!/bin/sh\n" + strings.Repeat("#", n-10)}
+		}, "script"},
+		{"value", func(n int) fleet.CreateSpec {
+			return fleet.CreateSpec{KVs: []embeddb.KV{{Key: "big", Value: strings.Repeat("v", n)}}}
+		}, "value"},
+	} {
+		at := tc.spec(maxValue)
+		at.Name, at.Network, at.Image, at.Type = "at-"+tc.name, "lab", "base", "teeny"
+		if _, err := r.f.Create(ctx, at); err != nil {
+			t.Errorf("create with a %s of exactly %d bytes: %v", tc.name, maxValue, err)
+		}
+		over := tc.spec(maxValue + 1)
+		over.Name, over.Network, over.Image, over.Type = "over-"+tc.name, "lab", "base", "teeny"
+		var fe *fleet.FieldError
+		_, err := r.f.Create(ctx, over)
+		if !errors.As(err, &fe) || !strings.Contains(err.Error(), tc.field) {
+			t.Errorf("create with a %s of %d bytes = %v, want a FieldError naming %s", tc.name, maxValue+1, err, tc.field)
+		}
+		if _, err := r.db.VMByName(ctx, over.Name); !errors.Is(err, embeddb.ErrNotFound) {
+			t.Errorf("refused %s: record %v", over.Name, err)
+		}
+	}
+}
+
+// TestCreateResult: what Create returns is the VM as recorded once it runs: its
+// phases so far and the key/values it was given, which are also kept.
+func TestCreateResult(t *testing.T) {
+	ctx := context.Background()
+	r := newRig(t, false, fleet.Hooks{})
+	kvs := []embeddb.KV{{Key: "colour", Value: "green"}, {Key: "token", Value: "s3cret", Secret: true}}
+	vm, err := r.f.Create(ctx, fleet.CreateSpec{Name: "toy", Network: "lab", Image: "base", Type: "teeny", KVs: kvs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var phases []string
+	for _, p := range vm.Phases {
+		phases = append(phases, p.Phase)
+	}
+	if got := strings.Join(phases, ","); got != fleet.PhaseDefined+","+fleet.PhaseRunning {
+		t.Errorf("phases of the created vm = %s, want %s,%s", got, fleet.PhaseDefined, fleet.PhaseRunning)
+	}
+	if vm.State != fleet.StateRunning {
+		t.Errorf("state of the created vm = %s, want running", vm.State)
+	}
+	got, err := r.f.KVs(ctx, vm.ID)
+	if err != nil || len(got) != 2 {
+		t.Fatalf("key/values after create = %v, %v; want the 2 given", got, err)
+	}
+	for i, kv := range got {
+		if kv != kvs[i] {
+			t.Errorf("key/value %d = %v, want %v", i, kv, kvs[i])
+		}
+	}
+}
+
+// TestCreateGivesUp: a MAC that is always taken makes Create try a few times and
+// then fail, rather than loop or make a second VM with the MAC.
+func TestCreateGivesUp(t *testing.T) {
+	var taken net.HardwareAddr
+	var calls atomic.Int32
+	r := newRig(t, false, fleet.Hooks{NewMAC: func() net.HardwareAddr {
+		if taken == nil {
+			return fleet.NewMAC()
+		}
+		calls.Add(1)
+		return taken
+	}})
+	first := r.create(t, "first")
+	taken, _ = net.ParseMAC(first.MAC)
+	_, err := r.f.Create(context.Background(), fleet.CreateSpec{Name: "second", Network: "lab", Image: "base", Type: "teeny"})
+	if err == nil || !strings.Contains(err.Error(), first.MAC) {
+		t.Fatalf("create with only a taken mac = %v, want an error naming %s", err, first.MAC)
+	}
+	if n := calls.Load(); n < 2 || n > 16 {
+		t.Errorf("create drew %d macs, want a few tries", n)
+	}
+	if _, err := r.db.VMByName(context.Background(), "second"); !errors.Is(err, embeddb.ErrNotFound) {
+		t.Errorf("the failed create left a record: %v", err)
+	}
+}
+
+// TestCreateUnknownImage: the error names the field and the images there are.
+func TestCreateUnknownImage(t *testing.T) {
+	r := newRig(t, false, fleet.Hooks{})
+	_, err := r.f.Create(context.Background(), fleet.CreateSpec{Name: "toy", Network: "lab", Image: "nosuch", Type: "teeny"})
+	var fe *fleet.FieldError
+	if !errors.As(err, &fe) || !strings.Contains(err.Error(), "nosuch") || !strings.Contains(err.Error(), "[base]") {
+		t.Fatalf("create from an unknown image = %v, want a FieldError naming nosuch and listing base", err)
+	}
+}
+
+// TestCreateDiskSize: a VM's disk is its size's, or its image's virtual size
+// rounded up to whole GiB when that is bigger.
+func TestCreateDiskSize(t *testing.T) {
+	ctx := context.Background()
+	r := newRig(t, false, fleet.Hooks{})
+	for i, tc := range []struct {
+		bytes int64
+		want  int
+	}{
+		{1 << 30, 5},             // smaller than a teeny's 5 GiB
+		{6 << 30, 6},             // whole GiB
+		{6<<30 + 512, 7},         // just over
+		{7<<30 - 512, 7},         // just under
+		{5<<30 + 1<<29 + 512, 6}, // half way
+	} {
+		name := fmt.Sprintf("disk%d", i)
+		if _, err := r.f.ImportImage(ctx, name, func(dir string) (images.Source, error) {
+			file := filepath.Join(dir, "disk.qcow2")
+			out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", file, fmt.Sprint(tc.bytes)).CombinedOutput()
+			if err != nil {
+				return images.Source{}, fmt.Errorf("qemu-img create: %v: %s", err, out)
+			}
+			return images.Source{Disk: file}, nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		vm, err := r.f.Create(ctx, fleet.CreateSpec{Name: "vm-" + name, Network: "lab", Image: name, Type: "teeny"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if spec, _ := r.hv.SpecOf(vm.ID); spec.DiskGiB != tc.want {
+			t.Errorf("image of %d bytes: disk %d GiB, want %d", tc.bytes, spec.DiskGiB, tc.want)
+		}
+	}
+}
