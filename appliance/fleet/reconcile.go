@@ -52,6 +52,9 @@ type reconciler struct {
 	// most passes, which then cost libvirtd nothing.
 	mu   sync.Mutex
 	seen map[string]hv.State
+
+	// beat is this host's row in the hosts table, written at every pass (hosts.go).
+	beat heartbeat
 }
 
 // fullListEvery is how often, in periodic passes, a pass asks libvirt for its
@@ -331,8 +334,10 @@ func observedState(st hv.State) (string, bool) {
 // Run keeps the database following libvirt until the returned stop is called:
 // it applies libvirt's events from now on, and runs reconcile passes in the
 // background: one at once (recovery from whatever the last run left), then one
-// every interval (none if interval is negative). It returns at once, so the
-// appliance serves while the first pass catches up.
+// every interval (none if interval is negative). Before each pass it writes this
+// host's row in the hosts table (Heartbeat), which tells placement on every host
+// that this one is up and what it offers. It returns at once, so the appliance
+// serves while the first pass catches up.
 func (f *Fleet) Run(interval time.Duration) (stop func() error) {
 	bg, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
@@ -357,14 +362,19 @@ func (f *Fleet) Run(interval time.Duration) (stop func() error) {
 			f.log.Error(what+"; trying again at the next pass", "err", err)
 		}
 	}
+	if interval == 0 {
+		interval = DefaultReconcileInterval
+	}
+	f.rec.beat.mu.Lock()
+	f.rec.beat.interval = interval
+	f.rec.beat.mu.Unlock()
 	wg.Go(func() {
+		// The heartbeat first: placement on every host sees this one from now on.
+		f.beat(bg)
 		_, err := f.Reconcile(bg)
 		report("reconcile at start", err, true)
 		if interval < 0 {
 			return
-		}
-		if interval == 0 {
-			interval = DefaultReconcileInterval
 		}
 		t := time.NewTicker(interval)
 		defer t.Stop()
@@ -375,6 +385,7 @@ func (f *Fleet) Run(interval time.Duration) (stop func() error) {
 			case <-t.C:
 			}
 			full := n%fullListEvery == 0
+			f.beat(bg)
 			_, err := f.reconcile(bg, full)
 			report("reconcile", err, full)
 		}
