@@ -7,12 +7,16 @@ import (
 	"net"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/hv"
+	"github.com/threes-dev/threes/hv/hvtest"
 	"github.com/threes-dev/threes/hv/images"
 )
 
@@ -154,5 +158,51 @@ func TestCreateDiskSize(t *testing.T) {
 		if spec, _ := r.hv.SpecOf(vm.ID); spec.DiskGiB != tc.want {
 			t.Errorf("image of %d bytes: disk %d GiB, want %d", tc.bytes, spec.DiskGiB, tc.want)
 		}
+	}
+}
+
+// TestReconcileCorrects: a pass records the state libvirt reports where the record
+// has it wrong, says when it could not remove an orphan (and removes it on a later
+// pass), and logs its drift in one line, only when there is some.
+func TestReconcileCorrects(t *testing.T) {
+	ctx := context.Background()
+	r := newRig(t, false, fleet.Hooks{})
+	vm := r.create(t, "stopped")
+	if _, err := r.f.Stop(ctx, vm.ID); err != nil {
+		t.Fatal(err)
+	}
+	// The record says running (an event went missing); the domain is off and
+	// its owner wants it so.
+	if err := r.db.SetVMState(ctx, vm.ID, fleet.StateRunning, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	orphan := fleet.NewID(time.Now())
+	if err := r.hv.Create(ctx, hv.Spec{ID: orphan, Name: "orphan", VCPUs: 1, MemoryMiB: 64, MAC: net.HardwareAddr{0x52, 0x54, 0, 0, 0, 0x98}, Bridge: "br-fast", DiskGiB: 1}); err != nil {
+		t.Fatal(err)
+	}
+	boom := errors.New("libvirtd said no")
+	r.hv.FailNext(hvtest.StepUndefine, boom)
+	rep, err := r.f.Reconcile(ctx)
+	if !errors.Is(err, boom) {
+		t.Errorf("pass with an orphan that cannot go = %v, want its error", err)
+	}
+	if got := r.state(t, vm.ID); got.State != fleet.StateStopped {
+		t.Errorf("state after the pass = %s, want stopped as libvirt says", got.State)
+	}
+	if strings.Contains(r.logs.String(), "reconcile: drift:") {
+		t.Errorf("a pass without drift logged some:\n%s", r.logs)
+	}
+	rep, err = r.f.Reconcile(ctx)
+	if err != nil || !slices.Equal(rep.Removed, []string{orphan}) {
+		t.Errorf("second pass = %+v, %v; want the orphan removed", rep, err)
+	}
+
+	lost := r.create(t, "lost")
+	r.hv.Lose(lost.ID)
+	if _, err := r.f.Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(r.logs.String(), "reconcile: drift:"); n != 1 {
+		t.Errorf("%d drift lines after a pass with one lost vm, want 1:\n%s", n, r.logs)
 	}
 }
