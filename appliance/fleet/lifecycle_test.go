@@ -206,3 +206,65 @@ func TestReconcileCorrects(t *testing.T) {
 		t.Errorf("%d drift lines after a pass with one lost vm, want 1:\n%s", n, r.logs)
 	}
 }
+
+// listCounter counts the hypervisor's full listings.
+type listCounter struct {
+	*hvtest.Memory
+	lists atomic.Int32
+}
+
+func (c *listCounter) List(ctx context.Context) ([]hv.Domain, error) {
+	c.lists.Add(1)
+	return c.Memory.List(ctx)
+}
+
+// TestReconcileCadence: Run passes at the interval it is given, and only the pass
+// at start and every tenth after it ask libvirt for its domains; the others take
+// them from its events, which costs libvirtd nothing.
+func TestReconcileCadence(t *testing.T) {
+	r := newRig(t, false, fleet.Hooks{})
+	counter := &listCounter{Memory: r.hv}
+	passes := make(chan struct{})
+	release := make(chan struct{})
+	var n atomic.Int32
+	f := fleet.New(fleet.Config{DB: r.db, HV: counter, IPAM: r.ipam, Bridge: "br-fast", Host: "a"},
+		fleet.Hooks{BeforePass: func(ctx context.Context) {
+			if n.Add(1) == 7 { // the start's pass and five periodic ones are done
+				close(passes)
+				select {
+				case <-release:
+				case <-ctx.Done():
+				}
+			}
+		}})
+	stop := f.Run(5 * time.Millisecond)
+	select {
+	case <-passes:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%d passes in 30 s at a 5 ms interval", n.Load())
+	}
+	if got := counter.lists.Load(); got != 1 {
+		t.Errorf("%d full listings in six passes, want 1 (the start's)", got)
+	}
+	close(release)
+	stop()
+}
+
+// TestReconcileReturnsFailures: a VM the pass cannot fix (its crashed domain will
+// not start) does not stop the pass, and its error comes back.
+func TestReconcileReturnsFailures(t *testing.T) {
+	ctx := context.Background()
+	r := newRig(t, false, fleet.Hooks{})
+	broken, fine := r.create(t, "broken"), r.create(t, "fine")
+	r.hv.Crash(broken.ID)
+	r.hv.Crash(fine.ID)
+	boom := errors.New("no such emulator")
+	r.hv.FailNext(hvtest.StepBoot, boom)
+	rep, err := r.f.Reconcile(ctx)
+	if !errors.Is(err, boom) {
+		t.Errorf("pass = %v, want the failed start's error", err)
+	}
+	if len(rep.Started) != 1 {
+		t.Errorf("started %v, want the other crashed vm", rep.Started)
+	}
+}
