@@ -10,11 +10,12 @@ import (
 	"github.com/threes-dev/threes/netboot/ipam"
 )
 
-// loadIPAM makes host's IPAM from the addresses the database holds. host is the
-// name the fleet records on this host's VMs (Options.Hostname).
+// loadIPAM makes host's IPAM from the addresses the database holds for it (its
+// own and those recorded with no host): each host has a bridge of its own, so the
+// same range repeats on every host. host is the name the fleet records on this
+// host's VMs (Options.Hostname).
 func loadIPAM(ctx context.Context, db *embeddb.DB, host string, prefix netip.Prefix) (*ipam.IPAM, error) {
-	_ = host // per-host addresses (issue 16 item 4) land in the next commit
-	addrs, err := db.ListAddresses(ctx)
+	addrs, err := db.HostAddresses(ctx, host)
 	if err != nil {
 		return nil, fmt.Errorf("load addresses: %w", err)
 	}

@@ -100,10 +100,11 @@ func scanVM(r row) VM {
 
 // CreateVM writes vm, its config and its address in one transaction: a
 // failure leaves nothing behind. vm.Network must name an existing network
-// (else a network name ErrNotFound). vm.MAC and vm.IP, and cfg.VMID and
-// addr.VMID, may be empty (taken from addr and vm.ID) but must agree if set.
-// A live VM's name, and any address's IP and MAC, are unique (ErrExists).
-// UpdatedAt defaults to CreatedAt.
+// (else a network name ErrNotFound). vm.MAC and vm.IP, and cfg.VMID,
+// addr.VMID and addr.Host, may be empty (taken from addr, vm.ID and vm.Host)
+// but must agree if set. A live VM's name and an address's MAC are unique in
+// the cluster, an address's IP on its host (ErrExists). UpdatedAt defaults to
+// CreatedAt.
 func (db *DB) CreateVM(ctx context.Context, vm VM, cfg VMConfig, addr Address) error {
 	if vm.ID == "" || vm.Name == "" || vm.Network == "" {
 		return fmt.Errorf("create vm: id, name and network are required: %w", ErrInvalid)
@@ -145,6 +146,9 @@ func (db *DB) CreateVM(ctx context.Context, vm VM, cfg VMConfig, addr Address) e
 	if (cfg.VMID != "" && cfg.VMID != vm.ID) || (addr.VMID != "" && addr.VMID != vm.ID) {
 		return fmt.Errorf("create vm %s: config or address belongs to another vm: %w", vm.ID, ErrInvalid)
 	}
+	if addr.Host != "" && addr.Host != vm.Host {
+		return fmt.Errorf("create vm %s: address host %q differs from vm host %q: %w", vm.ID, addr.Host, vm.Host, ErrInvalid)
+	}
 
 	defer db.touch(vm.ID)
 	_, err = db.exec(ctx,
@@ -155,15 +159,15 @@ func (db *DB) CreateVM(ctx context.Context, vm VM, cfg VMConfig, addr Address) e
 		q(`INSERT INTO vm_configs (vm_id, hostname, script, public_key, auth_key, auth_key_served_at, auth_key_id)
 			VALUES (?, ?, ?, ?, ?, ?, ?)`,
 			vm.ID, cfg.Hostname, cfg.Script, cfg.PublicKey, cfg.AuthKey, timeArg(cfg.AuthKeyServedAt), cfg.AuthKeyID),
-		q(`INSERT INTO addresses (ip, mac, hostname, vm_id, leased_at) VALUES (?, ?, ?, ?, ?)`,
-			ip, mac, addr.Hostname, vm.ID, timeArg(addr.LeasedAt)))
+		q(`INSERT INTO addresses (host, ip, mac, hostname, vm_id, leased_at) VALUES (?, ?, ?, ?, ?, ?)`,
+			vm.Host, ip, mac, addr.Hostname, vm.ID, timeArg(addr.LeasedAt)))
 	if cols, ok := uniqueViolation(err); ok {
 		switch cols {
 		case "vms.id", "vm_configs.vm_id", "addresses.vm_id":
 			return fieldErr(FieldVMID, vm.ID, ErrExists)
 		case "vms.name":
 			return fieldErr(FieldVMName, vm.Name, ErrExists)
-		case "addresses.ip":
+		case "addresses.host, addresses.ip":
 			return fieldErr(FieldIP, ip, ErrExists)
 		case "addresses.mac":
 			return fieldErr(FieldMAC, mac, ErrExists)

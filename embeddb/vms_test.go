@@ -52,11 +52,11 @@ func TestCreateAndGetVM(t *testing.T) {
 	if gotCfg.AuthKey != cfg.AuthKey {
 		t.Fatalf("auth key did not round-trip")
 	}
-	a, err := db.AddressByIP(ctx, addr.IP)
+	a, err := db.AddressByIP(ctx, vm.Host, addr.IP)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := (Address{IP: addr.IP, MAC: want.MAC, Hostname: addr.Hostname, VMID: vm.ID, LeasedAt: addr.LeasedAt}); a != want {
+	if want := (Address{Host: vm.Host, IP: addr.IP, MAC: want.MAC, Hostname: addr.Hostname, VMID: vm.ID, LeasedAt: addr.LeasedAt}); a != want {
 		t.Fatalf("AddressByIP:\n got %+v\nwant %+v", a, want)
 	}
 

@@ -12,8 +12,9 @@ import (
 	"github.com/threes-dev/threes/netboot/metadata"
 )
 
-// MetadataSource is the database as the metadata server sees it: live VMs by address,
-// from a per-VM cache. A VM's entry is current while the database's VMGen for it
+// MetadataSource is the database as the metadata server sees it: this host's live VMs
+// by address (each host has a bridge of its own, so the same address may be another
+// VM's on another host), from a per-VM cache. A VM's entry is current while the database's VMGen for it
 // stays what it was when the entry was read, so a request costs no database read
 // (let alone a round trip to the Raft leader) until this appliance writes something
 // about that VM. VMGen counts only this host's writes: when other hosts share the
@@ -21,6 +22,7 @@ import (
 // their writes show within maxAge.
 type MetadataSource struct {
 	db     *embeddb.DB
+	host   string // whose addresses it looks up
 	now    func() time.Time
 	maxAge time.Duration // 0: entries stay while VMGen does (this host makes every write)
 	// phases hears which VMs read their config and took their key (nil: nobody).
@@ -37,8 +39,8 @@ type mdEntry struct {
 	at   time.Time // when it was read
 }
 
-func newMDSource(db *embeddb.DB, now func() time.Time) *MetadataSource {
-	return &MetadataSource{db: db, now: now, byIP: map[netip.Addr]mdEntry{}, served: map[string]bool{}}
+func newMDSource(db *embeddb.DB, host string, now func() time.Time) *MetadataSource {
+	return &MetadataSource{db: db, host: host, now: now, byIP: map[netip.Addr]mdEntry{}, served: map[string]bool{}}
 }
 
 // ByIP is the metadata server's lookup, made once the request passed its checks:
@@ -76,7 +78,7 @@ func (s *MetadataSource) Lookup(ctx context.Context, ip netip.Addr) (metadata.In
 
 // read reads the VM at ip from the database, with the VMGen it had before.
 func (s *MetadataSource) read(ctx context.Context, ip netip.Addr) (metadata.Instance, uint64, error) {
-	addr, err := s.db.AddressByIP(ctx, ip)
+	addr, err := s.db.AddressByIP(ctx, s.host, ip)
 	if err != nil {
 		return metadata.Instance{}, 0, notFound(err)
 	}

@@ -92,8 +92,9 @@ func (r *phaseRecorder) run(ctx context.Context) {
 
 func (r *phaseRecorder) write(ctx context.Context, m phaseMark) {
 	if m.ip.IsValid() {
-		addr, err := r.db.AddressByIP(ctx, m.ip)
-		if err != nil || addr.VMID == "" || !strings.EqualFold(addr.MAC, m.mac.String()) {
+		// By MAC, which is unique in the cluster (an IP is only unique per host).
+		addr, err := r.db.AddressByMAC(ctx, m.mac.String())
+		if err != nil || addr.VMID == "" || addr.IP != m.ip.Unmap() {
 			// Not a VM's address (any more): nothing to record, and nothing to
 			// remember either, in case the address is a VM's later.
 			r.forgetKey(m.key)
