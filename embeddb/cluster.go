@@ -220,16 +220,36 @@ func (b clusterBackend) execute(ctx context.Context, req *proto.ExecuteRequest) 
 }
 
 func (b clusterBackend) query(ctx context.Context, req *proto.QueryRequest) ([]*proto.QueryRows, error) {
-	return forward(ctx, b, true,
-		func() ([]*proto.QueryRows, error) { r, _, err := b.local.str.Query(req); return r, err },
-		func(addr string, t time.Duration) ([]*proto.QueryRows, string, bool, error) {
-			var resp cproto.CommandQueryResponse
-			sent, err := b.call(addr, t, &cproto.Command{
-				Type:    cproto.Command_COMMAND_TYPE_QUERY,
-				Request: &cproto.Command_QueryRequest{QueryRequest: req},
-			}, &resp)
-			return resp.Rows, resp.Error, sent, err
-		})
+	for moved := false; ; moved = true {
+		rows, err := forward(ctx, b, true,
+			func() ([]*proto.QueryRows, error) { r, _, err := b.local.str.Query(req); return r, err },
+			func(addr string, t time.Duration) ([]*proto.QueryRows, string, bool, error) {
+				var resp cproto.CommandQueryResponse
+				sent, err := b.call(addr, t, &cproto.Command{
+					Type:    cproto.Command_COMMAND_TYPE_QUERY,
+					Request: &cproto.Command_QueryRequest{QueryRequest: req},
+				}, &resp)
+				return resp.Rows, resp.Error, sent, err
+			})
+		if moved || err == nil || !strings.Contains(err.Error(), store.ErrWaitForFSMTimeout.Error()) {
+			return rows, err
+		}
+		// A linearizable read waits for the leader's state machine to reach
+		// the commit index, and a change of members (a join, a removal) is
+		// committed without passing through the state machine: until the
+		// next write, every such read times out. An empty write moves the
+		// state machine on.
+		if werr := b.barrier(ctx); werr != nil {
+			return rows, err
+		}
+	}
+}
+
+// barrier writes an empty entry through the leader, which changes no data and
+// is safe to repeat, so the state machine reaches the commit index.
+func (b clusterBackend) barrier(ctx context.Context) error {
+	_, err := b.execute(ctx, &proto.ExecuteRequest{Request: &proto.Request{}})
+	return err
 }
 
 func (b clusterBackend) request(ctx context.Context, req *proto.ExecuteQueryRequest) ([]*proto.ExecuteQueryResponse, error) {

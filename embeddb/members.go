@@ -124,5 +124,10 @@ func (db *DB) RemoveMember(ctx context.Context, id string) error {
 		// The leader committed the change; this node applies it in a moment.
 		db.str.WaitForRemoval(id, removeWait)
 	}
+	if cb, ok := db.be.(clusterBackend); ok {
+		// Spares the next read the wait a change of members costs it (see
+		// clusterBackend.query); a failure here costs only that wait.
+		cb.barrier(ctx)
+	}
 	return nil
 }

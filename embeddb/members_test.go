@@ -196,3 +196,31 @@ func TestQuorumLossOnLeader(t *testing.T) {
 		t.Fatalf("a write refused with ErrNoQuorum applied after all: %v", gerr)
 	}
 }
+
+// TestReadAfterRemove: the first reads after a member's removal, with no write
+// between, answer: rqlite's linearizable read waits for the state machine to
+// reach the commit index, which a change of members does not pass through, so
+// they timed out ("timeout waiting for fsm") until the next write.
+func TestReadAfterRemove(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	c := newTestCluster(t, 3)
+	dbs := c.openExpect()
+	mustNetwork(t, dbs[0], "before")
+	l := c.leader()
+	left := c.others(l)
+	for _, db := range dbs {
+		if _, err := db.GetNetwork(ctx, "before"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.closeNode(left[0])
+	if err := dbs[left[1]].RemoveMember(ctx, fmt.Sprintf("node%d", left[0]+1)); err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range []int{l, left[1]} {
+		if _, err := dbs[i].GetNetwork(ctx, "before"); err != nil {
+			t.Fatalf("read through node %d just after the removal: %v", i+1, err)
+		}
+	}
+}
