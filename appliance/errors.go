@@ -78,13 +78,19 @@ var errorCodes = []struct {
 	{control.ErrPolicyConflict, codes.Aborted},
 	{ipam.ErrFull, codes.ResourceExhausted},
 	{hv.ErrNoSpace, codes.ResourceExhausted},
+	{fleet.ErrNoRoom, codes.ResourceExhausted},
 
-	// Try again later: libvirtd is down, or another host leads the database.
+	// Not Unavailable, which callers read as safe to repeat: the write may have
+	// applied. Before the rows below, so an error that also says why (no quorum)
+	// keeps this meaning.
+	{embeddb.ErrOutcomeUnknown, codes.Aborted},
+	// Try again later: libvirtd is down, another host leads the database, or too
+	// few hosts answer to elect a leader.
 	{hv.ErrUnavailable, codes.Unavailable},
 	{embeddb.ErrNotLeader, codes.Unavailable},
-	// Not Unavailable, which callers read as safe to repeat: the write may have
-	// applied.
-	{embeddb.ErrOutcomeUnknown, codes.Aborted},
+	{embeddb.ErrNoQuorum, codes.Unavailable},
+	// The host asked for has not written its row lately: it may be down.
+	{fleet.ErrHostSilent, codes.Unavailable},
 	// A firewall reload flushed the anti-spoofing table; hv rebuilds it on the next try.
 	{guard.ErrNotIntact, codes.Unavailable},
 
