@@ -138,6 +138,7 @@ func newRoot() (*cobra.Command, *global) {
 		(&cmdServe{}).command(),
 		(&cmdVM{global: g}).command(),
 		(&cmdNetwork{global: g}).command(),
+		(&cmdHost{global: g}).command(),
 		(&cmdImage{global: g}).command(),
 		(&cmdWhoAmI{global: g}).command(),
 		(&cmdVersion{global: g}).command(),
