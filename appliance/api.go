@@ -85,7 +85,7 @@ func vmProto(vm embeddb.VM) *threesv1.VM {
 		Id: vm.ID, Name: vm.Name, Description: vm.Description, Network: vm.Network, Image: vm.Image,
 		Type: typ, ManagementIp: vm.IP, Mac: vm.MAC, State: stateEnum(vm),
 		CreatedAt: timestamppb.New(vm.CreatedAt), UpdatedAt: timestamppb.New(vm.UpdatedAt),
-		Phases: phasesProto(vm.Phases), TailnetNodeId: vm.NodeID,
+		Phases: phasesProto(vm.Phases), TailnetNodeId: vm.NodeID, Host: vm.Host,
 	}
 	if !vm.DeletedAt.IsZero() {
 		p.DeletedAt = timestamppb.New(vm.DeletedAt)

@@ -333,6 +333,22 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 		}
 	}()
 	go a.fleet.WatchJoins(runCtx, lc)
+	go func() {
+		// The host's row gives its tailnet IP once it has one.
+		st, err := a.ts.Up(runCtx)
+		if err != nil {
+			return
+		}
+		for _, ip := range st.TailscaleIPs {
+			if ip.Is4() {
+				a.fleet.SetAddr(ip)
+				if err := a.fleet.Heartbeat(runCtx); err != nil && runCtx.Err() == nil {
+					o.Logger.Warn("write this host's row with its tailnet IP; the next reconcile pass tries again", "err", err)
+				}
+				return
+			}
+		}
+	}()
 
 	// 7. DHCP and metadata for VMs, on the bridge only.
 	if err := a.startNetboot(runCtx, o, pool); err != nil {
@@ -341,7 +357,19 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 
 	// 8. The API, on the tailnet and on the host-local socket, behind one gate.
 	svc := &service{fleet: a.fleet}
-	g := &gate{identify: ident.Identify, log: o.Logger}
+	if member {
+		// Calls that need another host's domain are carried there.
+		_, port, err := net.SplitHostPort(o.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("listen address %q: %w", o.Listen, err)
+		}
+		svc.hosts = &hosts{port: port, dial: tsauth.TailnetDialer(a.ts),
+			resolve: func(ctx context.Context, host string) (netip.Addr, error) {
+				return tailnetHost(ctx, lc, host, o.OwnerTag)
+			}}
+		a.closers = append(a.closers, svc.hosts.Close)
+	}
+	g := &gate{identify: ident.Identify, log: o.Logger, ownerTag: o.OwnerTag}
 	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, tsLn)
 	if o.Socket != "none" {
 		sockLn, err := listenSocket(o.Socket)
@@ -533,18 +561,27 @@ func raftAddr(ctx context.Context, lc *local.Client, h, ownerTag string) (string
 	if ip, err := netip.ParseAddr(host); err == nil {
 		return net.JoinHostPort(ip.String(), port), nil
 	}
+	ip, err := tailnetHost(ctx, lc, host, ownerTag)
+	if err != nil {
+		return "", err
+	}
+	return net.JoinHostPort(ip.String(), port), nil
+}
+
+// tailnetHost finds the tailnet IPv4 address of the node called name (its host
+// name, or its MagicDNS name or that name's first label). A node names itself,
+// so a name alone could lead to a stranger's: only nodes that carry the
+// appliance's tag count, and the name must be unique among them.
+func tailnetHost(ctx context.Context, lc *local.Client, name, ownerTag string) (netip.Addr, error) {
 	st, err := lc.Status(ctx)
 	if err != nil {
-		return "", fmt.Errorf("tailnet status: %w", err)
+		return netip.Addr{}, fmt.Errorf("tailnet status: %w", err)
 	}
-	// A node names itself, so a name alone could lead to a stranger's: only
-	// nodes that carry the appliance's tag count, and the name must be unique
-	// among them.
-	var found []string
+	var found []netip.Addr
 	for _, p := range st.Peer {
-		name := strings.TrimSuffix(p.DNSName, ".")
-		if !strings.EqualFold(p.HostName, host) && !strings.EqualFold(name, host) &&
-			!strings.HasPrefix(strings.ToLower(name), strings.ToLower(host)+".") {
+		dns := strings.TrimSuffix(p.DNSName, ".")
+		if !strings.EqualFold(p.HostName, name) && !strings.EqualFold(dns, name) &&
+			!strings.HasPrefix(strings.ToLower(dns), strings.ToLower(name)+".") {
 			continue
 		}
 		if p.Tags == nil || !slices.Contains(p.Tags.AsSlice(), ownerTag) {
@@ -552,16 +589,16 @@ func raftAddr(ctx context.Context, lc *local.Client, h, ownerTag string) (string
 		}
 		for _, ip := range p.TailscaleIPs {
 			if ip.Is4() {
-				found = append(found, net.JoinHostPort(ip.String(), port))
+				found = append(found, ip)
 				break
 			}
 		}
 	}
 	switch len(found) {
 	case 0:
-		return "", fmt.Errorf("no node of that name with the tag %s on the tailnet", ownerTag)
+		return netip.Addr{}, fmt.Errorf("no node of that name with the tag %s on the tailnet", ownerTag)
 	case 1:
 		return found[0], nil
 	}
-	return "", fmt.Errorf("%d nodes with the tag %s go by that name (%v): give a tailnet IP", len(found), ownerTag, found)
+	return netip.Addr{}, fmt.Errorf("%d nodes with the tag %s go by that name (%v): give a tailnet IP", len(found), ownerTag, found)
 }

@@ -68,6 +68,9 @@ func principalFrom(ctx context.Context) tsauth.Principal {
 type gate struct {
 	identify IdentifyFunc
 	log      *slog.Logger
+	// ownerTag is the tag of the cluster's appliances, the only nodes whose
+	// forwarded calls are taken (forward.go).
+	ownerTag string
 	// reauth is how often a stream's caller is authorised again while it lasts
 	// (default streamReauth): a console or watch must not outlive a revoked grant.
 	reauth time.Duration
@@ -83,6 +86,15 @@ func (g *gate) authorise(ctx context.Context, method string) (context.Context, e
 	if err != nil {
 		g.log.Warn("unidentified caller", "method", method, "err", err)
 		return nil, err
+	}
+	who, role, fwd, err := forwarded(ctx, p, g.ownerTag)
+	if err != nil {
+		g.log.Warn("denied", "who", p.String(), "method", method, "err", err)
+		return nil, err
+	}
+	if fwd {
+		p.Role = role
+		ctx = context.WithValue(ctx, forwardedKey{}, who)
 	}
 	need, known := methodRoles[method]
 	if !known || p.Role < need {
@@ -125,6 +137,7 @@ func (g *gate) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	g.logForwarded(ctx, info.FullMethod)
 	resp, err := h(ctx, req)
 	return resp, toStatus(err)
 }
@@ -137,6 +150,7 @@ func (g *gate) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo
 	if err != nil {
 		return toStatus(err)
 	}
+	g.logForwarded(ctx, info.FullMethod)
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	every := g.reauth
@@ -187,6 +201,14 @@ func (s *identifiedStream) RecvMsg(m any) error {
 		return err
 	}
 	return s.ServerStream.RecvMsg(m)
+}
+
+// logForwarded records a call another host carried here, with its caller there.
+func (g *gate) logForwarded(ctx context.Context, method string) {
+	if who, ok := forwardedFor(ctx); ok {
+		p := principalFrom(ctx)
+		g.log.Info("forwarded call", "method", shortMethod(method), "for", who, "role", p.Role.String(), "via", p.Node)
+	}
 }
 
 func shortMethod(full string) string {

@@ -21,6 +21,9 @@ func (s *service) Console(stream grpc.BidiStreamingServer[threesv1.ConsoleInput,
 	ctx, cancel := context.WithCancel(stream.Context())
 	defer cancel()
 	con, vm, err := s.fleet.Console(ctx, first.GetVmId())
+	if host, ok := s.ownerOf(ctx, err); ok {
+		return s.forwardConsole(ctx, host, first, stream)
+	}
 	if err != nil {
 		return err
 	}

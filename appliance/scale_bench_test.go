@@ -81,7 +81,9 @@ func BenchmarkScale(b *testing.B) {
 			"--interface", "br-sc", "--bridge-netns", brNS.Name, "--cidr", "10.10.0.0/16",
 			// Thousands of teeny VMs promise far more disk than the host has; on
 			// the test driver no guest ever writes to its disk.
-			"--disk-overcommit", "0")
+			"--disk-overcommit", "0",
+			// Nor any CPU or memory: room for every VM the run makes.
+			"--vcpus", fmt.Sprint(n), "--memory-mib", fmt.Sprint(n*512))
 		cmd.Env = append(os.Environ(), "TS_NO_LOGS_NO_SUPPORT=true", "TS_DISABLE_PORTMAPPER=1")
 		f, err := os.OpenFile(logFile, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/threes-dev/threes/appliance/fleet"
@@ -17,6 +18,9 @@ import (
 type service struct {
 	threesv1.UnimplementedThreesServer
 	fleet *fleet.Fleet
+	// hosts carries calls that need another host's domain there (forward.go);
+	// nil on a host alone.
+	hosts *hosts
 }
 
 func (s *service) Create(ctx context.Context, req *threesv1.CreateRequest) (*threesv1.VM, error) {
@@ -27,7 +31,16 @@ func (s *service) Create(ctx context.Context, req *threesv1.CreateRequest) (*thr
 	vm, err := s.fleet.Create(ctx, fleet.CreateSpec{
 		Name: req.GetName(), Description: req.GetDescription(), Network: req.GetNetwork(),
 		Image: req.GetImage(), Type: typ, PublicKey: req.GetPublicKey(), Script: req.GetScript(), KVs: kvsFrom(req.GetKvs()),
+		Host: req.GetHost(),
 	})
+	if host, ok := s.ownerOf(ctx, err); ok {
+		// Placed elsewhere: that host creates it, told where, so it does not place again.
+		fwd := proto.CloneOf(req)
+		fwd.Host = host
+		return onHost(ctx, s, host, func(ctx context.Context, c threesv1.ThreesClient) (*threesv1.VM, error) {
+			return c.Create(ctx, fwd)
+		})
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -70,27 +83,84 @@ func (s *service) GetID(ctx context.Context, req *threesv1.GetIDRequest) (*three
 
 func (s *service) Start(ctx context.Context, ref *threesv1.VMRef) (*threesv1.VM, error) {
 	vm, err := s.fleet.Start(ctx, ref.GetId())
+	if host, ok := s.ownerOf(ctx, err); ok {
+		return onHost(ctx, s, host, func(ctx context.Context, c threesv1.ThreesClient) (*threesv1.VM, error) {
+			return c.Start(ctx, ref)
+		})
+	}
 	return vmProto(vm), err
 }
 
 func (s *service) Stop(ctx context.Context, ref *threesv1.VMRef) (*threesv1.VM, error) {
 	vm, err := s.fleet.Stop(ctx, ref.GetId())
+	if host, ok := s.ownerOf(ctx, err); ok {
+		return onHost(ctx, s, host, func(ctx context.Context, c threesv1.ThreesClient) (*threesv1.VM, error) {
+			return c.Stop(ctx, ref)
+		})
+	}
 	return vmProto(vm), err
 }
 
 func (s *service) Restart(ctx context.Context, ref *threesv1.VMRef) (*threesv1.VM, error) {
 	vm, err := s.fleet.Restart(ctx, ref.GetId())
+	if host, ok := s.ownerOf(ctx, err); ok {
+		return onHost(ctx, s, host, func(ctx context.Context, c threesv1.ThreesClient) (*threesv1.VM, error) {
+			return c.Restart(ctx, ref)
+		})
+	}
 	return vmProto(vm), err
 }
 
 func (s *service) Delete(ctx context.Context, ref *threesv1.VMRef) (*threesv1.VM, error) {
 	vm, err := s.fleet.Delete(ctx, ref.GetId())
+	if host, ok := s.ownerOf(ctx, err); ok {
+		return onHost(ctx, s, host, func(ctx context.Context, c threesv1.ThreesClient) (*threesv1.VM, error) {
+			return c.Delete(ctx, ref)
+		})
+	}
 	return vmProto(vm), err
 }
 
 func (s *service) Purge(ctx context.Context, req *threesv1.PurgeRequest) (*threesv1.PurgeResponse, error) {
 	ids, err := s.fleet.Purge(ctx, req.GetIds())
+	if _, ok := s.ownerOf(ctx, err); ok {
+		return s.purgeOnHosts(ctx, req.GetIds())
+	}
 	return &threesv1.PurgeResponse{Ids: ids}, err
+}
+
+// purgeOnHosts purges VMs of several hosts: each host purges its own. A host's
+// refusal (a VM still live) stops the hosts after it, not those before.
+func (s *service) purgeOnHosts(ctx context.Context, ids []string) (*threesv1.PurgeResponse, error) {
+	byHost := map[string][]string{}
+	var order []string
+	for _, id := range ids {
+		vm, err := s.fleet.Get(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if _, ok := byHost[vm.Host]; !ok {
+			order = append(order, vm.Host)
+		}
+		byHost[vm.Host] = append(byHost[vm.Host], id)
+	}
+	resp := &threesv1.PurgeResponse{}
+	for _, host := range order {
+		some := byHost[host]
+		purged, err := s.fleet.Purge(ctx, some)
+		if owner, ok := s.ownerOf(ctx, err); ok {
+			var r *threesv1.PurgeResponse
+			r, err = onHost(ctx, s, owner, func(ctx context.Context, c threesv1.ThreesClient) (*threesv1.PurgeResponse, error) {
+				return c.Purge(ctx, &threesv1.PurgeRequest{Ids: some})
+			})
+			purged = r.GetIds()
+		}
+		resp.Ids = append(resp.Ids, purged...)
+		if err != nil {
+			return resp, err
+		}
+	}
+	return resp, nil
 }
 
 func (s *service) CreateNetwork(ctx context.Context, req *threesv1.NetworkRequest) (*threesv1.Network, error) {

@@ -42,6 +42,8 @@ type CreateSpec struct {
 	Name, Description, Network, Image, Type string
 	PublicKey, Script                       string
 	KVs                                     []embeddb.KV
+	// Host names the host to run the VM on; empty lets placement pick.
+	Host string
 }
 
 // Config is what a Fleet works with. DB, HV, IPAM and Images are required.
@@ -240,6 +242,14 @@ func (f *Fleet) Create(ctx context.Context, s CreateSpec) (vm embeddb.VM, err er
 	if err != nil {
 		return vm, err
 	}
+	host, err := f.Place(ctx, s.Type, s.Host)
+	if err != nil {
+		return vm, err
+	}
+	if host != f.host {
+		// The image, the disk and the domain are that host's.
+		return vm, elsewhere(host, "vm %s is to run on host %s, and this is %s", s.Name, host, f.host)
+	}
 	f.imageMu.RLock()
 	defer f.imageMu.RUnlock()
 	img, err := f.image(s.Image)
@@ -422,8 +432,7 @@ func (f *Fleet) mine(vm embeddb.VM) bool { return vm.Host == "" || vm.Host == f.
 func (f *Fleet) local(ctx context.Context, id string) (embeddb.VM, error) {
 	vm, err := f.live(ctx, id)
 	if err == nil && !f.mine(vm) {
-		err = fmt.Errorf("vm %s runs on host %s, and this is %s: make the call there (calls are not carried between hosts yet): %w",
-			vm.Name, vm.Host, f.host, ErrElsewhere)
+		err = elsewhere(vm.Host, "vm %s runs on host %s, and this is %s", vm.Name, vm.Host, f.host)
 	}
 	return vm, err
 }
@@ -534,7 +543,7 @@ func (f *Fleet) Purge(ctx context.Context, ids []string) ([]string, error) {
 			return nil, fmt.Errorf("vm %s (%s) is not deleted; delete it first: %w", vm.Name, id, ErrState)
 		}
 		if !f.mine(vm) {
-			return nil, fmt.Errorf("vm %s (%s) ran on host %s, and this is %s: purge it there: %w", vm.Name, id, vm.Host, f.host, ErrElsewhere)
+			return nil, elsewhere(vm.Host, "vm %s (%s) ran on host %s, and this is %s", vm.Name, id, vm.Host, f.host)
 		}
 		targets = append(targets, vm)
 	}

@@ -21,6 +21,7 @@ import (
 	"tailscale.com/tsnet"
 
 	"github.com/threes-dev/threes/appliance"
+	"github.com/threes-dev/threes/appliance/fleet"
 	"github.com/threes-dev/threes/hv/hvtest"
 	"github.com/threes-dev/threes/hv/images"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
@@ -61,6 +62,9 @@ func StartWith(t testing.TB, opt func(*appliance.Options)) *Env {
 			Hypervisor: hvtest.Open(t),
 			Logger:     testLogger(t),
 			Ephemeral:  true,
+			// The test driver's domains take no CPU or memory: room for far
+			// more than any test makes, whatever the machine.
+			Capacity: fleet.Capacity{VCPUs: 4096, MemoryMiB: 4 << 20},
 		},
 	}
 	if opt != nil {
