@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -12,14 +13,69 @@ import (
 	"github.com/rqlite/rqlite/v8/store"
 )
 
-// readLevel is the consistency of every read. LINEARIZABLE is served by the
-// leader after it confirms it still leads and its state machine has applied
-// everything committed so far: a read sees every write acknowledged before
-// it, on one node now and in a cluster later (including just after a leader
-// change, when a WEAK read on the new leader could miss entries it has
-// committed but not yet applied). On one node the leadership check needs no
-// network, so it costs little. Followers carry it to the leader, like writes.
+// readLevel is the consistency of every read but a Local view's. LINEARIZABLE
+// is served by the leader after it confirms it still leads and its state
+// machine has applied everything committed so far: a read sees every write
+// acknowledged before it, on one node now and in a cluster later (including
+// just after a leader change, when a WEAK read on the new leader could miss
+// entries it has committed but not yet applied). On one node the leadership
+// check needs no network, so it costs little. Followers carry it to the
+// leader, like writes.
 const readLevel = proto.QueryRequest_QUERY_REQUEST_LEVEL_LINEARIZABLE
+
+// ErrStale is returned by a Local view's read when this node's copy may be
+// older than the view allows: it is not the leader and has not heard from one
+// within the bound (the leader is down, an election is under way, or this node
+// is cut off), or it is that far behind in applying what the leader committed.
+var ErrStale = errors.New("this node's copy of the database may be stale (no word from the raft leader within the bound)")
+
+// Local is a view of the database whose reads this node answers from its own
+// copy, with no round trip to the leader (rqlite's read level NONE), for paths
+// that must not wait on the leader (the metadata server). A read may miss the
+// latest writes. rqlite refuses it (ErrStale) when this node, not being the
+// leader, last heard from a leader (or granted a vote) more than maxStale ago,
+// or when, behind what it knows committed, it applied its last entry more than
+// maxStale after the leader appended it (strict freshness; the leader's clock
+// against this node's). The leader always answers: one cut off from the others
+// keeps leading, and answering, until its lease runs out (half a second) and it
+// steps down. The view has no writes: those go through the DB, to the leader.
+type Local struct {
+	db       *DB
+	maxStale time.Duration
+}
+
+// Local returns the view of db whose reads may be up to maxStale stale; with
+// maxStale 0 or less, its reads are the DB's own (linearizable).
+func (db *DB) Local(maxStale time.Duration) Local { return Local{db: db, maxStale: maxStale} }
+
+// localKey marks a context whose reads a Local view makes. Only the view sets
+// it, so every other read stays linearizable.
+type localKey struct{}
+
+func (l Local) ctx(ctx context.Context) context.Context {
+	if l.maxStale <= 0 {
+		return ctx
+	}
+	return context.WithValue(ctx, localKey{}, l.maxStale)
+}
+
+// GetVM is DB.GetVM from this node's copy.
+func (l Local) GetVM(ctx context.Context, id string) (VM, error) { return l.db.GetVM(l.ctx(ctx), id) }
+
+// GetVMConfig is DB.GetVMConfig from this node's copy.
+func (l Local) GetVMConfig(ctx context.Context, vmID string) (VMConfig, error) {
+	return l.db.GetVMConfig(l.ctx(ctx), vmID)
+}
+
+// GetKVs is DB.GetKVs from this node's copy.
+func (l Local) GetKVs(ctx context.Context, vmID string) ([]KV, error) {
+	return l.db.GetKVs(l.ctx(ctx), vmID)
+}
+
+// AddressByIP is DB.AddressByIP from this node's copy.
+func (l Local) AddressByIP(ctx context.Context, host string, ip netip.Addr) (Address, error) {
+	return l.db.AddressByIP(l.ctx(ctx), host, ip)
+}
 
 // backend carries requests to the Raft leader. localBackend serves them on
 // this node only; clusterBackend (cluster.go) forwards them to a remote
@@ -64,6 +120,8 @@ func (b localBackend) mapErr(err error) error {
 		return nil
 	case errors.Is(err, store.ErrNotLeader):
 		return ErrNotLeader
+	case errors.Is(err, store.ErrStaleRead):
+		return ErrStale
 	case errors.Is(err, store.ErrNotOpen):
 		return errors.New("database is closed")
 	}
@@ -191,17 +249,26 @@ func checkResults(res []*proto.ExecuteQueryResponse, n int) error {
 	return nil
 }
 
-// query runs read-only stmts at readLevel, in one read transaction when
-// there are several so they see one state.
+// query runs read-only stmts at readLevel (or at level NONE for a Local
+// view: see Local), in one read transaction when there are several so they
+// see one state.
 func (db *DB) query(ctx context.Context, stmts ...stmt) ([]*proto.QueryRows, error) {
 	ps, err := toProto(stmts, false)
 	if err != nil {
 		return nil, err
 	}
-	res, err := db.be.query(ctx, &proto.QueryRequest{
+	req := &proto.QueryRequest{
 		Request: &proto.Request{Transaction: len(ps) > 1, Statements: ps},
 		Level:   readLevel,
-	})
+	}
+	if maxStale, ok := ctx.Value(localKey{}).(time.Duration); ok {
+		// On a follower rqlite serves NONE without the leader (it never
+		// returns ErrNotLeader, so forward does not carry it either).
+		req.Level = proto.QueryRequest_QUERY_REQUEST_LEVEL_NONE
+		req.Freshness = maxStale.Nanoseconds()
+		req.FreshnessStrict = true
+	}
+	res, err := db.be.query(ctx, req)
 	if err != nil {
 		return nil, err
 	}

@@ -142,7 +142,7 @@ func New(cfg Config, hooks Hooks) *Fleet {
 	f := &Fleet{db: cfg.DB, hv: cfg.HV, ipam: cfg.IPAM, plane: cfg.Plane, ownerTag: cfg.OwnerTag,
 		images: cfg.Images, bridge: cfg.Bridge, host: cfg.Host, capacity: cfg.Capacity, noCloud: cfg.NoCloud, now: cfg.Now, log: cfg.Log,
 		hooks: hooks, phases: newPhaseRecorder(cfg.DB, cfg.Log)}
-	f.md = newMDSource(cfg.DB, cfg.Host, cfg.Now)
+	f.md = newMDSource(cfg.DB, cfg.Host, cfg.IPAM, cfg.Now)
 	if cfg.Shared {
 		f.md.maxAge = SharedMaxAge
 		f.shared = true

@@ -9,22 +9,39 @@ import (
 	"time"
 
 	"github.com/threes-dev/threes/embeddb"
+	"github.com/threes-dev/threes/netboot/ipam"
 	"github.com/threes-dev/threes/netboot/metadata"
 )
 
 // MetadataSource is the database as the metadata server sees it: this host's live VMs
 // by address (each host has a bridge of its own, so the same address may be another
-// VM's on another host), from a per-VM cache. A VM's entry is current while the database's VMGen for it
-// stays what it was when the entry was read, so a request costs no database read
-// (let alone a round trip to the Raft leader) until this appliance writes something
-// about that VM. VMGen counts only this host's writes: when other hosts share the
-// database (a cluster), an entry is also read again once it is maxAge old, so
-// their writes show within maxAge.
+// VM's on another host), from a per-VM cache. A VM's entry is current while the
+// database's VMGen for it stays what it was when the entry was read, so a request
+// costs no database read (let alone a round trip to the Raft leader) until this
+// appliance writes something about that VM. VMGen counts only this host's writes:
+// when other hosts share the database (a cluster), an entry is also read again once
+// it is maxAge old, so their writes show within maxAge.
+//
+// On a cluster member the source reads this node's own copy of the database
+// (embeddb.Local, at most maxStale behind the leader), not the leader: the metadata
+// server is on every VM's boot path and must not wait on a round trip to the leader,
+// nor fail while a new one is elected. Only a miss asks the leader, since this
+// node's copy may not hold a VM created moments ago, and so does an address whose
+// MAC is not the one this host's IPAM holds for it: the copy is behind this host's
+// own writes (an address purged and handed to a new VM), and must not give the new
+// VM the old one's data. The auth key is always taken by a write on the leader,
+// which is what makes it once only.
 type MetadataSource struct {
-	db     *embeddb.DB
-	host   string // whose addresses it looks up
+	db   *embeddb.DB
+	host string // whose addresses it looks up
+	// ipam is this host's, which a read from this node's copy must agree with
+	// (nil: no check).
+	ipam   *ipam.IPAM
 	now    func() time.Time
 	maxAge time.Duration // 0: entries stay while VMGen does (this host makes every write)
+	// maxStale bounds how far this node's copy may lag when maxAge is set and
+	// reads go there.
+	maxStale time.Duration
 	// phases hears which VMs read their config and took their key (nil: nobody).
 	phases *phaseRecorder
 
@@ -39,8 +56,24 @@ type mdEntry struct {
 	at   time.Time // when it was read
 }
 
-func newMDSource(db *embeddb.DB, host string, now func() time.Time) *MetadataSource {
-	return &MetadataSource{db: db, host: host, now: now, byIP: map[netip.Addr]mdEntry{}, served: map[string]bool{}}
+func newMDSource(db *embeddb.DB, host string, pool *ipam.IPAM, now func() time.Time) *MetadataSource {
+	return &MetadataSource{db: db, host: host, ipam: pool, now: now, maxStale: LocalMaxStale,
+		byIP: map[netip.Addr]mdEntry{}, served: map[string]bool{}}
+}
+
+// LocalMaxStale bounds how stale a cluster member's metadata view may read: this
+// node's copy is refused (embeddb.ErrStale) once the node has heard from no leader
+// for that long. It outlasts a failover (about 2.4 s after a crash,
+// embeddb.BenchmarkFailover), so the metadata server rides one out.
+const LocalMaxStale = 5 * time.Second
+
+// mdReader is what the source reads: the database (linearizable, on the leader) or
+// this node's copy of it (embeddb.Local).
+type mdReader interface {
+	AddressByIP(ctx context.Context, host string, ip netip.Addr) (embeddb.Address, error)
+	GetVM(ctx context.Context, id string) (embeddb.VM, error)
+	GetVMConfig(ctx context.Context, vmID string) (embeddb.VMConfig, error)
+	GetKVs(ctx context.Context, vmID string) ([]embeddb.KV, error)
 }
 
 // ByIP is the metadata server's lookup, made once the request passed its checks:
@@ -62,7 +95,15 @@ func (s *MetadataSource) Lookup(ctx context.Context, ip netip.Addr) (metadata.In
 		return e.inst, nil
 	}
 	at := s.now()
-	in, gen, err := s.read(ctx, ip)
+	var in metadata.Instance
+	var gen uint64
+	var err error
+	if s.maxAge > 0 {
+		in, gen, err = s.read(ctx, s.db.Local(s.maxStale), ip, true)
+	}
+	if s.maxAge == 0 || errors.Is(err, metadata.ErrNotFound) || errors.Is(err, errBehind) {
+		in, gen, err = s.read(ctx, s.db, ip, false)
+	}
 	if err != nil {
 		return in, err
 	}
@@ -76,28 +117,37 @@ func (s *MetadataSource) Lookup(ctx context.Context, ip netip.Addr) (metadata.In
 	return in, nil
 }
 
-// read reads the VM at ip from the database, with the VMGen it had before.
-func (s *MetadataSource) read(ctx context.Context, ip netip.Addr) (metadata.Instance, uint64, error) {
-	addr, err := s.db.AddressByIP(ctx, s.host, ip)
+// errBehind is a read of this node's copy that disagrees with this host's IPAM.
+var errBehind = errors.New("this node's copy of the database is behind this host's IPAM")
+
+// read reads the VM at ip through db, with the VMGen it had before. With local,
+// the address must be the one this host's IPAM holds.
+func (s *MetadataSource) read(ctx context.Context, db mdReader, ip netip.Addr, local bool) (metadata.Instance, uint64, error) {
+	addr, err := db.AddressByIP(ctx, s.host, ip)
 	if err != nil {
 		return metadata.Instance{}, 0, notFound(err)
+	}
+	if local && s.ipam != nil {
+		if a, ok := s.ipam.ByIP(ip); !ok || a.MAC.String() != addr.MAC {
+			return metadata.Instance{}, 0, errBehind
+		}
 	}
 	// Taken before the VM's rows are read. If the address changed hands since it
 	// was read, its old VM was purged: that read below fails, or it comes after
 	// the purge changed the gen, and the entry is not kept.
 	gen := s.db.VMGen(addr.VMID)
-	vm, err := s.db.GetVM(ctx, addr.VMID)
+	vm, err := db.GetVM(ctx, addr.VMID)
 	if err != nil {
 		return metadata.Instance{}, 0, notFound(err)
 	}
 	if !vm.DeletedAt.IsZero() {
 		return metadata.Instance{}, 0, fmt.Errorf("vm %s is deleted: %w", vm.ID, metadata.ErrNotFound)
 	}
-	cfg, err := s.db.GetVMConfig(ctx, vm.ID)
+	cfg, err := db.GetVMConfig(ctx, vm.ID)
 	if err != nil {
 		return metadata.Instance{}, 0, notFound(err)
 	}
-	kvs, err := s.db.GetKVs(ctx, vm.ID)
+	kvs, err := db.GetKVs(ctx, vm.ID)
 	if err != nil {
 		return metadata.Instance{}, 0, notFound(err)
 	}
@@ -108,8 +158,9 @@ func (s *MetadataSource) read(ctx context.Context, ip netip.Addr) (metadata.Inst
 	return in, gen, nil
 }
 
-// TakeAuthKey hands the key out through the database's conditional write, which
-// makes it once only, on every node; a key known served is refused without a write.
+// TakeAuthKey hands the key out through the database's conditional write on the
+// leader, which makes it once only, on every node (never from this node's copy); a
+// key known served is refused without a write.
 func (s *MetadataSource) TakeAuthKey(ctx context.Context, vmID string) (string, error) {
 	s.mu.RLock()
 	served := s.served[vmID]

@@ -44,7 +44,7 @@ func openDB(t *testing.T) (*embeddb.DB, embeddb.VM) {
 func TestMetadataViewFollowsWrites(t *testing.T) {
 	ctx := context.Background()
 	db, vm := openDB(t)
-	src := newMDSource(db, "", time.Now)
+	src := newMDSource(db, "", nil, time.Now)
 	ip := netip.MustParseAddr("10.10.0.5")
 	in, err := src.ByIP(ctx, ip)
 	if err != nil || in.ID != vm.ID || in.Hostname != "cached" || len(in.KVs) != 0 {
@@ -83,7 +83,7 @@ func TestMetadataViewFollowsWrites(t *testing.T) {
 func TestMetadataViewCostsNoRead(t *testing.T) {
 	ctx := context.Background()
 	db, vm := openDB(t)
-	src := newMDSource(db, "", time.Now)
+	src := newMDSource(db, "", nil, time.Now)
 	ip := netip.MustParseAddr("10.10.0.5")
 	if _, err := src.ByIP(ctx, ip); err != nil {
 		t.Fatal(err)
@@ -103,7 +103,7 @@ func TestMetadataViewCostsNoRead(t *testing.T) {
 func TestAuthKeyOnceUnderLoad(t *testing.T) {
 	ctx := context.Background()
 	db, vm := openDB(t)
-	src := newMDSource(db, "", time.Now)
+	src := newMDSource(db, "", nil, time.Now)
 	const n = 64
 	var wg sync.WaitGroup
 	keys, taken := make(chan string, n), make(chan error, n)

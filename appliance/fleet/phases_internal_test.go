@@ -56,7 +56,7 @@ func TestPhaseMarks(t *testing.T) {
 	db, vm := openDB(t)
 	rec := newPhaseRecorder(db, slog.New(slog.NewTextHandler(tWriter{t}, nil)))
 	go rec.run(ctx)
-	src := newMDSource(db, "", time.Now)
+	src := newMDSource(db, "", nil, time.Now)
 	src.phases = rec
 	ip := netip.MustParseAddr("10.10.0.5")
 	mac, _ := net.ParseMAC("52:54:00:00:00:05")
@@ -193,7 +193,7 @@ func BenchmarkPhaseMarks(b *testing.B) {
 	for _, with := range []bool{false, true} {
 		name := map[bool]string{false: "metadata-without", true: "metadata-with"}[with]
 		b.Run(name, func(b *testing.B) {
-			src := newMDSource(db, "", time.Now)
+			src := newMDSource(db, "", nil, time.Now)
 			if with {
 				src.phases = rec
 			}

@@ -59,9 +59,9 @@ func TestSharedMetadataView(t *testing.T) {
 	var mu sync.Mutex
 	clock := now
 	tick := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
-	src := newMDSource(here, "", func() time.Time { mu.Lock(); defer mu.Unlock(); return clock })
+	src := newMDSource(here, "", nil, func() time.Time { mu.Lock(); defer mu.Unlock(); return clock })
 	src.maxAge = SharedMaxAge
-	lonely := newMDSource(here, "", func() time.Time { mu.Lock(); defer mu.Unlock(); return clock })
+	lonely := newMDSource(here, "", nil, func() time.Time { mu.Lock(); defer mu.Unlock(); return clock })
 
 	kvs := func(s *MetadataSource) int {
 		t.Helper()
