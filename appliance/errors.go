@@ -3,7 +3,9 @@ package appliance
 import (
 	"context"
 	"errors"
+	"fmt"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -89,6 +91,7 @@ var errorCodes = []struct {
 	{hv.ErrUnavailable, codes.Unavailable},
 	{embeddb.ErrNotLeader, codes.Unavailable},
 	{embeddb.ErrNoQuorum, codes.Unavailable},
+	{embeddb.ErrStale, codes.Unavailable},
 	// The host asked for has not written its row lately: it may be down.
 	{fleet.ErrHostSilent, codes.Unavailable},
 	// A firewall reload flushed the anti-spoofing table; hv rebuilds it on the next try.
@@ -108,7 +111,44 @@ func toStatus(err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
-	return status.Error(codeOf(err), err.Error())
+	return answered(status.New(codeOf(err), err.Error()))
+}
+
+// AnsweredDomain is the domain of the ErrorInfo detail on every status the
+// appliance makes: a client tells by it that the server answered (no database
+// quorum, a host that is down) rather than that it could not reach the server,
+// which its gRPC library also calls Unavailable.
+const AnsweredDomain = "threes"
+
+func answered(st *status.Status) error {
+	if d, err := st.WithDetails(&errdetails.ErrorInfo{Domain: AnsweredDomain, Reason: st.Code().String()}); err == nil {
+		st = d
+	}
+	return st.Err()
+}
+
+// Answered reports whether err is a status the appliance made (see AnsweredDomain).
+func Answered(err error) bool {
+	st, ok := status.FromError(err)
+	if !ok {
+		return false
+	}
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetDomain() == AnsweredDomain {
+			return true
+		}
+	}
+	return false
+}
+
+// fromHost is the error of a call carried to host: the host's own answer as it
+// is, and a failure to reach it as this appliance's answer, naming the host.
+func fromHost(host string, err error) error {
+	if err == nil || Answered(err) {
+		return err
+	}
+	st, _ := status.FromError(err)
+	return answered(status.New(st.Code(), fmt.Sprintf("host %s: %s", host, st.Message())))
 }
 
 // codeOf is the gRPC code for err: InvalidArgument for a bad field of a request, the

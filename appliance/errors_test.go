@@ -1,6 +1,7 @@
 package appliance
 
 import (
+	"errors"
 	"fmt"
 	"go/ast"
 	"go/parser"
@@ -175,4 +176,30 @@ func sentinelsInTable(t *testing.T, file string) map[string]bool {
 		return false
 	})
 	return mapped
+}
+
+// TestAnswered: every status the appliance makes says it answered; one its gRPC
+// client made (a host it could not reach) does not, until fromHost marks it as
+// this appliance's answer naming the host; a host's own answer passes as it is.
+func TestAnswered(t *testing.T) {
+	for _, err := range []error{embeddb.ErrNoQuorum, fleet.ErrNoRoom, errors.New("anything")} {
+		if st := toStatus(err); !Answered(st) {
+			t.Errorf("toStatus(%v) = %v: not marked as answered", err, st)
+		}
+	}
+	unreached := status.Error(codes.Unavailable, "connection error: desc = \"transport: dial: no route\"")
+	if Answered(unreached) {
+		t.Errorf("a client-made status counts as answered")
+	}
+	got := fromHost("threes-b", unreached)
+	if !Answered(got) || status.Code(got) != codes.Unavailable || !strings.Contains(got.Error(), "host threes-b: connection error") {
+		t.Errorf("fromHost = %v, want Unavailable naming threes-b, marked as answered", got)
+	}
+	own := toStatus(fmt.Errorf("vm x: %w", fleet.ErrState))
+	if got := fromHost("threes-b", own); got != own {
+		t.Errorf("fromHost changed the host's own answer %v to %v", own, got)
+	}
+	if fromHost("threes-b", nil) != nil {
+		t.Errorf("fromHost(nil) is not nil")
+	}
 }

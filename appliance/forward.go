@@ -122,7 +122,8 @@ func onHost[T any](ctx context.Context, s *service, host string, call func(conte
 	if err != nil {
 		return zero, fmt.Errorf("%w: %w", err, fleet.ErrElsewhere)
 	}
-	return call(outgoing(ctx), c)
+	resp, err := call(outgoing(ctx), c)
+	return resp, fromHost(host, err)
 }
 
 // forwardConsole joins the caller's console stream to host's, first message
@@ -137,10 +138,10 @@ func (s *service) forwardConsole(ctx context.Context, host string, first *threes
 	defer cancel()
 	remote, err := c.Console(outgoing(ctx))
 	if err != nil {
-		return err
+		return fromHost(host, err)
 	}
 	if err := remote.Send(first); err != nil {
-		return remoteErr(remote, err)
+		return fromHost(host, remoteErr(remote, err))
 	}
 	go func() {
 		defer cancel()
@@ -164,7 +165,7 @@ func (s *service) forwardConsole(ctx context.Context, host string, first *threes
 			if ctx.Err() != nil && stream.Context().Err() == nil {
 				return nil // the caller closed its side
 			}
-			return err
+			return fromHost(host, err)
 		}
 		if err := stream.Send(out); err != nil {
 			return err

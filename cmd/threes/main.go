@@ -48,7 +48,10 @@ func (g *global) errorLine(err error) string {
 	if !ok {
 		return err.Error()
 	}
-	if s.Code() == codes.Unavailable {
+	// Unavailable is also what the server answers when it lacks a database
+	// quorum or another host is down; only a call it never answered means it
+	// could not be reached.
+	if s.Code() == codes.Unavailable && !appliance.Answered(err) {
 		hint := "is `threes serve` running, and is --address or --socket right?"
 		if g.socket == "" {
 			hint = "on the appliance's own host use --socket " + defaultSocket +
