@@ -357,19 +357,19 @@ func Start(ctx context.Context, o Options) (_ *Appliance, err error) {
 
 	// 8. The API, on the tailnet and on the host-local socket, behind one gate.
 	svc := &service{fleet: a.fleet}
+	g := &gate{identify: ident.Identify, log: o.Logger, ownerTag: o.OwnerTag}
 	if member {
-		// Calls that need another host's domain are carried there.
+		// Calls that need another host's domain are carried there, and other
+		// hosts' calls are taken here.
 		_, port, err := net.SplitHostPort(o.Listen)
 		if err != nil {
 			return nil, fmt.Errorf("listen address %q: %w", o.Listen, err)
 		}
 		svc.hosts = &hosts{port: port, dial: tsauth.TailnetDialer(a.ts),
-			resolve: func(ctx context.Context, host string) (netip.Addr, error) {
-				return tailnetHost(ctx, lc, host, o.OwnerTag)
-			}}
+			resolve: func(_ context.Context, host string) (netip.Addr, error) { return raftHost(a.db, host) }}
+		g.member = func(ip netip.Addr) bool { return isRaftHost(a.db, ip) }
 		a.closers = append(a.closers, svc.hosts.Close)
 	}
-	g := &gate{identify: ident.Identify, log: o.Logger, ownerTag: o.OwnerTag}
 	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, tsLn)
 	if o.Socket != "none" {
 		sockLn, err := listenSocket(o.Socket)
@@ -487,6 +487,41 @@ func (a *Appliance) ServeAs(ln net.Listener, who tsauth.Principal) {
 	svc := &service{fleet: a.fleet}
 	g := &gate{identify: func(context.Context, netip.AddrPort) (tsauth.Principal, error) { return who, nil }, log: a.log}
 	a.serve(grpc.NewServer(grpc.ChainUnaryInterceptor(g.unary), grpc.ChainStreamInterceptor(g.stream)), svc, ln)
+}
+
+// raftHost is the tailnet IP of the cluster's host called name: its address in
+// the database's Raft configuration, where the host's name is its node ID and
+// only nodes with the appliance's tag get in (clusterConfig's Admit).
+func raftHost(db *embeddb.DB, name string) (netip.Addr, error) {
+	peers, err := db.Peers()
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, p := range peers {
+		if p.ID != name {
+			continue
+		}
+		ap, err := netip.ParseAddrPort(p.Addr)
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("raft address %q: %w", p.Addr, err)
+		}
+		return ap.Addr(), nil
+	}
+	return netip.Addr{}, errors.New("no host of that name in this cluster's database (threes host list)")
+}
+
+// isRaftHost says whether ip is a host of the cluster's database.
+func isRaftHost(db *embeddb.DB, ip netip.Addr) bool {
+	peers, err := db.Peers()
+	if err != nil {
+		return false
+	}
+	for _, p := range peers {
+		if ap, err := netip.ParseAddrPort(p.Addr); err == nil && ap.Addr() == ip.Unmap() {
+			return true
+		}
+	}
+	return false
 }
 
 // RaftPort is the tailnet port a cluster member's database listens on (Raft

@@ -68,9 +68,12 @@ func principalFrom(ctx context.Context) tsauth.Principal {
 type gate struct {
 	identify IdentifyFunc
 	log      *slog.Logger
-	// ownerTag is the tag of the cluster's appliances, the only nodes whose
-	// forwarded calls are taken (forward.go).
+	// ownerTag is the tag of the cluster's appliances, and member says whether
+	// a tailnet address is a host of this cluster's database (nil when the
+	// appliance is in no cluster): only such hosts' forwarded calls are taken
+	// (forward.go).
 	ownerTag string
+	member   func(netip.Addr) bool
 	// reauth is how often a stream's caller is authorised again while it lasts
 	// (default streamReauth): a console or watch must not outlive a revoked grant.
 	reauth time.Duration
@@ -87,7 +90,7 @@ func (g *gate) authorise(ctx context.Context, method string) (context.Context, e
 		g.log.Warn("unidentified caller", "method", method, "err", err)
 		return nil, err
 	}
-	who, role, fwd, err := forwarded(ctx, p, g.ownerTag)
+	who, role, fwd, err := forwarded(ctx, p, g.ownerTag, g.member)
 	if err != nil {
 		g.log.Warn("denied", "who", p.String(), "method", method, "err", err)
 		return nil, err

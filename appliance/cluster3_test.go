@@ -27,6 +27,7 @@ type clusterHost struct {
 	name string
 	api  threesv1.ThreesClient // its local socket: root, an admin
 	hv   hv.Hypervisor
+	app  *appliance.Appliance
 }
 
 // startCluster starts n appliances on one tailnet (the first forms the cluster,
@@ -47,7 +48,7 @@ func startCluster(t *testing.T, vcpus ...int) (*threestest.Env, []clusterHost) {
 		o.Capacity = capacity(vcpus[0])
 		hvA = o.Hypervisor
 	})
-	hosts := []clusterHost{{name: "threes-a", api: env.Local(t), hv: hvA}}
+	hosts := []clusterHost{{name: "threes-a", api: env.Local(t), hv: hvA, app: env.Appliance}}
 	for i := 1; i < len(vcpus); i++ {
 		o := env.Options
 		o.Capacity = capacity(vcpus[i])
@@ -68,7 +69,7 @@ func startCluster(t *testing.T, vcpus ...int) (*threestest.Env, []clusterHost) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { conn.Close() })
-		hosts = append(hosts, clusterHost{name: o.Hostname, api: threesv1.NewThreesClient(conn), hv: o.Hypervisor})
+		hosts = append(hosts, clusterHost{name: o.Hostname, api: threesv1.NewThreesClient(conn), hv: o.Hypervisor, app: a})
 	}
 	return env, hosts
 }
@@ -198,7 +199,8 @@ func TestClusterThreeAppliances(t *testing.T) {
 		}
 	}
 
-	// Who may forward: only the cluster's appliances, and a forwarded call acts
+	// Who may forward: only the cluster's hosts (the tag alone is not enough:
+	// another deployment's appliances carry it too), and a forwarded call acts
 	// with the role the forwarding host gave its caller.
 	onB := vms[3].vm
 	forged := func(role string) context.Context {
@@ -209,7 +211,11 @@ func TestClusterThreeAppliances(t *testing.T) {
 		t.Errorf("a stranger's forged forwarded stop = %v, want PermissionDenied", err)
 	}
 	imposter := env.Dial(t, env.Tailnet.Node(t, tailnettest.NodeOptions{Hostname: "tagged", Tags: []string{fleet.DefaultOwnerTag}}))
-	if _, err := imposter.Stop(forged("viewer"), &threesv1.VMRef{Id: onB.GetId()}); status.Code(err) != codes.PermissionDenied {
+	if _, err := imposter.Stop(forged("admin"), &threesv1.VMRef{Id: onB.GetId()}); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("a forwarded stop from a tagged node of no cluster = %v, want PermissionDenied", err)
+	}
+	fromC := env.Dial(t, c.app.Tailnet()) // a host of the cluster, calling a
+	if _, err := fromC.Stop(forged("viewer"), &threesv1.VMRef{Id: onB.GetId()}); status.Code(err) != codes.PermissionDenied {
 		t.Errorf("a forwarded stop for a viewer = %v, want PermissionDenied", err)
 	}
 	viewer := env.Client(t, threestest.ClientOptions{NodeOptions: tailnettest.NodeOptions{Hostname: "viewer", User: "vic@example.com"}, Role: "viewer"})

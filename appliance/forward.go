@@ -12,8 +12,10 @@ import (
 	"sync"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
 	"github.com/threes-dev/threes/appliance/fleet"
 	threesv1 "github.com/threes-dev/threes/proto/threes/v1"
@@ -32,8 +34,8 @@ const (
 // hosts reaches the other hosts of the cluster: one gRPC connection each, kept
 // while the appliance runs.
 type hosts struct {
-	// resolve finds a host's tailnet address; only a node that carries the
-	// appliance's tag may answer for a host.
+	// resolve finds a host's tailnet address: its address in the database's
+	// Raft configuration, which only nodes with the appliance's tag join.
 	resolve func(ctx context.Context, host string) (netip.Addr, error)
 	// dial reaches tailnet addresses only (tsauth.TailnetDialer).
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -47,7 +49,7 @@ type hosts struct {
 func (h *hosts) client(ctx context.Context, host string) (threesv1.ThreesClient, error) {
 	ip, err := h.resolve(ctx, host)
 	if err != nil {
-		return nil, fmt.Errorf("host %s: %w", host, err)
+		return nil, answered(status.New(codes.Unavailable, fmt.Sprintf("host %s: %v", host, err)))
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -120,7 +122,7 @@ func onHost[T any](ctx context.Context, s *service, host string, call func(conte
 	var zero T
 	c, err := s.hosts.client(ctx, host)
 	if err != nil {
-		return zero, fmt.Errorf("%w: %w", err, fleet.ErrElsewhere)
+		return zero, err
 	}
 	resp, err := call(outgoing(ctx), c)
 	return resp, fromHost(host, err)
@@ -132,7 +134,7 @@ func (s *service) forwardConsole(ctx context.Context, host string, first *threes
 	stream grpc.BidiStreamingServer[threesv1.ConsoleInput, threesv1.ConsoleOutput]) error {
 	c, err := s.hosts.client(ctx, host)
 	if err != nil {
-		return fmt.Errorf("%w: %w", err, fleet.ErrElsewhere)
+		return err
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -187,7 +189,7 @@ func remoteErr(remote grpc.BidiStreamingClient[threesv1.ConsoleInput, threesv1.C
 // carries the appliance's tag may forward, and the call then acts with the role
 // the forwarding host gave its caller. ok is false for a call that is not
 // forwarded.
-func forwarded(ctx context.Context, p tsauth.Principal, ownerTag string) (who string, role tsauth.Role, ok bool, err error) {
+func forwarded(ctx context.Context, p tsauth.Principal, ownerTag string, member func(netip.Addr) bool) (who string, role tsauth.Role, ok bool, err error) {
 	md, _ := metadata.FromIncomingContext(ctx)
 	fors, roles := md.Get(mdForwardedFor), md.Get(mdForwardedRole)
 	if len(fors) == 0 && len(roles) == 0 {
@@ -195,6 +197,14 @@ func forwarded(ctx context.Context, p tsauth.Principal, ownerTag string) (who st
 	}
 	if p.Local || !p.IsTagged() || !slices.Contains(p.Tags, ownerTag) {
 		return "", 0, true, fmt.Errorf("%s forwarded a call but does not carry %s: %w", p, ownerTag, ErrPermission)
+	}
+	// The tag alone could be another deployment's, or a host since removed:
+	// only a host of this cluster's database may speak for its callers.
+	if member == nil {
+		return "", 0, true, fmt.Errorf("%s forwarded a call, and this host is in no cluster: %w", p, ErrPermission)
+	}
+	if !member(p.Addr) {
+		return "", 0, true, fmt.Errorf("%s forwarded a call but is no member of this cluster's database: %w", p, ErrPermission)
 	}
 	if len(fors) != 1 || len(roles) != 1 {
 		return "", 0, true, fmt.Errorf("forwarded call from %s: want one %s and one %s: %w", p, mdForwardedFor, mdForwardedRole, ErrPermission)

@@ -140,10 +140,16 @@ func TestHostsTwoAppliances(t *testing.T) {
 		t.Fatalf("the VM landed on %q, want threes-b", vm.GetHost())
 	}
 	_, err = apiA.RemoveHost(ctx, &threesv1.HostRef{Name: "threes-b"})
-	wantCode(t, err, codes.FailedPrecondition, "1 live VM: onb")
+	wantCode(t, err, codes.FailedPrecondition, "live or deleted (1: onb)")
 
 	if _, err := apiB.Delete(ctx, &threesv1.VMRef{Id: vm.GetId()}); err != nil {
 		t.Fatalf("delete the VM on b: %v", err)
+	}
+	// Deleted, its disk is still on b, for purge to remove there.
+	_, err = apiA.RemoveHost(ctx, &threesv1.HostRef{Name: "threes-b"})
+	wantCode(t, err, codes.FailedPrecondition, "live or deleted (1: onb)")
+	if _, err := apiA.Purge(ctx, &threesv1.PurgeRequest{Ids: []string{vm.GetId()}}); err != nil {
+		t.Fatalf("purge b's VM through a: %v", err)
 	}
 	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()

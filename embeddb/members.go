@@ -131,3 +131,21 @@ func (db *DB) RemoveMember(ctx context.Context, id string) error {
 	}
 	return nil
 }
+
+// Peer is a server of the Raft configuration: its ID (the appliance's hostname)
+// and Raft address.
+type Peer struct{ ID, Addr string }
+
+// Peers returns the Raft configuration as this node holds it, asking nobody: it
+// costs nothing, so callers may check it on every request.
+func (db *DB) Peers() ([]Peer, error) {
+	nodes, err := db.str.Nodes()
+	if err != nil {
+		return nil, fmt.Errorf("raft members: %w", db.localErr(err))
+	}
+	ps := make([]Peer, len(nodes))
+	for i, n := range nodes {
+		ps[i] = Peer{ID: n.ID, Addr: n.Addr}
+	}
+	return ps, nil
+}

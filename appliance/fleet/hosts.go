@@ -194,6 +194,24 @@ func (f *Fleet) RemoveHost(ctx context.Context, name string) error {
 	if name == f.host {
 		return fmt.Errorf("host %s is the host answering this call and cannot remove itself: ask another host of the cluster: %w", name, ErrState)
 	}
+	// Its VMs' domains and disks are on it, deleted ones too (purge carries
+	// the call there): none may be left, whether or not the host has a row.
+	vms, err := f.db.ListVMs(ctx)
+	if err != nil {
+		return err
+	}
+	var left []string
+	for _, vm := range vms {
+		if vm.Host == name {
+			left = append(left, vm.Name)
+		}
+	}
+	if len(left) > 0 {
+		slices.Sort(left)
+		shown := left[:min(len(left), 5)]
+		return fmt.Errorf("host %s still has vms, live or deleted (%d: %s): delete and purge them first: %w",
+			name, len(left), strings.Join(shown, ", "), embeddb.ErrInUse)
+	}
 	rowErr := f.db.DeleteHost(ctx, name)
 	if rowErr != nil && !errors.Is(rowErr, embeddb.ErrNotFound) {
 		if errors.Is(rowErr, embeddb.ErrInUse) {
@@ -201,7 +219,7 @@ func (f *Fleet) RemoveHost(ctx context.Context, name string) error {
 		}
 		return rowErr
 	}
-	err := f.db.RemoveMember(ctx, name)
+	err = f.db.RemoveMember(ctx, name)
 	switch {
 	case err == nil:
 		f.log.Info("removed host from the cluster", "host", name)

@@ -226,8 +226,20 @@ func TestHeartbeat(t *testing.T) {
 		t.Errorf("RemoveHost(self) = %v, want a refusal saying to ask another host", err)
 	}
 	err = r.f.RemoveHost(ctx, "b")
-	if !errors.Is(err, embeddb.ErrInUse) || !strings.Contains(err.Error(), "2 live VMs: vm2, vm3") {
+	if !errors.Is(err, embeddb.ErrInUse) || !strings.Contains(err.Error(), "vms, live or deleted (2: vm2, vm3)") {
 		t.Errorf("RemoveHost(b) = %v, want a refusal naming vm2 and vm3", err)
+	}
+	// A deleted VM's disk is still on its host, for purge to remove there; and
+	// a host with no row (no heartbeat yet) is checked all the same.
+	gone := r.vm(t, "d", "teeny")
+	if err := r.db.MarkVMDeleted(ctx, gone.ID, r.now()); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.f.RemoveHost(ctx, "d"); !errors.Is(err, embeddb.ErrInUse) || !strings.Contains(err.Error(), gone.Name) {
+		t.Errorf("RemoveHost(d) with a deleted vm = %v, want a refusal naming %s", err, gone.Name)
+	}
+	if err := r.db.PurgeVM(ctx, gone.ID); err != nil {
+		t.Fatal(err)
 	}
 	if err := r.f.RemoveHost(ctx, "c"); err != nil {
 		t.Errorf("RemoveHost(c) = %v", err)

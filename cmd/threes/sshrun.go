@@ -121,6 +121,8 @@ var sshMethods = map[string]string{
 	"threes network list":   threesv1.Threes_ListNetworks_FullMethodName,
 	"threes image list":     threesv1.Threes_ListImages_FullMethodName,
 	"threes image delete":   threesv1.Threes_DeleteImage_FullMethodName,
+	"threes host list":      threesv1.Threes_ListHosts_FullMethodName,
+	"threes host remove":    threesv1.Threes_RemoveHost_FullMethodName,
 	"threes whoami":         threesv1.Threes_WhoAmI_FullMethodName,
 	"threes version":        "",
 }
