@@ -182,13 +182,18 @@ func TestClusterThreeAppliances(t *testing.T) {
 			t.Fatalf("delete %s through %s: %v", p.vm.GetName(), other.name, err)
 		}
 	}
-	ids := []string{vms[0].vm.GetId(), vms[1].vm.GetId(), vms[2].vm.GetId()}
+	ids := []string{vms[0].vm.GetId(), vms[1].vm.GetId()}
 	res, err := b.api.Purge(ctx, &threesv1.PurgeRequest{Ids: ids})
 	if err != nil {
-		t.Fatalf("purge of three hosts' vms through b: %v", err)
+		t.Fatalf("purge of two hosts' vms through b: %v", err)
 	}
-	if got := res.GetIds(); len(got) != 3 {
+	if got := res.GetIds(); len(got) != 2 {
 		t.Errorf("purge through b purged %v, want all of %v", got, ids)
+	}
+	// No IDs: every deleted VM of the cluster (the one left is a's).
+	res, err = b.api.Purge(ctx, &threesv1.PurgeRequest{})
+	if err != nil || !slices.Equal(res.GetIds(), []string{vms[2].vm.GetId()}) {
+		t.Fatalf("purge of all through b = %v, %v; want %s, a's", res.GetIds(), err, vms[2].vm.GetId())
 	}
 	for _, p := range vms[:3] {
 		if st := hostDomainState(t, p.on, p.vm.GetId()); st != hv.StateMissing {

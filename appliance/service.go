@@ -122,6 +122,23 @@ func (s *service) Delete(ctx context.Context, ref *threesv1.VMRef) (*threesv1.VM
 }
 
 func (s *service) Purge(ctx context.Context, req *threesv1.PurgeRequest) (*threesv1.PurgeResponse, error) {
+	if _, fwd := forwardedFor(ctx); len(req.GetIds()) == 0 && s.hosts != nil && !fwd {
+		// Every deleted VM of the cluster, each on its host.
+		vms, err := s.fleet.List(ctx, true)
+		if err != nil {
+			return nil, err
+		}
+		var ids []string
+		for _, vm := range vms {
+			if !vm.Live() {
+				ids = append(ids, vm.ID)
+			}
+		}
+		if len(ids) == 0 {
+			return &threesv1.PurgeResponse{}, nil
+		}
+		return s.purgeOnHosts(ctx, ids)
+	}
 	ids, err := s.fleet.Purge(ctx, req.GetIds())
 	if _, ok := s.ownerOf(ctx, err); ok {
 		return s.purgeOnHosts(ctx, req.GetIds())
