@@ -224,13 +224,16 @@ func (c *listCounter) List(ctx context.Context) ([]hv.Domain, error) {
 func TestReconcileCadence(t *testing.T) {
 	r := newRig(t, false, fleet.Hooks{})
 	counter := &listCounter{Memory: r.hv}
-	passes := make(chan struct{})
+	held := make(chan struct{})
 	release := make(chan struct{})
-	var n atomic.Int32
+	var n, afterSix atomic.Int32
 	f := fleet.New(fleet.Config{DB: r.db, HV: counter, IPAM: r.ipam, Bridge: "br-fast", Host: "a"},
 		fleet.Hooks{BeforePass: func(ctx context.Context) {
-			if n.Add(1) == 7 { // the start's pass and five periodic ones are done
-				close(passes)
+			switch n.Add(1) {
+			case 7: // the start's pass and six periodic ones are done
+				afterSix.Store(counter.lists.Load())
+			case 13: // and twelve
+				close(held)
 				select {
 				case <-release:
 				case <-ctx.Done():
@@ -238,16 +241,21 @@ func TestReconcileCadence(t *testing.T) {
 			}
 		}})
 	stop := f.Run(5 * time.Millisecond)
+	// Last in, first out: the held pass goes on, then Run stops, however the
+	// test ends.
+	defer stop()
+	defer close(release)
 	select {
-	case <-passes:
+	case <-held:
 	case <-time.After(30 * time.Second):
 		t.Fatalf("%d passes in 30 s at a 5 ms interval", n.Load())
 	}
-	if got := counter.lists.Load(); got != 1 {
-		t.Errorf("%d full listings in six passes, want 1 (the start's)", got)
+	if got := afterSix.Load(); got != 1 {
+		t.Errorf("%d full listings in the first seven passes, want 1 (the start's)", got)
 	}
-	close(release)
-	stop()
+	if got := counter.lists.Load(); got != 2 {
+		t.Errorf("%d full listings in thirteen passes, want 2 (the start's and the tenth periodic one)", got)
+	}
 }
 
 // TestReconcileReturnsFailures: a VM the pass cannot fix (its crashed domain will
@@ -266,5 +274,28 @@ func TestReconcileReturnsFailures(t *testing.T) {
 	}
 	if len(rep.Started) != 1 {
 		t.Errorf("started %v, want the other crashed vm", rep.Started)
+	}
+}
+
+// TestReconcileStartsRecordedCrash: a VM whose crash is already recorded (libvirt's
+// event came in) is started by the next pass all the same, as its owner wants it
+// running; one its owner stopped is left alone.
+func TestReconcileStartsRecordedCrash(t *testing.T) {
+	ctx := context.Background()
+	r := newRig(t, false, fleet.Hooks{})
+	crashed, stopped := r.create(t, "crashed"), r.create(t, "stopped")
+	r.hv.Crash(crashed.ID)
+	if err := r.db.SetVMState(ctx, crashed.ID, fleet.StateCrashed, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.f.Stop(ctx, stopped.ID); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := r.f.Reconcile(ctx)
+	if err != nil || !slices.Equal(rep.Started, []string{crashed.ID}) {
+		t.Fatalf("pass = %+v, %v; want only the crashed vm started", rep, err)
+	}
+	if st, _ := r.hv.State(ctx, stopped.ID); st != hv.StateStopped {
+		t.Errorf("the stopped vm's domain is %s after the pass", st)
 	}
 }
